@@ -1,0 +1,1 @@
+"""tokiwa: a distributed, Redis-backed orchestrator for events, cron jobs and DAG workflows."""

@@ -1,0 +1,147 @@
+"""Settings: one pydantic model, loaded from CLI flags > ``TOKIWA_*`` env > TOML file > defaults.
+
+Every field has its unit in its name. A bad value fails loudly when settings are built,
+naming the field (``ConfigError.field``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TOKIWA_"
+
+
+def default_state_dir() -> Path:
+    """A per-user folder under the temp dir (``$TMPDIR/tokiwa-$USER``)."""
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or str(os.getuid())
+    return Path(tempfile.gettempdir()) / f"tokiwa-{user}"
+
+
+class Settings(BaseModel):
+    """Everything a producer or worker needs to know, with its default.
+
+    ``redis_url`` None means "start an embedded redis-server" (see :mod:`orchestrator.embedded`).
+    URLs with a password (``redis://:pw@host``), an ACL user (``redis://user:pw@host``),
+    TLS (``rediss://``) and a db number are passed to redis-py as they are.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    redis_url: str | None = None
+    namespace: str = "tokiwa"
+    group: str = "workers"
+    # events a worker processes at once (its free slots bound how much it fetches).
+    concurrency: int = Field(default=16, ge=1, le=10_000)
+    # an entry idle longer than this (no renewal by its owner) is reclaimed by another worker.
+    visibility_timeout_ms: int = Field(default=10_000, ge=200)
+    # a live worker renews its in-flight entries this often; default visibility / 3.
+    renew_interval_ms: int | None = Field(default=None, ge=50)
+    # deliveries after which an entry goes to the dead-letter stream.
+    max_deliveries: int = Field(default=5, ge=1)
+    # approximate cap of the events stream (never trims unprocessed entries).
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    dead_maxlen: int = Field(default=100_000, ge=100)
+    # longest XREADGROUP BLOCK; shorter = faster shutdown, longer = fewer idle round trips.
+    block_ms: int = Field(default=2_000, ge=10, le=60_000)
+    # an encoded envelope larger than this is refused by the producer and dead-lettered by workers.
+    max_event_bytes: int = Field(default=1_048_576, ge=1024)
+    ack_policy: Literal["always", "on_success"] = "always"
+    # seconds that SIGTERM / stop() waits for in-flight work before handing it back.
+    grace_period_s: float = Field(default=30.0, ge=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    log_level: str = "INFO"
+
+    @field_validator("namespace", "group")
+    @classmethod
+    def _no_blank(cls, value: str) -> str:
+        if not value or not value.strip() or any(c.isspace() for c in value):
+            raise ValueError("must be non-empty and contain no whitespace")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @property
+    def renew_interval_s(self) -> float:
+        ms = self.renew_interval_ms or max(50, self.visibility_timeout_ms // 3)
+        return ms / 1000.0
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        return self.visibility_timeout_ms / 1000.0
+
+
+_FIELDS = tuple(Settings.model_fields)
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    return values
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    # accept either a flat file or a [tokiwa] table
+    section = data.get("tokiwa", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [tokiwa] must be a table")
+    return {k: v for k, v in section.items() if not isinstance(v, dict) or k == "tokiwa"}
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` with precedence overrides (CLI) > env > TOML > defaults.
+
+    ``config_file`` defaults to ``$TOKIWA_CONFIG`` when set. ``None`` values in
+    ``overrides`` mean "not given" and do not override anything.
+    """
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        merged.update(_from_toml(Path(path)))
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_settings(merged, source=str(path) if path else None)
+
+
+def build_settings(values: Mapping[str, Any], *, source: str | None = None) -> Settings:
+    """Validate ``values`` into Settings, turning pydantic's error into a ConfigError naming the field."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or None
+        where = f" in {source}" if source else ""
+        lines = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid tokiwa settings{where}: {lines}", field=field) from exc

@@ -1,0 +1,158 @@
+"""One error family for tokiwa.
+
+Every error a user can see derives from :class:`TokiwaError`, with one subclass per area.
+Each says in its docstring when it is raised, and carries the context a user needs to act
+(the payload, the lock name, the node ...) as attributes, not only in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TokiwaError(Exception):
+    """Base of every error tokiwa raises on purpose."""
+
+
+class ConfigError(TokiwaError):
+    """Raised when settings, a TOML file, an app path or a relay file is invalid.
+
+    ``field`` names the offending setting when one is known.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidArgumentError(TokiwaError, ValueError):
+    """Raised when a caller passes a value that can never be valid (blank event type, ...)."""
+
+
+class NotFoundError(TokiwaError, LookupError):
+    """Raised when a named thing (workflow, subscriber, job, run) does not exist."""
+
+
+class ConflictError(TokiwaError):
+    """Raised when registering something whose id is already taken."""
+
+
+class StateError(TokiwaError):
+    """Raised when an operation is not allowed in the current mode or state
+    (for example ``drain()`` on a producer)."""
+
+
+class EventDecodeError(TokiwaError):
+    """Raised when a stream entry cannot be turned into an :class:`~orchestrator.Event`.
+
+    ``reason`` is a short machine-readable word (``undecodable``, ``wrong_fields``,
+    ``oversized``, ``invalid_envelope``) that is also written to the dead-letter stream.
+    """
+
+    def __init__(self, reason: str, message: str, *, entry_id: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.entry_id = entry_id
+
+
+class BrokerError(TokiwaError):
+    """Raised when the Redis broker cannot do what was asked (after its own retries)."""
+
+
+class LockError(TokiwaError):
+    """Raised when a lock cannot be acquired, renewed or released as required.
+
+    ``name`` is the Redis key of the lock.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class FencingError(LockError):
+    """Raised when a write is refused because the writer's fencing token is stale:
+    its lock expired and another holder has taken it since."""
+
+
+class LeadershipError(TokiwaError):
+    """Raised when an action needs leadership that this process does not hold."""
+
+
+class WorkflowError(TokiwaError):
+    """Base of the workflow engine's errors."""
+
+
+class DependencyError(WorkflowError):
+    """Raised when a workflow's graph is invalid: an unknown dependency or a duplicate node.
+
+    ``nodes`` lists the node names involved.
+    """
+
+    def __init__(self, message: str, *, nodes: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.nodes = list(nodes or [])
+
+
+class CyclicDependencyError(DependencyError):
+    """Raised when a workflow's nodes depend on each other in a cycle; ``nodes`` is the cycle."""
+
+
+class StepExecutionError(WorkflowError):
+    """Raised when a node (step) fails; ``node`` is its name and ``__cause__`` the original error."""
+
+    def __init__(self, message: str, *, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class TemplateError(WorkflowError):
+    """Raised when a template parameter cannot be rendered; ``name`` is the missing variable."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class TimeoutError(WorkflowError):  # noqa: A001 - deliberately shadows the builtin inside tokiwa
+    """Raised when a node or a whole workflow exceeds its timeout; ``node`` is None for the run."""
+
+    def __init__(self, message: str, *, node: str | None = None, timeout_s: float | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+        self.timeout_s = timeout_s
+
+
+class RetryExhausted(WorkflowError):
+    """Raised when a node failed on every allowed attempt; ``__cause__`` is the last error."""
+
+    def __init__(self, message: str, *, node: str | None = None, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.node = node
+        self.attempts = attempts
+
+
+class WorkflowAborted(WorkflowError):
+    """Raised inside running nodes when fail-fast cancels the run (never retried)."""
+
+
+class CronError(TokiwaError, ValueError):
+    """Raised when a cron expression is invalid; ``field`` names the bad field."""
+
+    def __init__(self, message: str, *, expr: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.expr = expr
+        self.field = field
+
+
+class RelayError(TokiwaError):
+    """Raised when the Miclow relay's config or a child's output cannot be handled."""
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """Return a JSON/msgpack-friendly record of an exception: name, message, cause."""
+    record: dict[str, Any] = {"name": type(exc).__name__, "message": str(exc)}
+    cause = exc.__cause__
+    if cause is not None and cause is not exc:
+        record["cause"] = describe_error(cause)
+    return record

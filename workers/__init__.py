@@ -1,0 +1,1 @@
+"""The tokiwa worker process: consumer runner, relay, process management."""
