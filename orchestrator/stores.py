@@ -1,0 +1,448 @@
+"""Run stores: where finished (and running) workflow runs are recorded, with their logs.
+
+A run record is the plain dict of ``WorkflowRunResult.to_record()``: it has at least
+``run_id`` and ``started_at`` (epoch seconds), and usually ``workflow_id``,
+``workflow_name``, ``status``, ``finished_at``, ``duration_ms``, ``error``, node records...
+Stores treat it as opaque data apart from those fields. Records never contain secrets:
+the producer of a record redacts them (see :func:`orchestrator.templates.redact`).
+
+Three implementations share one contract (and one test suite):
+
+* :class:`InMemoryRunStore` - a dict; for tests and single-process runs.
+* :class:`FileRunStore` - ``<dir>/<run_id>.json`` (2-space indent, trailing newline, the
+  tokiwa format) and ``<dir>/<run_id>.logs.jsonl``.
+* :class:`RedisRunStore` - hash ``{ns}:run:{run_id}`` + zset ``{ns}:runs``, with retention.
+
+Time: ``started_at`` is wall-clock epoch seconds (it is shown to users and compared across
+hosts), so pruning by age uses an injectable wall clock (``clock=time.time``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidArgumentError
+from .keys import Keys
+
+DEFAULT_MAX_LOG_LINES = 1000
+DEFAULT_RETENTION_S = 7 * 86400
+# run ids become file names and key parts: letters, digits, ``-``, ``_``, ``.`` (not leading).
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$")
+
+
+def check_run_id(run_id: Any) -> str:
+    """Return ``run_id`` if it is a safe id, else raise InvalidArgumentError."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise InvalidArgumentError(
+            f"invalid run_id {run_id!r}: use 1-200 letters, digits, '-', '_' or '.' (not leading '.')"
+        )
+    return run_id
+
+
+def check_record(record: Any) -> dict[str, Any]:
+    """Validate the fields every store relies on: ``run_id`` and numeric ``started_at``."""
+    if not isinstance(record, dict):
+        raise InvalidArgumentError(f"a run record must be a dict, got {type(record).__name__}")
+    check_run_id(record.get("run_id"))
+    started = record.get("started_at")
+    if isinstance(started, bool) or not isinstance(started, (int, float)):
+        raise InvalidArgumentError(
+            f"run {record['run_id']}: started_at must be epoch seconds (a number), got {started!r}"
+        )
+    return record
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidArgumentError(f"limit must be a positive integer or None, got {limit!r}")
+
+
+def _check_tail(tail: int | None) -> None:
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+        raise InvalidArgumentError(f"tail must be a non-negative integer or None, got {tail!r}")
+
+
+def _check_prune(older_than_s: float | None, keep: int | None) -> None:
+    if older_than_s is None and keep is None:
+        raise InvalidArgumentError("prune needs older_than_s, keep, or both")
+    if older_than_s is not None and (not isinstance(older_than_s, (int, float)) or older_than_s < 0):
+        raise InvalidArgumentError(f"older_than_s must be >= 0, got {older_than_s!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        raise InvalidArgumentError(f"keep must be a non-negative integer, got {keep!r}")
+
+
+def matches(record: dict[str, Any], status: str | None, workflow: str | None) -> bool:
+    """True if ``record`` has ``status`` and its workflow name or id equals ``workflow``."""
+    if status is not None and record.get("status") != status:
+        return False
+    if workflow is not None and workflow not in (record.get("workflow_name"), record.get("workflow_id")):
+        return False
+    return True
+
+
+def newest_first(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sort by ``started_at`` descending; ties by run id so the order is stable."""
+    return sorted(records, key=lambda r: (r["started_at"], r["run_id"]), reverse=True)
+
+
+def select_pruned(
+    index: list[tuple[str, float]], older_than_s: float | None, keep: int | None, now: float
+) -> set[str]:
+    """Run ids to prune from ``index`` = [(run_id, started_at)]: older than the cutoff, or
+    beyond the ``keep`` newest."""
+    doomed: set[str] = set()
+    if older_than_s is not None:
+        cutoff = now - older_than_s
+        doomed.update(run_id for run_id, started in index if started < cutoff)
+    if keep is not None:
+        ordered = sorted(index, key=lambda item: (item[1], item[0]), reverse=True)
+        doomed.update(run_id for run_id, _ in ordered[keep:])
+    return doomed
+
+
+def _json_default(value: Any) -> Any:
+    """Non-JSON values (sets, bytes, dates, objects) are stored as their repr, like pyoco."""
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+class RunStore:
+    """Base class of run stores. Every method is a coroutine; subclasses implement all."""
+
+    async def save(self, record: dict[str, Any]) -> None:
+        """Insert or replace the record of ``record["run_id"]``."""
+        raise NotImplementedError
+
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        """The record of ``run_id``, or None when unknown (or expired)."""
+        raise NotImplementedError
+
+    async def list(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int | None = 50
+    ) -> list[dict[str, Any]]:
+        """Records newest start first, filtered by status and workflow (name or id)."""
+        raise NotImplementedError
+
+    async def prune(self, *, older_than_s: float | None = None, keep: int | None = None) -> int:
+        """Delete runs started more than ``older_than_s`` ago and/or all but the ``keep``
+        newest, with their logs. Returns how many runs were deleted."""
+        raise NotImplementedError
+
+    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+        """Append log lines to a run; only the newest ``max_log_lines`` are kept."""
+        raise NotImplementedError
+
+    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+        """A run's log lines, oldest first; ``tail`` = only the last N."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release resources (no-op by default)."""
+
+
+def _check_lines(lines: Any) -> list[str]:
+    if isinstance(lines, str) or not isinstance(lines, (list, tuple)):
+        raise InvalidArgumentError("log lines must be a list of strings")
+    return [line if isinstance(line, str) else str(line) for line in lines]
+
+
+def _tail(lines: list[str], tail: int | None) -> list[str]:
+    if tail is None:
+        return list(lines)
+    return list(lines[-tail:]) if tail else []
+
+
+class InMemoryRunStore(RunStore):
+    """Records in a dict (deep copies in and out, so callers cannot change stored runs)."""
+
+    def __init__(self, *, max_log_lines: int = DEFAULT_MAX_LOG_LINES, clock: Callable[[], float] = time.time):
+        self.max_log_lines = max_log_lines
+        self._clock = clock
+        self._records: dict[str, dict[str, Any]] = {}
+        self._logs: dict[str, deque[str]] = {}
+
+    async def save(self, record: dict[str, Any]) -> None:
+        check_record(record)
+        self._records[record["run_id"]] = copy.deepcopy(record)
+
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        found = self._records.get(check_run_id(run_id))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
+        _check_limit(limit)
+        chosen = [r for r in self._records.values() if matches(r, status, workflow)]
+        return [copy.deepcopy(r) for r in newest_first(chosen)[:limit]]
+
+    async def prune(self, *, older_than_s=None, keep=None) -> int:
+        _check_prune(older_than_s, keep)
+        index = [(rid, r["started_at"]) for rid, r in self._records.items()]
+        doomed = select_pruned(index, older_than_s, keep, self._clock())
+        for run_id in doomed:
+            self._records.pop(run_id, None)
+            self._logs.pop(run_id, None)
+        return len(doomed)
+
+    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+        check_run_id(run_id)
+        buffer = self._logs.setdefault(run_id, deque(maxlen=self.max_log_lines))
+        buffer.extend(_check_lines(lines))
+
+    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+        _check_tail(tail)
+        return _tail(list(self._logs.get(check_run_id(run_id), ())), tail)
+
+
+class FileRunStore(RunStore):
+    """One pretty-printed JSON file per run, ``<dir>/<run_id>.json``, as tokiwa writes them.
+
+    Logs go to ``<dir>/<run_id>.logs.jsonl`` (one JSON string per line, so a log line may
+    itself contain newlines). Writes are atomic (temp file + rename); file I/O runs in a
+    thread so the event loop never blocks on a slow disk.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] = "runs",
+        *,
+        max_log_lines: int = DEFAULT_MAX_LOG_LINES,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.directory = Path(directory)
+        self.max_log_lines = max_log_lines
+        self._clock = clock
+
+    def _path(self, run_id: str) -> Path:
+        return self.directory / f"{check_run_id(run_id)}.json"
+
+    def _logs_path(self, run_id: str) -> Path:
+        return self.directory / f"{check_run_id(run_id)}.logs.jsonl"
+
+    def _write(self, path: Path, text: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def _all(self) -> list[dict[str, Any]]:
+        if not self.directory.is_dir():
+            return []
+        records = []
+        for path in self.directory.glob("*.json"):
+            record = self._read(path)
+            if isinstance(record, dict) and "run_id" in record and "started_at" in record:
+                records.append(record)
+        return records
+
+    async def save(self, record: dict[str, Any]) -> None:
+        check_record(record)
+        text = json.dumps(record, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+        await asyncio.to_thread(self._write, self._path(record["run_id"]), text)
+
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._read, self._path(run_id))
+
+    async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
+        _check_limit(limit)
+        records = await asyncio.to_thread(self._all)
+        return newest_first(r for r in records if matches(r, status, workflow))[:limit]
+
+    def _prune_sync(self, older_than_s, keep) -> int:
+        index = [(r["run_id"], r["started_at"]) for r in self._all()]
+        doomed = select_pruned(index, older_than_s, keep, self._clock())
+        for run_id in doomed:
+            self._path(run_id).unlink(missing_ok=True)
+            self._logs_path(run_id).unlink(missing_ok=True)
+        return len(doomed)
+
+    async def prune(self, *, older_than_s=None, keep=None) -> int:
+        _check_prune(older_than_s, keep)
+        return await asyncio.to_thread(self._prune_sync, older_than_s, keep)
+
+    def _read_logs(self, run_id: str) -> list[str]:
+        try:
+            text = self._logs_path(run_id).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def _append_sync(self, run_id: str, lines: list[str]) -> None:
+        path = self._logs_path(run_id)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        # Trim lazily: rewrite only when the file holds twice the cap, so appends stay O(1)
+        # amortised while readers still see at most ``max_log_lines`` (see get_logs).
+        kept = self._read_logs(run_id)
+        if len(kept) > 2 * self.max_log_lines:
+            body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept[-self.max_log_lines :])
+            self._write(path, body)
+
+    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+        checked = _check_lines(lines)
+        check_run_id(run_id)
+        if checked:
+            await asyncio.to_thread(self._append_sync, run_id, checked)
+
+    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+        _check_tail(tail)
+        lines = await asyncio.to_thread(self._read_logs, check_run_id(run_id))
+        return _tail(lines[-self.max_log_lines :], tail)
+
+
+# Top-level record fields copied into their own hash field so that `redis-cli HGETALL`
+# shows them; ``workflow_name`` is exposed as ``workflow``.
+_SCALARS = (str, int, float, bool)
+
+
+def _hash_fields(record: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, value in record.items():
+        if isinstance(value, bool):
+            fields[name] = "true" if value else "false"
+        elif isinstance(value, _SCALARS):
+            fields[name] = value
+    if "workflow_name" in record and record["workflow_name"] is not None:
+        fields["workflow"] = str(record["workflow_name"])
+    if record.get("error") is not None and not isinstance(record["error"], _SCALARS):
+        fields["error"] = json.dumps(record["error"], ensure_ascii=False, default=_json_default)
+    fields["record"] = msgpack.packb(record, default=_json_default, use_bin_type=True)
+    return fields
+
+
+class RedisRunStore(RunStore):
+    """Runs in Redis, readable with ``redis-cli``:
+
+    * ``HGETALL {ns}:run:{run_id}`` - status, workflow, workflow_id, started_at, finished_at,
+      duration_ms, error (JSON text) ... plus ``record``, the msgpack of the whole record;
+    * ``ZREVRANGE {ns}:runs 0 9 WITHSCORES`` - the ten newest run ids by start time;
+    * ``LRANGE {ns}:run:{run_id}:logs -20 -1`` - the last 20 log lines.
+
+    Each run and its logs expire ``retention_s`` after their last write; ``save`` also drops
+    index entries older than the retention, so the zset stays bounded without a cron job.
+    One ``save`` is one round trip (a MULTI/EXEC pipeline).
+    """
+
+    _PAGE = 200
+
+    def __init__(
+        self,
+        redis_client: Any,
+        keys: Keys | None = None,
+        *,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_log_lines: int = DEFAULT_MAX_LOG_LINES,
+        clock: Callable[[], float] = time.time,
+    ):
+        if retention_s <= 0:
+            raise InvalidArgumentError(f"retention_s must be > 0, got {retention_s!r}")
+        if max_log_lines < 1:
+            raise InvalidArgumentError(f"max_log_lines must be >= 1, got {max_log_lines!r}")
+        self.redis = redis_client
+        self.keys = keys or Keys()
+        self.retention_s = retention_s
+        self.max_log_lines = max_log_lines
+        self._clock = clock
+
+    @property
+    def _ttl_s(self) -> int:
+        return max(1, int(self.retention_s))
+
+    async def save(self, record: dict[str, Any]) -> None:
+        check_record(record)
+        run_id = record["run_id"]
+        key = self.keys.run(run_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)  # a re-save must not keep fields the new record dropped
+            pipe.hset(key, mapping=_hash_fields(record))
+            pipe.expire(key, self._ttl_s)
+            # trim first, then add: a run saved now stays listed even if it started long ago
+            pipe.zremrangebyscore(self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
+            pipe.zadd(self.keys.runs, {run_id: float(record["started_at"])})
+            pipe.expire(self.keys.run_logs(run_id), self._ttl_s)
+            await pipe.execute()
+
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(self.keys.run(check_run_id(run_id)), "record")
+        return None if raw is None else msgpack.unpackb(raw, raw=False)
+
+    async def _fetch(self, run_ids: list[str]) -> list[tuple[str, dict[str, Any] | None]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hget(self.keys.run(run_id), "record")
+            raws = await pipe.execute()
+        return [(rid, None if raw is None else msgpack.unpackb(raw, raw=False)) for rid, raw in zip(run_ids, raws, strict=True)]
+
+    async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
+        _check_limit(limit)
+        found: list[dict[str, Any]] = []
+        dangling: list[str] = []
+        start = 0
+        while limit is None or len(found) < limit:
+            ids = [_text(x) for x in await self.redis.zrevrange(self.keys.runs, start, start + self._PAGE - 1)]
+            if not ids:
+                break
+            for run_id, record in await self._fetch(ids):
+                if record is None:
+                    dangling.append(run_id)
+                elif matches(record, status, workflow):
+                    found.append(record)
+            start += self._PAGE
+        if dangling:  # runs whose hash expired: drop them from the index
+            await self.redis.zrem(self.keys.runs, *dangling)
+        return found[:limit]
+
+    async def prune(self, *, older_than_s=None, keep=None) -> int:
+        _check_prune(older_than_s, keep)
+        entries = await self.redis.zrange(self.keys.runs, 0, -1, withscores=True)
+        index = [(_text(member), float(score)) for member, score in entries]
+        doomed = sorted(select_pruned(index, older_than_s, keep, self._clock()))
+        if not doomed:
+            return 0
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for run_id in doomed:
+                pipe.delete(self.keys.run(run_id), self.keys.run_logs(run_id))
+            pipe.zrem(self.keys.runs, *doomed)
+            await pipe.execute()
+        return len(doomed)
+
+    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+        checked = _check_lines(lines)
+        key = self.keys.run_logs(check_run_id(run_id))
+        if not checked:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, *checked)
+            pipe.ltrim(key, -self.max_log_lines, -1)
+            pipe.expire(key, self._ttl_s)
+            await pipe.execute()
+
+    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+        _check_tail(tail)
+        if tail == 0:
+            return []
+        start = 0 if tail is None else -tail
+        raw = await self.redis.lrange(self.keys.run_logs(check_run_id(run_id)), start, -1)
+        return [_text(x) for x in raw]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
