@@ -1,0 +1,126 @@
+"""Templates: strict Jinja2 rendering of nested parameters, safe expressions, secret redaction."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from orchestrator.errors import ConfigError, TemplateError
+from orchestrator.templates import (
+    RedactingFilter,
+    evaluate,
+    redact,
+    render,
+    render_string,
+    secrets_from_env,
+)
+
+NS = {
+    "variables": {"env": "prod", "count": 3},
+    "input": {"ref": "A-1"},
+    "steps": {"fetch": {"output": {"rows": [1, 2, 3]}}},
+    "secrets": {"TOKEN": "s3cr3t"},
+}
+
+
+def test_strings_inside_nested_params_are_rendered_and_other_values_kept():
+    params = {"argv": ["echo", "{{ variables.env }}-{{ input.ref }}"], "retries": 2, "flag": True}
+    assert render(params, NS) == {"argv": ["echo", "prod-A-1"], "retries": 2, "flag": True}
+
+
+def test_a_lone_expression_keeps_its_native_type():
+    assert render_string("{{ steps.fetch.output.rows }}", NS) == [1, 2, 3]
+    assert render_string("  {{ variables.count * 2 }} ", NS) == 6
+
+
+def test_text_around_an_expression_makes_a_string():
+    assert render_string("n={{ variables.count }}", NS) == "n=3"
+
+
+def test_strings_without_template_syntax_are_returned_as_they_are():
+    assert render_string("plain } text {", NS) == "plain } text {"
+
+
+def test_a_missing_top_level_name_is_a_template_error_naming_it():
+    with pytest.raises(TemplateError, match="'nope' is undefined") as info:
+        render({"a": {"b": "{{ nope }}"}}, NS, where="step x params")
+    assert info.value.name == "nope"
+    assert "step x params.a.b" in str(info.value)
+    assert "top-level names: input, secrets, steps, variables" in str(info.value)
+
+
+def test_a_missing_key_names_it_and_lists_the_available_keys():
+    with pytest.raises(TemplateError, match=r"'missing' is undefined \(available keys: fetch\)") as info:
+        render_string("{{ steps.missing.output }}", NS)
+    assert info.value.name == "missing"
+
+
+def test_a_missing_name_inside_a_larger_template_still_fails():
+    with pytest.raises(TemplateError) as info:
+        render_string("x {{ variables.nope }} y", NS)
+    assert info.value.name == "nope"
+
+
+def test_a_syntax_error_is_a_template_error_with_the_line():
+    with pytest.raises(TemplateError, match="syntax error on line 2"):
+        render_string("ok\n{{ broken", NS)
+
+
+def test_templates_are_sandboxed():
+    with pytest.raises(TemplateError, match="unsafe"):
+        render_string("{{ ().__class__.__mro__ }}", NS)
+
+
+def test_defaults_and_tests_work_with_strict_undefined():
+    assert render_string("{{ variables.other | default('d') }}", NS) == "d"
+    assert render_string("{{ variables.other is defined }}", NS) is False
+
+
+def test_evaluate_checks_an_expression_without_python_eval():
+    assert evaluate("steps.fetch.output.rows | length == 3 and input.ref.startswith('A')", NS) is True
+    assert evaluate("variables.count > 5", NS) is False
+
+
+def test_evaluate_cannot_reach_python_internals():
+    with pytest.raises(TemplateError):
+        evaluate("variables.__class__.__subclasses__()", NS)
+
+
+def test_evaluate_rejects_an_empty_expression():
+    with pytest.raises(TemplateError, match="non-empty"):
+        evaluate("  ", NS)
+
+
+def test_redact_hides_every_secret_value_anywhere_in_a_value():
+    value = {"out": "token=s3cr3t", "list": ["a s3cr3t b", 1], "s3cr3t-key": None}
+    assert redact(value, {"TOKEN": "s3cr3t"}) == {"out": "token=***", "list": ["a *** b", 1], "***-key": None}
+
+
+def test_redact_hides_a_longer_secret_whole_even_if_it_contains_a_shorter_one():
+    assert redact("abcdef and abc", ["abc", "abcdef"]) == "*** and ***"
+
+
+def test_redact_ignores_empty_secrets():
+    assert redact("text", ["", None]) == "text"
+
+
+def test_redacting_filter_hides_secrets_in_log_messages(caplog):
+    logger = logging.getLogger("tokiwa.test.redact")
+    secret_filter = RedactingFilter(["s3cr3t"])
+    logger.addFilter(secret_filter)
+    try:
+        with caplog.at_level(logging.INFO, logger="tokiwa.test.redact"):
+            logger.info("calling with %s", "s3cr3t")
+    finally:
+        logger.removeFilter(secret_filter)
+    assert caplog.records[-1].getMessage() == "calling with ***"
+
+
+def test_secrets_come_from_the_environment():
+    assert secrets_from_env(["TOKEN"], {"TOKEN": "v", "OTHER": "w"}) == {"TOKEN": "v"}
+
+
+def test_a_missing_secret_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="API_KEY"):
+        secrets_from_env(["API_KEY"], {})
