@@ -156,3 +156,35 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     if cause is not None and cause is not exc:
         record["cause"] = describe_error(cause)
     return record
+
+
+class CommandError(StepExecutionError):
+    """Raised when a command run by ``exec_command`` / ``exec_shell`` (or a shell step) fails:
+    it could not start, exited with a code not in ``ok_codes``, or ran past its timeout.
+
+    ``argv``, ``exit_code`` (None if it never ran or was killed on timeout), ``stdout``,
+    ``stderr`` and ``timed_out`` say what happened.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str],
+        exit_code: int | None = None,
+        stdout: str = "",
+        stderr: str = "",
+        timed_out: bool = False,
+        node: str | None = None,
+    ) -> None:
+        super().__init__(message, node=node)
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timed_out = timed_out
+
+
+class ShellNotAllowedError(InvalidArgumentError):
+    """Raised when shell syntax is requested without opting in (``allow_shell=True`` for
+    ``exec_shell``, ``shell: true`` for a declarative shell step)."""
