@@ -106,3 +106,10 @@ class Keys:
     # the XADD by the publish script); a chatflow run starts only when its id is the head.
     def conversation_order(self, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{conversation_id}:order"
+
+    # hash: Miclow relay id -> msgpack heartbeat (host, pid, tasks, topics, at), written every
+    # relay ``heartbeat_interval_s`` (default 2 s); entries older than 3 intervals are pruned
+    # by any relay that reads the hash, and a relay deletes its own entry when it stops.
+    @property
+    def relays(self) -> str:
+        return f"{self.namespace}:relays"
