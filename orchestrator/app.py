@@ -1,0 +1,301 @@
+"""The Orchestrator: the object a user builds, and both CLIs load (``--app pkg.module:app``).
+
+Modes: ``all`` (publish, consume, run cron), ``producer`` (publish and cron, never consume)
+and ``worker`` (consume, never run cron). Processing is continuous: a worker consumes the
+stream until stopped, unlike upstream tokiwa's push-driven queue (SEED-SEMANTICS §2.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import msgpack
+
+from .broker import StreamBroker
+from .config import Settings, load_settings
+from .connection import create_redis
+from .consumer import Consumer, Outcome
+from .dispatcher import EventDispatcher
+from .embedded import EmbeddedRedis
+from .errors import InvalidArgumentError, StateError
+from .events import Event
+from .keys import Keys
+
+log = logging.getLogger("tokiwa")
+
+Mode = Literal["all", "producer", "worker"]
+EventProcessor = Callable[[Event], Awaitable[list[str]]]
+
+
+class Orchestrator:
+    """Publish events, consume them on workers, run subscribers and triggered workflows.
+
+    >>> app = Orchestrator(redis_url="redis://localhost:6379/0", max_concurrent_events=2)
+    >>> app.dispatcher.subscribe("order.created", on_order)          # doctest: +SKIP
+    >>> await app.publish("order.created", {"order_ref": "A-001"})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        mode: Mode = "all",
+        max_concurrent_events: int | None = None,
+        ack_policy: Literal["always", "on_success"] | None = None,
+        namespace: str | None = None,
+        settings: Settings | None = None,
+        on_workflow_error: Callable[..., Any] | None = None,
+        source: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        if mode not in ("all", "producer", "worker"):
+            raise InvalidArgumentError(f"mode must be 'all', 'producer' or 'worker', got {mode!r}")
+        given = {
+            "redis_url": redis_url,
+            "concurrency": max_concurrent_events,
+            "ack_policy": ack_policy,
+            "namespace": namespace,
+            **overrides,
+        }
+        self._explicit = {k: v for k, v in given.items() if v is not None}
+        self.settings = settings or load_settings(self._explicit)
+        self.mode: Mode = mode
+        self.dispatcher = EventDispatcher()
+        self.on_workflow_error = on_workflow_error
+        self.source = source
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = None
+        self.broker: StreamBroker | None = None
+        self.consumer: Consumer | None = None
+        self._embedded: EmbeddedRedis | None = None
+        self._processors: list[EventProcessor] = []
+        self._lifecycle: list[Any] = []  # objects with async start()/stop() run with the app
+        self._consume_task: asyncio.Task | None = None
+        self._started = False
+        self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
+
+    # -- configuration -------------------------------------------------------------------
+    def configure(self, **values: Any) -> None:
+        """Re-apply settings (used by the CLIs: flags > env > TOML > the app's own arguments)."""
+        merged = {**self._explicit, **{k: v for k, v in values.items() if v is not None}}
+        self.settings = load_settings(merged)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.namespace)
+
+    @property
+    def max_concurrent_events(self) -> int:
+        return self.settings.concurrency
+
+    def add_processor(self, processor: EventProcessor) -> None:
+        """Add a step run for every consumed event after the dispatcher (workflow triggers use
+        it). It returns a list of error strings (empty = success)."""
+        self._processors.append(processor)
+
+    def add_lifecycle(self, component: Any) -> None:
+        """Start/stop ``component`` with the app (``async start()``, ``async stop()``)."""
+        self._lifecycle.append(component)
+
+    # -- connection ----------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect to Redis (starting an embedded redis-server if no URL is set) and create the
+        consumer group. Called by ``start()`` and ``publish()`` as needed; idempotent."""
+        if self.broker is not None:
+            return
+        url = self.settings.redis_url
+        if url is None:
+            self._embedded = EmbeddedRedis(self.settings.state_dir / "redis")
+            await asyncio.to_thread(self._embedded.start)
+            url = self._embedded.url
+            log.info("started embedded redis-server at %s", url)
+        self.redis = create_redis(url, block_ms=self.settings.block_ms)
+        consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
+        self.broker = StreamBroker(self.redis, self.settings, consumer)
+        await self.broker.ensure_group()
+
+        async def claim_once(name: str) -> bool:
+            return bool(await self.redis.set(self.keys.once(name), self.worker_id, nx=True))
+
+        self.dispatcher.once_claim = claim_once
+
+    @property
+    def redis_url(self) -> str | None:
+        return self._embedded.url if self._embedded else self.settings.redis_url
+
+    async def close(self) -> None:
+        """Close the Redis connection and stop an embedded server. Idempotent."""
+        if self.redis is not None:
+            await self.redis.aclose()
+        self.redis = None
+        self.broker = None
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None
+
+    # -- publishing -----------------------------------------------------------------------
+    async def publish(self, type: str, payload: Any = None, metadata: Mapping[str, Any] | None = None) -> Event:  # noqa: A002
+        """Build an event, add it to the stream, and return it (with ``stream_id`` set)."""
+        event = Event(type, payload, self._with_source(metadata))
+        await self.enqueue(event)
+        return event
+
+    async def enqueue(self, event: Event) -> str:
+        """Add an already built event to the stream; returns its stream id."""
+        await self.connect()
+        stream_id = await self.broker.publish(event, conversation_ids=self._conversations_of(event))
+        self.metrics["published"] += 1
+        return stream_id
+
+    async def publish_many(self, events: Iterable[Event]) -> list[str]:
+        """Add many events in one pipelined round trip."""
+        await self.connect()
+        events = list(events)
+        convs = [self._conversations_of(e) for e in events]
+        ids = await self.broker.publish_many(events, conversation_ids=convs if any(convs) else None)
+        self.metrics["published"] += len(ids)
+        return ids
+
+    def _with_source(self, metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        if self.source and (metadata is None or not metadata.get("source")):
+            return {**(metadata or {}), "source": self.source}
+        return metadata
+
+    def _conversations_of(self, event: Event) -> list[str]:
+        """Conversation ids whose order list must record this event (chatflow triggers)."""
+        resolver = getattr(self, "_conversation_resolver", None)
+        return resolver(event) if resolver else []
+
+    # -- processing -----------------------------------------------------------------------
+    async def process_event(self, event: Event) -> Outcome:
+        """Run the dispatcher, then every processor (triggered workflows) for one event."""
+        result = await self.dispatcher.dispatch(event)
+        errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
+        if result.errors:
+            self.metrics["dispatch_errors"] += len(result.errors)
+            for e in result.errors:
+                log.warning("subscriber %s failed on %s (%s): %r", e.name, event.type, e.stage, e.error)
+        for processor in self._processors:
+            errors += await processor(event)
+        if errors:
+            self.metrics["failed"] += 1
+            return Outcome(False, "; ".join(errors)[:4000])
+        self.metrics["processed"] += 1
+        return Outcome(True)
+
+    def _require_consumer_mode(self, what: str) -> None:
+        if self.mode == "producer":
+            raise StateError(f"{what} is not available in producer mode.")
+
+    async def start(self) -> None:
+        """Connect, start lifecycle components (cron in producer/all mode), and in worker/all
+        mode start consuming in the background."""
+        if self._started:
+            return
+        await self.connect()
+        self._started = True
+        for component in self._lifecycle:
+            await component.start()
+        if self.mode != "producer":
+            self.consumer = Consumer(self.broker, self.settings, self.process_event)
+            self._consume_task = asyncio.create_task(self.consumer.run(), name="tokiwa-consumer")
+
+    async def stop(self) -> None:
+        """Stop fetching, finish in-flight work within the grace period, hand back the rest,
+        stop lifecycle components (releasing leadership and locks). Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        if self.consumer is not None:
+            self.consumer.request_stop()
+        if self._consume_task is not None:
+            try:
+                await self._consume_task
+            except Exception:
+                log.exception("the consumer ended with an error")
+            finally:
+                self._consume_task = None
+        for component in reversed(self._lifecycle):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+
+    async def wait(self) -> None:
+        """Wait until the background consumer ends (after stop(), or on a fatal error)."""
+        if self._consume_task is not None:
+            await self._consume_task
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Process until the group has nothing undelivered or pending, then return.
+        Raises StateError in producer mode."""
+        self._require_consumer_mode("Drain")
+        await self.connect()
+        if self._consume_task is not None:
+            await asyncio.wait_for(self._wait_drained(), timeout)
+            return
+        consumer = Consumer(self.broker, self.settings, self.process_event)
+        self.consumer = consumer
+        await asyncio.wait_for(consumer.run(until_drained=True), timeout)
+
+    async def _wait_drained(self) -> None:
+        while True:
+            state = await self.broker.group_state()
+            if state["pending"] == 0 and state["lag"] == 0 and not self.consumer.in_flight:
+                return
+            await asyncio.sleep(0.05)
+
+    # -- inspection -----------------------------------------------------------------------
+    async def snapshot(self) -> dict[str, Any]:
+        """Counters and cluster state: published, processed, failed, dead, in flight, pending,
+        stream length and lag, and the workers registered in Redis."""
+        await self.connect()
+        state = await self.broker.group_state()
+        workers = await self.workers()
+        stats = self.consumer.stats if self.consumer else None
+        return {
+            "mode": self.mode,
+            "is_running": self._started,
+            "namespace": self.settings.namespace,
+            "published": self.metrics["published"],
+            "processed": self.metrics["processed"],
+            "failed": self.metrics["failed"],
+            "dispatch_errors": self.metrics["dispatch_errors"],
+            "dead": await self.broker.dead_count(),
+            "in_flight": self.consumer.in_flight_count if self.consumer else 0,
+            "pending": state["pending"],
+            "lag": state["lag"],
+            "stream_length": state["length"],
+            "consumer": {} if stats is None else {
+                k: getattr(stats, k) for k in stats.__slots__  # type: ignore[attr-defined]
+            },
+            "workers": workers,
+            "timestamp": time.time(),
+        }
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        """Worker id → heartbeat dict, from ``{ns}:workers``."""
+        await self.connect()
+        raw = await self.redis.hgetall(self.keys.workers)
+        out = {}
+        for wid, blob in raw.items():
+            try:
+                out[wid.decode()] = msgpack.unpackb(blob, raw=False)
+            except Exception:
+                out[wid.decode()] = {"error": "undecodable heartbeat"}
+        return out
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        await self.close()

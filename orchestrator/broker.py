@@ -1,0 +1,226 @@
+"""The Redis-streams broker: publish, consume through a consumer group, ack, renew, reclaim,
+dead-letter and trim. One stream (``{ns}:events``), one group (``workers`` by default).
+
+Every "check ownership, then act" is one Lua script (see :mod:`orchestrator.scripts`), so a
+worker that lost an entry while frozen cannot ack, renew or dead-letter it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from . import scripts
+from .config import Settings
+from .errors import BrokerError, InvalidArgumentError
+from .events import Event, encode_fields
+from .keys import Keys
+
+log = logging.getLogger("tokiwa.broker")
+
+# most entries one TRIM_SAFE call may drop (bounds the script's run time)
+TRIM_MAX_DROP = 50_000
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One stream entry handed to this consumer."""
+
+    stream_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+    claimed_at: float = field(default_factory=time.monotonic)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StreamBroker:
+    """Stream operations for one namespace, group and consumer name."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings, consumer: str | None = None) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.stream = self.keys.events
+        self.group = settings.group
+        self.consumer = consumer or "producer"
+        self._ack = redis.register_script(scripts.ACK_OWNED)
+        self._renew = redis.register_script(scripts.RENEW_OWNED)
+        self._reclaim = redis.register_script(scripts.RECLAIM)
+        self._dead = redis.register_script(scripts.DEAD_LETTER)
+        self._trim = redis.register_script(scripts.TRIM_SAFE)
+        self._publish_ordered = redis.register_script(scripts.PUBLISH_ORDERED)
+        self._reclaim_cursor = "0-0"
+
+    # -- group ----------------------------------------------------------------------------
+    async def ensure_group(self) -> bool:
+        """Create the consumer group from the stream's start (id 0, MKSTREAM), so events
+        published before any worker started are processed. Returns True if it was created.
+        Only BUSYGROUP (group exists) is benign; any other error is raised."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            return True
+        except ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise BrokerError(f"cannot create group {self.group!r} on {self.stream}: {exc}") from exc
+
+    # -- publish --------------------------------------------------------------------------
+    def _checked_fields(self, event: Event) -> dict:
+        fields = encode_fields(event)
+        if len(fields["body"]) > self.settings.max_event_bytes:
+            raise InvalidArgumentError(
+                f"event {event.type!r} is {len(fields['body'])} bytes encoded, "
+                f"over max_event_bytes={self.settings.max_event_bytes}"
+            )
+        return fields
+
+    async def publish(self, event: Event, *, conversation_ids: Sequence[str] = ()) -> str:
+        """XADD one event; returns its stream id. With ``conversation_ids`` the id is also
+        appended to each conversation's order list in the same atomic step."""
+        fields = self._checked_fields(event)
+        if conversation_ids:
+            keys = [self.stream, *(self.keys.conversation_order(c) for c in conversation_ids)]
+            args = ["0"]
+            for name, value in fields.items():
+                args += [name, value]
+            stream_id = _s(await self._publish_ordered(keys=keys, args=args))
+        else:
+            stream_id = _s(await self.redis.xadd(self.stream, fields))
+        event.stream_id = stream_id
+        return stream_id
+
+    async def publish_many(
+        self, events: Iterable[Event], *, conversation_ids: Sequence[Sequence[str]] | None = None
+    ) -> list[str]:
+        """XADD many events in one pipelined round trip (no transaction); returns stream ids."""
+        events = list(events)
+        if not events:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for i, event in enumerate(events):
+            fields = self._checked_fields(event)
+            convs = conversation_ids[i] if conversation_ids else ()
+            if convs:
+                keys = [self.stream, *(self.keys.conversation_order(c) for c in convs)]
+                args = ["0"] + [x for kv in fields.items() for x in kv]
+                await self._publish_ordered(keys=keys, args=args, client=pipe)
+            else:
+                pipe.xadd(self.stream, fields)
+        ids = [_s(x) for x in await pipe.execute()]
+        for event, stream_id in zip(events, ids, strict=True):
+            event.stream_id = stream_id
+        return ids
+
+    # -- consume --------------------------------------------------------------------------
+    async def read(self, count: int, block_ms: int | None) -> list[Delivery]:
+        """XREADGROUP up to ``count`` new entries (``>``), blocking up to ``block_ms``."""
+        if count <= 0:
+            return []
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        out = []
+        for entry_id, fields in reply[0][1]:
+            out.append(Delivery(_s(entry_id), fields or {}, 1))
+        return out
+
+    async def reclaim(self, count: int) -> tuple[list[Delivery], int]:
+        """XAUTOCLAIM up to ``count`` entries idle past the visibility timeout. Returns the
+        claimed deliveries (with their delivery counts) and how many pending ids pointed at
+        entries that no longer exist (removed from the PEL by Redis)."""
+        if count <= 0:
+            return [], 0
+        cursor, entries, counts, deleted = await self._reclaim(
+            keys=[self.stream],
+            args=[self.group, self.consumer, self.settings.visibility_timeout_ms, count, self._reclaim_cursor],
+        )
+        self._reclaim_cursor = _s(cursor)
+        out = []
+        for entry, n in zip(entries, counts, strict=True):
+            if not entry:
+                continue
+            entry_id, flat = entry[0], entry[1] or []
+            fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+            out.append(Delivery(_s(entry_id), fields, int(n)))
+        return out, len(deleted or [])
+
+    async def ack(self, stream_ids: Sequence[str]) -> list[str]:
+        """Ack the ids this consumer still owns; returns the ids it had lost (not acked)."""
+        if not stream_ids:
+            return []
+        lost = await self._ack(keys=[self.stream], args=[self.group, self.consumer, *stream_ids])
+        return [_s(x) for x in lost]
+
+    async def renew(self, stream_ids: Sequence[str], *, idle_ms: int = 0) -> list[str]:
+        """Reset the idle time of owned in-flight ids (a lease renewal). With ``idle_ms`` equal to
+        the visibility timeout, hands the entries back: any worker may reclaim them at once.
+        Returns the ids no longer owned."""
+        if not stream_ids:
+            return []
+        lost = await self._renew(keys=[self.stream], args=[self.group, self.consumer, idle_ms, *stream_ids])
+        return [_s(x) for x in lost]
+
+    async def hand_back(self, stream_ids: Sequence[str]) -> list[str]:
+        """Make owned entries reclaimable right away (used on shutdown)."""
+        return await self.renew(stream_ids, idle_ms=self.settings.visibility_timeout_ms + 1)
+
+    async def dead_letter(
+        self, delivery: Delivery, *, reason: str, error: str = "", deliveries: int | None = None
+    ) -> str | None:
+        """Move an owned entry to the dead-letter stream with its reason and ack it, atomically.
+        Returns the dead entry id, or None if this consumer no longer owns the entry."""
+        extra = {
+            b"reason": reason,
+            b"error": error[:4000],
+            b"deliveries": str(deliveries if deliveries is not None else delivery.deliveries),
+            b"failed_at": f"{time.time():.6f}",
+            b"stream_id": delivery.stream_id,
+            b"consumer": self.consumer,
+            b"group": self.group,
+        }
+        args: list = [self.group, self.consumer, delivery.stream_id, self.settings.dead_maxlen]
+        for name, value in delivery.fields.items():
+            if name not in extra:
+                args += [name, value]
+        for name, value in extra.items():
+            args += [name, value]
+        result = await self._dead(keys=[self.stream, self.keys.dead], args=args)
+        return _s(result) if result else None
+
+    async def trim(self) -> int:
+        """Trim to ~``stream_maxlen`` but never past an entry some group still needs."""
+        return int(await self._trim(keys=[self.stream], args=[self.settings.stream_maxlen, TRIM_MAX_DROP]))
+
+    # -- inspection ----------------------------------------------------------------------
+    async def group_state(self) -> dict:
+        """``{"length", "pending", "lag", "consumers", "last_delivered"}`` for our group
+        (zeros if the stream or group does not exist yet)."""
+        try:
+            length = await self.redis.xlen(self.stream)
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return {"length": 0, "pending": 0, "lag": 0, "consumers": 0, "last_delivered": None}
+        for g in groups:
+            if _s(g["name"]) == self.group:
+                lag = g.get("lag")
+                return {
+                    "length": length,
+                    "pending": int(g["pending"]),
+                    "lag": int(lag) if lag is not None else length,
+                    "consumers": int(g["consumers"]),
+                    "last_delivered": _s(g["last-delivered-id"]),
+                }
+        return {"length": length, "pending": 0, "lag": length, "consumers": 0, "last_delivered": None}
+
+    async def dead_count(self) -> int:
+        return int(await self.redis.xlen(self.keys.dead))

@@ -1,0 +1,141 @@
+"""``tokiwa-producer``: publish events, run the producer (cron under leader election).
+
+Thin: parse, set up logging, load ``--app``, call one library function, return a named
+exit code. Settings precedence: flags > ``TOKIWA_*`` env > ``--config`` TOML > the app's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import exitcodes
+from .app import Orchestrator
+from .errors import ConfigError, TokiwaError
+from .loader import load_app
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str | None) -> None:
+    logging.basicConfig(level=(level or "INFO").upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def common_options(func):
+    """Options every command shares."""
+    options = [
+        click.option("--app", "app_spec", default=None, envvar="TOKIWA_APP",
+                     help="Your app object, as package.module:app."),
+        click.option("--redis-url", default=None, help="Redis URL (default: TOKIWA_REDIS_URL, else embedded)."),
+        click.option("--namespace", default=None, help="Key prefix (default tokiwa)."),
+        click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+                     help="TOML settings file (also TOKIWA_CONFIG)."),
+        click.option("--log-level", default=None, help="DEBUG, INFO, WARNING ..."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_app(app_spec: str | None, *, mode: str, **settings: Any) -> Orchestrator:
+    """Load ``--app`` (or a bare Orchestrator) and apply CLI settings over it."""
+    config_file = settings.pop("config_file", None)
+    if config_file:
+        import os
+        os.environ["TOKIWA_CONFIG"] = str(config_file)
+    app = load_app(app_spec) if app_spec else Orchestrator()
+    app.mode = mode  # type: ignore[assignment]
+    app.configure(**settings)
+    return app
+
+
+def run_async(coro) -> int:
+    """Run a coroutine; turn tokiwa errors into a message and an exit code."""
+    try:
+        result = asyncio.run(coro)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exitcodes.USAGE
+    except TokiwaError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exitcodes.FAILURE
+    return result if isinstance(result, int) else exitcodes.OK
+
+
+@click.group()
+def cli() -> None:
+    """tokiwa producer: publish events and run cron under leader election."""
+
+
+def _parse_json(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from exc
+
+
+@cli.command()
+@click.argument("event_type", required=False)
+@click.option("--payload", default=None, help="Event payload as JSON.")
+@click.option("--metadata", default=None, help="Metadata as JSON (correlation_id, causation_id, source, tags).")
+@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False),
+              help="Bulk publish: a JSON-lines file of {type, payload, metadata}.")
+@click.option("--batch", default=500, show_default=True, help="Events per pipelined round trip (--file).")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a TTY).")
+@common_options
+def publish(event_type, payload, metadata, file_, batch, progress, app_spec, **settings) -> None:
+    """Publish one event (TYPE --payload JSON) or many (--file events.jsonl)."""
+    setup_logging(settings.pop("log_level") or "WARNING")
+    if bool(event_type) == bool(file_):
+        raise click.UsageError("give either an EVENT_TYPE or --file, not both or neither")
+    payload_v = _parse_json(payload, "--payload")
+    metadata_v = _parse_json(metadata, "--metadata")
+    app = build_app(app_spec, mode="producer", **settings)
+
+    async def one() -> int:
+        try:
+            event = await app.publish(event_type, payload_v, metadata_v)
+            click.echo(json.dumps({"id": event.id, "stream_id": event.stream_id, "type": event.type}))
+        finally:
+            await app.close()
+        return exitcodes.OK
+
+    async def bulk() -> int:
+        from .bulk import publish_file
+        try:
+            count = await publish_file(app, Path(file_), batch=batch, progress=progress)
+            click.echo(json.dumps({"published": count}))
+        finally:
+            await app.close()
+        return exitcodes.OK
+
+    sys.exit(run_async(one() if event_type else bulk()))
+
+
+@cli.command()
+@common_options
+def run(app_spec, **settings) -> None:
+    """Run the producer: cron jobs fire under leader election until SIGTERM / Ctrl+C."""
+    setup_logging(settings.pop("log_level"))
+    if not app_spec:
+        raise click.UsageError("--app is required")
+    app = build_app(app_spec, mode="producer", **settings)
+    from .runtime import serve
+
+    sys.exit(run_async(serve(app, heartbeat=False)))
+
+
+def main() -> None:
+    cli(prog_name="tokiwa-producer")
+
+
+if __name__ == "__main__":
+    main()

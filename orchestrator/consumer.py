@@ -1,0 +1,314 @@
+"""The consume loop: fetch (never more than free slots), process concurrently, ack in batches,
+renew the leases of in-flight entries, reclaim entries of dead consumers, trim, dead-letter.
+
+Lives in ``orchestrator`` (not ``workers``) because ``Orchestrator.start()`` in mode ``all``
+and ``Orchestrator.drain()`` need it; the ``workers`` package adds the process around it
+(signals, heartbeat, reconnect policy, relay, process management).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .broker import Delivery, StreamBroker
+from .config import Settings
+from .errors import EventDecodeError
+from .events import Event, decode_fields
+
+log = logging.getLogger("tokiwa.consumer")
+
+# seconds between trims of the stream by a worker (any worker may trim; it is idempotent)
+TRIM_INTERVAL_S = 1.0
+# a worker reconnecting after Redis failures waits min(cap, base * 2**n) with full jitter
+RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What processing one event came to."""
+
+    ok: bool
+    error: str = ""
+
+
+ProcessFn = Callable[[Event], Awaitable[Outcome]]
+
+
+@dataclass(slots=True)
+class Stats:
+    fetched: int = 0
+    processed: int = 0
+    failed: int = 0
+    dead: int = 0
+    reclaimed: int = 0
+    lost: int = 0
+    acked: int = 0
+    trimmed: int = 0
+    reconnects: int = 0
+
+
+class _InFlight:
+    __slots__ = ("delivery", "task", "lost")
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.task: asyncio.Task | None = None
+        self.lost = False
+
+
+class Consumer:
+    """Consumes the events stream for one consumer name until stopped."""
+
+    def __init__(self, broker: StreamBroker, settings: Settings, process: ProcessFn) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.process = process
+        self.stats = Stats()
+        self.in_flight: dict[str, _InFlight] = {}
+        self._ack_buffer: list[str] = []
+        self._ack_wakeup = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._last_reclaim = 0.0
+        self._last_trim = 0.0
+        self.connected = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def run(self, *, until_drained: bool = False) -> None:
+        """Consume until :meth:`request_stop` (or, with ``until_drained``, until the group has
+        nothing undelivered or pending). Then finish in-flight work within the grace period,
+        hand back the rest, and flush acks."""
+        helpers = [
+            asyncio.create_task(self._ack_loop(), name="tokiwa-acker"),
+            asyncio.create_task(self._renew_loop(), name="tokiwa-renewer"),
+        ]
+        try:
+            await self._read_loop(until_drained)
+        finally:
+            await self._finish(helpers)
+
+    def request_stop(self) -> None:
+        """Stop fetching; in-flight work finishes (see :meth:`run`). Safe to call twice."""
+        self._stopping.set()
+        self._slot_freed.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def _finish(self, helpers: list[asyncio.Task]) -> None:
+        pending = [f.task for f in self.in_flight.values() if f.task]
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=self.settings.grace_period_s)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        leftovers = [sid for sid, f in self.in_flight.items() if not f.lost]
+        self._ack_wakeup.set()
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await self._flush_acks_safely()
+        if leftovers:
+            try:
+                await self.broker.hand_back(leftovers)
+                log.info("handed back %d unfinished entries", len(leftovers))
+            except REDIS_ERRORS as exc:
+                log.warning("could not hand back %d entries (they return after the lease): %s",
+                            len(leftovers), exc)
+
+    # -- reading --------------------------------------------------------------------------
+    async def _read_loop(self, until_drained: bool) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                progressed = await self._read_once(until_drained)
+                if not self.connected.is_set():
+                    self.connected.set()
+                failures = 0
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("consumer group missing (Redis restarted empty?): recreating it")
+                await self.broker.ensure_group()
+                continue
+            except REDIS_ERRORS as exc:
+                failures += 1
+                self.connected.clear()
+                self.stats.reconnects += 1
+                delay = random.uniform(0, min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(failures, 10)))
+                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if until_drained and not progressed and await self._drained():
+                return
+
+    async def _read_once(self, until_drained: bool) -> bool:
+        free = self.settings.concurrency - len(self.in_flight)
+        if free <= 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+            return True
+        now = time.monotonic()
+        got = 0
+        if now - self._last_reclaim >= self.settings.renew_interval_s:
+            self._last_reclaim = now
+            got += await self._reclaim(free)
+            free = self.settings.concurrency - len(self.in_flight)
+        if now - self._last_trim >= TRIM_INTERVAL_S:
+            self._last_trim = now
+            self.stats.trimmed += await self.broker.trim()
+        if free > 0:
+            block = 50 if (until_drained or got) else self.settings.block_ms
+            deliveries = await self.broker.read(free, block)
+            self.stats.fetched += len(deliveries)
+            for d in deliveries:
+                self._start(d)
+            got += len(deliveries)
+        return got > 0 or bool(self.in_flight)
+
+    async def _reclaim(self, free: int) -> int:
+        deliveries, deleted = await self.broker.reclaim(free)
+        if deleted:
+            log.warning("%d pending entries no longer existed in the stream", deleted)
+        for d in deliveries:
+            self.stats.reclaimed += 1
+            if d.stream_id in self.in_flight:
+                continue  # our own entry came back to us: keep working on it
+            if d.deliveries > self.settings.max_deliveries:
+                await self._dead_letter(d, "max_deliveries",
+                                        f"delivered {d.deliveries} times (max {self.settings.max_deliveries})")
+                continue
+            self._start(d)
+        return len(deliveries)
+
+    async def _drained(self) -> bool:
+        if self.in_flight or self._ack_buffer:
+            return False
+        state = await self.broker.group_state()
+        return state["pending"] == 0 and state["lag"] == 0
+
+    # -- processing -----------------------------------------------------------------------
+    def _start(self, delivery: Delivery) -> None:
+        entry = _InFlight(delivery)
+        self.in_flight[delivery.stream_id] = entry
+        entry.task = asyncio.create_task(self._handle(entry))
+
+    async def _handle(self, entry: _InFlight) -> None:
+        d = entry.delivery
+        try:
+            try:
+                event = decode_fields(d.fields, entry_id=d.stream_id, max_bytes=self.settings.max_event_bytes)
+            except EventDecodeError as exc:
+                await self._dead_letter(d, exc.reason, str(exc))
+                return
+            event.deliveries = d.deliveries
+            outcome = await self._process(event)
+            if entry.lost:
+                log.warning("entry %s was reclaimed by another worker while we ran it; not acking",
+                            d.stream_id)
+                return
+            await self._settle(entry, outcome)
+        finally:
+            self.in_flight.pop(d.stream_id, None)
+            self._slot_freed.set()
+
+    async def _process(self, event: Event) -> Outcome:
+        try:
+            return await self.process(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the process function should not raise; never crash on it
+            log.exception("processing event %s failed unexpectedly", event.id)
+            return Outcome(False, f"{type(exc).__name__}: {exc}")
+
+    async def _settle(self, entry: _InFlight, outcome: Outcome) -> None:
+        d = entry.delivery
+        if outcome.ok:
+            self.stats.processed += 1
+            self._queue_ack(d.stream_id)
+            return
+        self.stats.failed += 1
+        if d.deliveries >= self.settings.max_deliveries:
+            await self._dead_letter(d, "max_deliveries", outcome.error)
+        elif self.settings.ack_policy == "always":
+            self._queue_ack(d.stream_id)
+        else:
+            log.info("event %s failed (delivery %d/%d); left pending for redelivery",
+                     d.stream_id, d.deliveries, self.settings.max_deliveries)
+
+    async def _dead_letter(self, d: Delivery, reason: str, error: str) -> None:
+        try:
+            dead_id = await asyncio.shield(self.broker.dead_letter(d, reason=reason, error=error))
+        except REDIS_ERRORS as exc:
+            log.error("could not dead-letter %s (%s); it stays pending", d.stream_id, exc)
+            return
+        if dead_id:
+            self.stats.dead += 1
+            log.warning("entry %s dead-lettered: %s %s", d.stream_id, reason, error[:200])
+        else:
+            self.stats.lost += 1
+
+    # -- acking and renewing ---------------------------------------------------------------
+    def _queue_ack(self, stream_id: str) -> None:
+        self._ack_buffer.append(stream_id)
+        self._ack_wakeup.set()
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            await self._flush_acks_safely()
+
+    async def _flush_acks_safely(self) -> None:
+        while self._ack_buffer:
+            batch, self._ack_buffer = self._ack_buffer, []
+            try:
+                lost = await asyncio.shield(self.broker.ack(batch))
+            except REDIS_ERRORS as exc:
+                log.warning("ack of %d entries failed (%s); retrying", len(batch), exc)
+                self._ack_buffer[:0] = batch
+                await asyncio.sleep(0.2)
+                continue
+            self.stats.acked += len(batch) - len(lost)
+            if lost:
+                self.stats.lost += len(lost)
+                log.warning("%d entries were no longer ours at ack time: %s", len(lost), lost[:5])
+
+    async def _renew_loop(self) -> None:
+        interval = self.settings.renew_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            ids = [sid for sid, f in self.in_flight.items() if not f.lost]
+            if not ids:
+                continue
+            try:
+                lost = await self.broker.renew(ids)
+            except REDIS_ERRORS as exc:
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            for sid in lost:
+                entry = self.in_flight.get(sid)
+                if entry is not None and not entry.lost:
+                    entry.lost = True
+                    self.stats.lost += 1
+                    log.warning("lost entry %s to another worker (lease expired); cancelling it", sid)
+                    if entry.task:
+                        entry.task.cancel()
+
+    # -- introspection --------------------------------------------------------------------
+    @property
+    def in_flight_count(self) -> int:
+        return len(self.in_flight)

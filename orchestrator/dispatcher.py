@@ -1,0 +1,211 @@
+"""EventDispatcher: subscribers by exact type or ``"*"``, run one after another.
+
+Semantics follow tokiwa's dispatcher (SEED-SEMANTICS §2.2): for one event, subscribers of the
+exact type run first, then ``"*"`` subscribers, each in subscription order; a failing filter
+or handler is recorded (stage ``filter`` / ``handler``) and the others still run; ``dispatch``
+never raises.
+
+``once=True`` is once for the whole cluster: before the handler runs, the subscriber is
+claimed with ``SET NX`` under ``{ns}:once:{name}`` (the name defaults to the handler's
+qualified name, so every process derives the same key). Without a Redis claim function
+(a purely local dispatcher) it is once per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidArgumentError
+from .events import Event
+
+log = logging.getLogger("tokiwa.dispatcher")
+
+Handler = Callable[..., Any]
+Filter = Callable[[Event], bool]
+OnceClaim = Callable[[str], Awaitable[bool]]
+
+
+@dataclass(slots=True)
+class Subscriber:
+    id: str
+    event_type: str
+    handler: Handler
+    name: str
+    filter: Filter | None = None
+    once: bool = False
+    is_async: bool = False
+    takes_context: bool = False
+
+
+@dataclass(slots=True)
+class DispatchContext:
+    """Second argument of handlers that accept two: who is being called, by whom."""
+
+    subscriber_id: str
+    dispatcher: EventDispatcher
+    event_type: str
+
+
+@dataclass(slots=True)
+class DispatchError:
+    subscriber_id: str
+    name: str
+    stage: str  # "filter" | "handler" | "once"
+    error: BaseException
+
+
+@dataclass(slots=True)
+class DispatchResult:
+    event: Event
+    delivered: int = 0
+    errors: list[DispatchError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _qualname(handler: Handler) -> str:
+    module = getattr(handler, "__module__", None) or "anon"
+    name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+    return f"{module}.{name}"
+
+
+def _positional_arity(handler: Handler) -> int:
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+class EventDispatcher:
+    """Routes an event to every matching subscriber, sequentially.
+
+    Handlers take ``(event)`` or ``(event, ctx)``; they may be ``async def`` or plain ``def``
+    (plain ones run in the default thread pool so they never block the event loop).
+    """
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, list[Subscriber]] = {}
+        self._ids = itertools.count(1)
+        self.once_claim: OnceClaim | None = None
+
+    def subscribe(
+        self,
+        event_type: str,
+        handler: Handler,
+        filter: Filter | None = None,  # noqa: A002 - public name from tokiwa
+        once: bool = False,
+        *,
+        name: str | None = None,
+    ) -> str:
+        """Subscribe ``handler`` to ``event_type`` (or ``"*"``); returns the subscriber id."""
+        if not isinstance(event_type, str) or not event_type.strip():
+            raise InvalidArgumentError(f"event type must be a non-blank string, got {event_type!r}")
+        if not callable(handler):
+            raise InvalidArgumentError(f"handler for {event_type!r} is not callable: {handler!r}")
+        if filter is not None and not callable(filter):
+            raise InvalidArgumentError(f"filter for {event_type!r} is not callable: {filter!r}")
+        sub = Subscriber(
+            id=f"sub-{next(self._ids)}",
+            event_type=event_type,
+            handler=handler,
+            name=name or _qualname(handler),
+            filter=filter,
+            once=once,
+            is_async=inspect.iscoroutinefunction(handler)
+            or inspect.iscoroutinefunction(getattr(type(handler), "__call__", None)),  # async callable objects
+            takes_context=_positional_arity(handler) >= 2,
+        )
+        self._by_type.setdefault(event_type, []).append(sub)
+        return sub.id
+
+    def unsubscribe(self, subscriber_id: str) -> bool:
+        """Remove a subscriber; returns whether it existed."""
+        for event_type, subs in self._by_type.items():
+            for i, sub in enumerate(subs):
+                if sub.id == subscriber_id:
+                    del subs[i]
+                    if not subs:
+                        del self._by_type[event_type]
+                    return True
+        return False
+
+    def clear(self, event_type: str | None = None) -> None:
+        """Remove every subscriber, or those of one type (``clear("*")`` removes wildcards)."""
+        if event_type is None:
+            self._by_type.clear()
+        else:
+            self._by_type.pop(event_type, None)
+
+    def get_subscribers(self, event_type: str | None = None) -> list[Subscriber]:
+        """All subscribers, or those an event of ``event_type`` would reach, in call order."""
+        if event_type is None:
+            return [s for subs in self._by_type.values() for s in subs]
+        return self._matching(event_type)
+
+    def _matching(self, event_type: str) -> list[Subscriber]:
+        exact = self._by_type.get(event_type, ())
+        if event_type == "*":
+            return list(exact)
+        wild = self._by_type.get("*", ())
+        if not wild:
+            return list(exact)
+        return [*exact, *wild]
+
+    def has_subscribers(self, event_type: str) -> bool:
+        return event_type in self._by_type or "*" in self._by_type
+
+    async def dispatch(self, event: Event) -> DispatchResult:
+        """Run every matching subscriber in order; never raises."""
+        result = DispatchResult(event)
+        subs = self._matching(event.type)
+        for sub in subs:
+            await self._deliver(sub, event, result)
+        return result
+
+    async def _deliver(self, sub: Subscriber, event: Event, result: DispatchResult) -> None:
+        if sub.filter is not None:
+            try:
+                if not sub.filter(event):
+                    return
+            except Exception as exc:  # a user filter may raise anything
+                result.errors.append(DispatchError(sub.id, sub.name, "filter", exc))
+                return
+        if sub.once:
+            if not await self._claim_once(sub, result):
+                return
+        args = (event, DispatchContext(sub.id, self, event.type)) if sub.takes_context else (event,)
+        try:
+            if sub.is_async:
+                await sub.handler(*args)
+            else:
+                value = await asyncio.to_thread(sub.handler, *args)
+                if inspect.isawaitable(value):
+                    await value
+            result.delivered += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            result.errors.append(DispatchError(sub.id, sub.name, "handler", exc))
+
+    async def _claim_once(self, sub: Subscriber, result: DispatchResult) -> bool:
+        """Remove a once-subscriber and claim it cluster-wide; False if another already ran it."""
+        self.unsubscribe(sub.id)
+        if self.once_claim is None:
+            return True
+        try:
+            return await self.once_claim(sub.name)
+        except Exception as exc:
+            # could not claim: do not run (at most once), but report it
+            result.errors.append(DispatchError(sub.id, sub.name, "once", exc))
+            return False

@@ -1,0 +1,166 @@
+"""Run an Orchestrator as a long-lived process (worker or producer): signals, heartbeat.
+
+The runner owns the signals: the first SIGTERM / SIGINT stops fetching and lets in-flight
+work finish within the grace period (then hands the rest back) and exits 0; a second one
+exits at once with ``FORCED``. Nothing acked is lost either way: acks happen only after work
+is done, and unacked entries are reclaimed by other workers.
+
+A worker writes a heartbeat to ``{ns}:workers`` every ``heartbeat_interval_s`` and removes
+it on a clean exit; entries older than 3 intervals are pruned by any live worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import msgpack
+
+from . import exitcodes
+from .app import Orchestrator
+
+log = logging.getLogger("tokiwa.worker")
+
+STALE_HEARTBEATS = 3  # a heartbeat older than this many intervals is pruned
+
+
+class Heartbeat:
+    """Writes this worker's heartbeat into ``{ns}:workers``."""
+
+    def __init__(self, app: Orchestrator, extra: dict[str, Any] | None = None) -> None:
+        self.app = app
+        self.extra = extra or {}
+        self.started = time.time()
+        self._task: asyncio.Task | None = None
+
+    def payload(self) -> bytes:
+        consumer = self.app.consumer
+        stats = consumer.stats if consumer else None
+        return msgpack.packb({
+            "id": self.app.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "mode": self.app.mode,
+            "started": self.started,
+            "last_seen": time.time(),
+            "in_flight": consumer.in_flight_count if consumer else 0,
+            "processed": stats.processed if stats else 0,
+            "failed": stats.failed if stats else 0,
+            "concurrency": self.app.settings.concurrency,
+            **self.extra,
+        })
+
+    async def beat(self) -> None:
+        keys = self.app.keys
+        await self.app.redis.hset(keys.workers, self.app.worker_id, self.payload())
+        await self._prune()
+
+    async def _prune(self) -> None:
+        horizon = time.time() - STALE_HEARTBEATS * self.app.settings.heartbeat_interval_s
+        entries = await self.app.redis.hgetall(self.app.keys.workers)
+        stale = []
+        for wid, blob in entries.items():
+            try:
+                if msgpack.unpackb(blob, raw=False).get("last_seen", 0) < horizon:
+                    stale.append(wid)
+            except Exception:
+                stale.append(wid)
+        if stale:
+            await self.app.redis.hdel(self.app.keys.workers, *stale)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: keep trying, the consumer reconnects too
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.app.settings.heartbeat_interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="tokiwa-heartbeat")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self.app.redis.hdel(self.app.keys.workers, self.app.worker_id)
+        except Exception as exc:
+            log.warning("could not remove heartbeat: %s", exc)
+
+
+class SignalStop:
+    """First signal sets ``event``; the second exits the process at once."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.count = 0
+
+    def _handle(self, signum: int) -> None:
+        self.count += 1
+        if self.count == 1:
+            log.info("received %s: finishing in-flight work (send again to exit at once)",
+                     signal.Signals(signum).name)
+            self.event.set()
+        else:
+            log.warning("second signal: exiting now")
+            os._exit(exitcodes.FORCED)
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._handle, sig)
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def serve(app: Orchestrator, *, components: list[Any] | None = None, heartbeat: bool = True) -> int:
+    """Start ``app`` (plus extra ``components`` with start/stop), run until a signal or a fatal
+    error, then stop gracefully. Returns an exit code."""
+    stopper = SignalStop()
+    stopper.install()
+    beat = None
+    try:
+        await app.start()
+        for component in components or []:
+            await component.start()
+        if heartbeat:
+            beat = Heartbeat(app)
+            beat.start()
+        log.info("%s %s running (namespace %s, concurrency %d)", app.mode, app.worker_id,
+                 app.settings.namespace, app.settings.concurrency)
+        waiters = [asyncio.create_task(stopper.event.wait())]
+        if app._consume_task is not None:
+            waiters.append(app._consume_task)
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        code = exitcodes.OK
+        for task in done:
+            if task is not waiters[0] and task.exception() is not None:
+                log.error("consumer stopped with an error: %r", task.exception())
+                code = exitcodes.FAILURE
+        waiters[0].cancel()
+        return code
+    finally:
+        for component in reversed(components or []):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+        try:
+            await app.stop()
+        finally:
+            if beat is not None:
+                await beat.stop()
+            await app.close()
+            stopper.remove()

@@ -1,0 +1,122 @@
+"""Lua scripts of the stream broker. Each states its KEYS, ARGV and return value.
+
+They exist so that "check that I still own this entry, then act" is atomic: a worker that
+was frozen past its lease and lost an entry to another worker can neither ack it, renew it,
+nor dead-letter it.
+"""
+
+# KEYS[1] = events stream
+# ARGV[1] = group, ARGV[2] = consumer, ARGV[3..n] = entry ids
+# Acks every id still pending for ARGV[2]; returns the ids that are not (lost to another
+# consumer, or already acked).
+ACK_OWNED = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+# KEYS[1] = events stream
+# ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = idle ms to set (0 = renew, >0 = hand back),
+# ARGV[4..n] = entry ids
+# Resets the idle time of every id still owned by ARGV[2] (XCLAIM ... JUSTID does not count a
+# delivery); returns the ids that are no longer ours.
+RENEW_OWNED = """
+local lost = {}
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+# KEYS[1] = events stream
+# ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = min idle ms, ARGV[4] = count, ARGV[5] = cursor
+# XAUTOCLAIMs entries idle longer than ARGV[3] to ARGV[2]; returns
+# {next_cursor, entries, delivery_counts, deleted_ids}.
+RECLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5], 'COUNT', ARGV[4])
+local entries = r[2]
+local counts = {}
+for i, e in ipairs(entries) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  if p[1] then counts[i] = p[1][4] else counts[i] = 0 end
+end
+return {r[1], entries, counts, r[3] or {}}
+"""
+
+# KEYS[1] = events stream, KEYS[2] = dead-letter stream
+# ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = entry id, ARGV[4] = dead maxlen,
+# ARGV[5..n] = field/value pairs for the dead entry
+# If ARGV[3] is still pending for ARGV[2]: XADD it to the dead stream and XACK it; returns the
+# dead entry's id, or false when the entry is no longer ours.
+DEAD_LETTER = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return false end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return id
+"""
+
+# KEYS[1] = events stream
+# ARGV[1] = max length to keep (approximate), ARGV[2] = most entries to drop in one call
+# Trims with MINID below both the entry that keeps ~ARGV[1] entries and the oldest entry that
+# any group still needs (pending, or not yet delivered). Returns the number of entries removed.
+TRIM_SAFE = """
+local len = redis.call('XLEN', KEYS[1])
+local excess = len - tonumber(ARGV[1])
+if excess <= 0 then return 0 end
+if excess > tonumber(ARGV[2]) then excess = tonumber(ARGV[2]) end
+local r = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess + 1)
+local cut = r[#r][1]
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return ms, seq
+end
+local function less(a, b)
+  local am, as = parts(a)
+  local bm, bs = parts(b)
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  return tonumber(as) < tonumber(bs)
+end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
+for _, g in ipairs(groups) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local ms, seq = parts(last)
+  local after = ms .. '-' .. tostring(tonumber(seq) + 1)
+  if less(after, cut) then cut = after end
+  local p = redis.call('XPENDING', KEYS[1], name)
+  if tonumber(p[1]) > 0 and less(p[2], cut) then cut = p[2] end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', '~', cut)
+"""
+
+# KEYS[1] = events stream, KEYS[2..n] = conversation order lists
+# ARGV[1] = approximate maxlen or '0' for none... (unused: trimming is TRIM_SAFE's job),
+# ARGV[2..] = field/value pairs
+# XADDs the entry and RPUSHes its id to every conversation order list, atomically, so the
+# order lists follow stream order. Returns the entry id.
+PUBLISH_ORDERED = """
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+for i = 2, #KEYS do redis.call('RPUSH', KEYS[i], id) end
+return id
+"""

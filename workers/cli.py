@@ -1,0 +1,73 @@
+"""``tokiwa-worker``: run workers, the relay, and manage local worker processes.
+
+Thin: parse, set up logging, load ``--app``, call one library function, return a named
+exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from orchestrator.cli import build_app, common_options, run_async, setup_logging
+from orchestrator.runtime import serve
+
+
+@click.group()
+def cli() -> None:
+    """tokiwa worker: consume events, run workflows and relay topics."""
+
+
+@cli.command()
+@click.option("--concurrency", "-c", type=int, default=None, help="Events processed at once.")
+@click.option("--relay", "relay_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Also run a Miclow relay from this TOML file.")
+@click.option("--processes", "-p", type=int, default=1, show_default=True,
+              help="Supervise P worker processes on this host.")
+@common_options
+def run(concurrency, relay_file, processes, app_spec, **settings) -> None:
+    """Consume events until SIGTERM / Ctrl+C (graceful), a second signal exits at once."""
+    setup_logging(settings.pop("log_level"))
+    if not app_spec:
+        raise click.UsageError("--app is required")
+    if processes > 1:
+        from .supervise import supervise_cli
+
+        sys.exit(supervise_cli(sys.argv, processes))
+    app = build_app(app_spec, mode="worker", concurrency=concurrency, **settings)
+    components = []
+    if relay_file:
+        from .assemble import relay_component
+
+        components.append(relay_component(app, relay_file))
+    sys.exit(run_async(serve(app, components=components)))
+
+
+def _attach_optional() -> None:
+    """Attach commands that live in their own modules (relay, process management)."""
+    try:
+        from .relay_cli import relay_command
+
+        cli.add_command(relay_command, "relay")
+    except ImportError:
+        pass
+    try:
+        from .manage_cli import logs_command, ps_command, start_command, stop_command
+
+        for name, command in (("start", start_command), ("ps", ps_command),
+                              ("stop", stop_command), ("logs", logs_command)):
+            cli.add_command(command, name)
+    except ImportError:
+        pass
+
+
+_attach_optional()
+
+
+def main() -> None:
+    cli(prog_name="tokiwa-worker")
+
+
+if __name__ == "__main__":
+    main()
