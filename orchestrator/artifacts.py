@@ -1,9 +1,11 @@
 """Artifact stores: named blobs a node keeps for later nodes, users and the run record.
 
 A node calls ``ctx.artifacts.store("report.csv", data)`` and ``ctx.artifacts.load(name)``.
-The runner hands each run its own scope (``store.scoped(run_id)``), so two runs never see
-each other's files, and it copies ``scope.manifest()`` into the run record: the list of what
-was stored (name, size, sha256, uri, stored_at), never the bytes themselves.
+Give each run its own scope (``store.scoped(run_id)``) so two runs never see each other's
+files. The node context records every stored artifact in the run record (name, node, size,
+location = the uri ``store`` returns); ``scope.manifest()`` adds sha256 and stored_at. The
+bytes themselves never go into a run record. The interface (``store``, ``load``, ``list``)
+is the one :class:`orchestrator.node_context.InMemoryArtifacts` has, so either can back a run.
 
 The methods are synchronous on purpose: sync handlers run in a thread pool and must be able
 to call them, and artifacts are small local writes. Names are relative paths made of
@@ -53,10 +55,11 @@ class ArtifactStore:
         self._lock = threading.Lock()
         self._manifest: dict[str, dict[str, Any]] = {}
 
-    def store(self, name: str, data: bytes | str) -> dict[str, Any]:
+    def store(self, name: str, data: bytes | str) -> str:
         """Store ``data`` (str is UTF-8 encoded) under ``name``, replacing any previous value.
 
-        Returns the manifest entry: name, size, sha256, uri, stored_at (epoch seconds).
+        Returns the artifact's uri (``file:///…`` or ``memory://…``); its manifest entry
+        (name, size, sha256, uri, stored_at) is in :meth:`manifest`.
         """
         payload = _as_bytes(check_name(name), data)
         self._put(name, payload)
@@ -68,8 +71,9 @@ class ArtifactStore:
             "stored_at": time.time(),
         }
         with self._lock:
+            self._manifest.pop(name, None)  # re-stored names move to the end
             self._manifest[name] = entry
-        return dict(entry)
+        return entry["uri"]
 
     def load(self, name: str) -> bytes:
         """The bytes stored under ``name``; NotFoundError if there are none."""
@@ -91,6 +95,11 @@ class ArtifactStore:
             self._manifest.pop(name, None)
         return existed
 
+    def list(self) -> list[str]:
+        """Names of every artifact in this store (or scope), sorted; includes ones stored by
+        other store objects sharing the backend."""
+        return sorted(self._names())
+
     def manifest(self) -> list[dict[str, Any]]:
         """What this store object has stored (and not deleted), in storing order."""
         with self._lock:
@@ -111,6 +120,9 @@ class ArtifactStore:
         raise NotImplementedError
 
     def _uri(self, name: str) -> str:
+        raise NotImplementedError
+
+    def _names(self) -> list[str]:
         raise NotImplementedError
 
 
@@ -136,6 +148,10 @@ class InMemoryArtifactStore(ArtifactStore):
 
     def _uri(self, name: str) -> str:
         return f"memory://{self._prefix}{name}"
+
+    def _names(self) -> list[str]:
+        size = len(self._prefix)
+        return [key[size:] for key in list(self._blobs) if key.startswith(self._prefix)]
 
 
 class FileArtifactStore(ArtifactStore):
@@ -177,3 +193,9 @@ class FileArtifactStore(ArtifactStore):
 
     def _uri(self, name: str) -> str:
         return self._file(name).as_uri()
+
+    def _names(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return [p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                if p.is_file() and not p.name.startswith(".")]

@@ -29,8 +29,10 @@ def test_text_is_stored_as_utf8(store):
     assert store.load_text("note.txt") == "héllo"
 
 
-def test_store_returns_a_manifest_entry_with_size_and_sha256(store):
-    entry = store.store("a.txt", b"abc")
+def test_store_returns_the_uri_and_records_size_and_sha256_in_the_manifest(store):
+    uri = store.store("a.txt", b"abc")
+    entry = store.manifest()[-1]
+    assert entry["uri"] == uri
     assert entry["name"] == "a.txt" and entry["size"] == 3
     assert entry["sha256"] == hashlib.sha256(b"abc").hexdigest()
     assert entry["uri"].endswith("a.txt")
@@ -40,7 +42,7 @@ def test_manifest_lists_what_was_stored_once_per_name(store):
     store.store("a", b"1")
     store.store("b", b"2")
     store.store("a", b"3")
-    assert [e["name"] for e in store.manifest()] == ["a", "b"]
+    assert [e["name"] for e in store.manifest()] == ["b", "a"]
     assert store.load("a") == b"3"
 
 
@@ -78,13 +80,20 @@ def test_scopes_isolate_runs_from_each_other(store):
 
 def test_file_store_writes_files_under_its_path(tmp_path):
     store = FileArtifactStore(tmp_path / "a").scoped("run-9")
-    entry = store.store("dir/file.txt", b"data")
+    uri = store.store("dir/file.txt", b"data")
     path = tmp_path / "a" / "run-9" / "dir" / "file.txt"
     assert path.read_bytes() == b"data"
-    assert entry["uri"] == path.resolve().as_uri()
+    assert uri == path.resolve().as_uri()
 
 
 def test_threads_can_store_concurrently(store):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: store.store(f"f{i}", str(i)), range(40)))
     assert len(store.manifest()) == 40 and store.load_text("f39") == "39"
+
+
+def test_list_names_every_artifact_in_the_scope_including_other_writers(store):
+    store.scoped("run-1").store("b/c.txt", b"1")
+    store.scoped("run-1").store("a", b"2")
+    store.scoped("run-2").store("z", b"3")
+    assert store.scoped("run-1").list() == ["a", "b/c.txt"]
