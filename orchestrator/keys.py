@@ -113,3 +113,8 @@ class Keys:
     @property
     def relays(self) -> str:
         return f"{self.namespace}:relays"
+
+    # zset: event ids whose memory delta a conversation has applied (score = sequence), capped
+    # to the newest N (default 10 000) so a redelivered event never applies twice; no expiry.
+    def conversation_applied(self, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{conversation_id}:applied"
