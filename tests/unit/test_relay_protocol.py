@@ -1,0 +1,189 @@
+"""The Miclow line protocol: output classification and stdin framings."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.relay_protocol import (
+    Output,
+    OutputParser,
+    encode_counted,
+    encode_function_input,
+    encode_line,
+    encode_message,
+    encode_response,
+    parse_quoted,
+    split_payload,
+)
+
+
+def parse(line: str) -> Output | None:
+    return OutputParser("t.stdout").feed(line)
+
+
+# -- README form --------------------------------------------------------------------------
+def test_topic_and_message_are_split_at_the_first_colon_and_trimmed() -> None:
+    assert parse("task_queue: value: with colon \n") == Output("message", "task_queue", "value: with colon")
+
+
+def test_topic_case_is_kept() -> None:
+    assert parse("Orders:x").topic == "Orders"
+
+
+def test_message_may_be_empty() -> None:
+    assert parse("results:") == Output("message", "results", "")
+
+
+def test_line_without_colon_is_plain_output_on_the_stdout_topic() -> None:
+    assert parse("hello world\n") == Output("plain", "t.stdout", "hello world")
+
+
+def test_line_with_whitespace_in_the_topic_is_plain() -> None:
+    assert parse("Processing item 3: done") == Output("plain", "t.stdout", "Processing item 3: done")
+
+
+def test_line_starting_with_a_space_is_plain() -> None:
+    assert parse("  key: value").kind == "plain"
+
+
+def test_empty_line_is_plain_and_not_malformed() -> None:
+    assert parse("\n") == Output("plain", "t.stdout", "")
+
+
+def test_empty_topic_is_plain_and_reported_as_malformed() -> None:
+    out = parse(": orphan message")
+    assert out.kind == "plain" and out.data == ": orphan message"
+    assert out.problem == "empty topic before ':'"
+
+
+def test_crlf_line_ending_is_stripped() -> None:
+    assert parse("a:b\r\n") == Output("message", "a", "b")
+
+
+# -- system commands ----------------------------------------------------------------------
+def test_system_prefix_makes_a_command_with_a_lower_cased_name() -> None:
+    assert parse("System.Subscribe-Topic: NewTopic") == Output("command", "system.subscribe-topic", "NewTopic")
+
+
+def test_bare_system_status_line_is_the_status_command() -> None:
+    assert parse("SYSTEM.STATUS\n") == Output("command", "system.status", "")
+
+
+def test_unknown_system_command_is_still_a_command_for_the_relay_to_report() -> None:
+    assert parse("system.reboot:now") == Output("command", "system.reboot", "now")
+
+
+def test_topic_named_system_without_dot_is_an_ordinary_topic() -> None:
+    assert parse("system:hi") == Output("message", "system", "hi")
+
+
+# -- upstream quoted forms ----------------------------------------------------------------
+def test_quoted_single_line_form_keeps_spaces_inside_the_quotes() -> None:
+    assert parse('"my topic" :  v  ') == Output("message", "my topic", "v")
+
+
+def test_quoted_value_keeps_its_own_quotes() -> None:
+    assert parse('"k": " v "').data == '" v "'
+
+
+def test_quoted_topic_unescapes_backslashes() -> None:
+    assert parse_quoted(r'"a\"b\\c": x') == ('a"b\\c', ": x")
+
+
+def test_unterminated_quote_is_plain_and_malformed() -> None:
+    out = parse('"oops: x')
+    assert out.kind == "plain" and out.problem == "unterminated quoted topic"
+
+
+def test_quoted_topic_without_colon_is_plain_prose() -> None:
+    assert parse('"Hello" he said') == Output("plain", "t.stdout", '"Hello" he said')
+
+
+def test_start_marker_with_trailing_text_is_a_single_line_message() -> None:
+    assert parse('"k":: x') == Output("message", "k", ": x")
+
+
+def test_quoted_system_command_is_a_command() -> None:
+    assert parse('"system.subscribe-topic": news') == Output("command", "system.subscribe-topic", "news")
+
+
+def test_block_form_collects_lines_with_their_endings() -> None:
+    parser = OutputParser("t.stdout")
+    assert parser.feed('"doc"::\n') is None
+    assert parser.feed("line 1\n") is None
+    assert parser.feed("line 2\r\n") is None
+    assert parser.feed('::"doc"\n') == Output("message", "doc", "line 1\nline 2\r\n")
+    assert not parser.in_block
+
+
+def test_block_payload_may_contain_other_markers() -> None:
+    parser = OutputParser("t.stdout")
+    parser.feed('"a"::')
+    assert parser.feed('"b"::') is None
+    assert parser.feed('::"b"') is None
+    assert parser.feed('::"a"') == Output("message", "a", '"b"::\n::"b"\n')
+
+
+def test_block_end_without_a_start_is_plain_and_malformed() -> None:
+    out = parse('::"doc"')
+    assert out.kind == "plain" and out.problem == "block end without a block start"
+
+
+def test_block_still_open_at_end_of_output_is_flushed_and_reported() -> None:
+    parser = OutputParser("t.stdout")
+    parser.feed('"doc"::')
+    parser.feed("partial")
+    out = parser.finish()
+    assert out == Output("message", "doc", "partial\n", "block not closed at end of output")
+    assert parser.finish() is None
+
+
+def test_block_on_a_system_topic_is_a_command() -> None:
+    parser = OutputParser("t.stdout")
+    parser.feed('"system.subscribe-topic"::')
+    parser.feed("news")
+    assert parser.feed('::"system.subscribe-topic"') == Output("command", "system.subscribe-topic", "news")
+
+
+# -- stdin framings -----------------------------------------------------------------------
+def test_line_framing_writes_topic_colon_message() -> None:
+    assert encode_line("orders", "A-001") == b"orders:A-001\n"
+
+
+def test_line_framing_sends_one_record_per_line_of_a_multi_line_payload() -> None:
+    assert encode_line("doc", "a\r\nb\n") == b"doc:a\ndoc:b\n"
+
+
+def test_counted_framing_writes_topic_count_and_lines() -> None:
+    assert encode_counted("doc", "a\nb\n") == b"doc\n2\na\nb\n"
+
+
+def test_counted_framing_of_an_empty_payload_has_no_data_lines() -> None:
+    assert encode_counted("doc", "") == b"doc\n0\n"
+
+
+def test_split_payload_drops_the_trailing_newline_and_carriage_returns() -> None:
+    assert split_payload("a\r\n\nb\n") == ["a", "", "b"]
+
+
+@pytest.mark.parametrize("framing,expected", [("line", b"t:m\n"), ("counted", b"t\n1\nm\n")])
+def test_encode_message_follows_the_framing(framing: str, expected: bytes) -> None:
+    assert encode_message(framing, "t", "m") == expected
+
+
+def test_counted_response_carries_a_status_line() -> None:
+    assert encode_response("counted", "system.subscribe-topic", True, "x") == b"system.subscribe-topic\n2\nsuccess\nx\n"
+    assert encode_response("counted", "system.unsubscribe-topic", False, "x") == (
+        b"system.unsubscribe-topic\n2\nerror\nx\n"
+    )
+
+
+def test_line_response_error_goes_on_system_error() -> None:
+    assert encode_response("line", "system.unsubscribe-topic", False, "not subscribed to x") == (
+        b"system.error:system.unsubscribe-topic: not subscribed to x\n"
+    )
+
+
+def test_function_input_carries_the_caller_in_counted_framing() -> None:
+    assert encode_function_input("counted", "main", "in") == b"system.function\n2\nmain\nin\n"
+    assert encode_function_input("line", "main", "in") == b"system.function:in\n"

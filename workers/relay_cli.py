@@ -1,0 +1,133 @@
+"""``tokiwa-worker relay CONFIG``: run a Miclow relay on its own.
+
+    tokiwa-worker relay relay.toml                      # Miclow's positional form
+    tokiwa-worker relay --config relay.toml             # the Miclow README's form
+    python -m workers.relay_cli relay.toml --redis-url redis://host:6379/0 --namespace tokiwa
+
+Without ``--redis-url`` / ``TOKIWA_REDIS_URL`` it starts an embedded redis-server under the
+state directory (useful alone on one machine; peers on other hosts need a shared URL).
+Lines typed on the relay's own stdin are published on the topic ``system`` (as Miclow does);
+end of file on stdin does not stop the relay. SIGINT / SIGTERM stop it gracefully (children
+get SIGTERM, then SIGKILL after ``shutdown_grace_s``); a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from orchestrator.config import default_state_dir
+from orchestrator.errors import BrokerError, ConfigError
+from orchestrator.exitcodes import FORCED, OK, UNAVAILABLE, USAGE
+
+from .relay import Relay, check_topic
+from .relay_config import RelayConfig, load_relay_config
+
+log = logging.getLogger("tokiwa.relay")
+
+CONSOLE_TOPIC = "system"
+
+
+async def _pump_console(relay: Relay) -> None:
+    """Publish each non-empty line typed on our stdin on the ``system`` topic."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (OSError, ValueError) as exc:
+        log.warning("relay: console input unavailable: %s", exc)
+        return
+    try:
+        while line := await reader.readline():  # EOF ends the pump, not the relay
+            text = line.decode("utf-8", errors="replace").strip()
+            if text:
+                relay.route(CONSOLE_TOPIC, text, "console")
+    finally:
+        transport.close()
+
+
+async def serve(config: RelayConfig, *, redis_url: str, namespace: str, console_input: bool = False) -> int:
+    """Run a relay until SIGINT/SIGTERM; returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop, signals = asyncio.Event(), {"count": 0}
+
+    def on_signal() -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            os._exit(FORCED)
+        stop.set()
+
+    relay = Relay(config, redis_url=redis_url, namespace=namespace)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await relay.start()
+        click.echo("System running. Press Ctrl+C to stop.")
+        if console_input:
+            relay._spawn(_pump_console(relay))  # noqa: SLF001 - owned and stopped by the relay
+        await stop.wait()
+    finally:
+        await relay.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    click.echo("Graceful shutdown completed")
+    return OK
+
+
+def _redis_url(explicit: str | None) -> tuple[str, object | None]:
+    if explicit:
+        return explicit, None
+    from orchestrator.embedded import EmbeddedRedis
+
+    state = Path(os.environ.get("TOKIWA_STATE_DIR") or default_state_dir()) / "relay-redis"
+    server = EmbeddedRedis(state).start()
+    click.echo(f"embedded redis at {server.url}", err=True)
+    return server.url, server
+
+
+@click.command("relay")
+@click.argument("config_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--config", "config_opt", type=click.Path(dir_okay=False), help="Relay TOML file (same as CONFIG).")
+@click.option("--redis-url", envvar="TOKIWA_REDIS_URL", default=None, help="Redis URL; default: an embedded redis-server.")
+@click.option("--namespace", envvar="TOKIWA_NAMESPACE", default="tokiwa", show_default=True)
+@click.option("--log-level", envvar="TOKIWA_LOG_LEVEL", default="INFO", show_default=True)
+@click.option("--console/--no-console", default=False, help="Publish lines typed on stdin on topic 'system'.")
+def relay_command(
+    config_path: str | None, config_opt: str | None, redis_url: str | None, namespace: str,
+    log_level: str, console: bool,
+) -> None:
+    """Run the Miclow relay of CONFIG (a Miclow-compatible TOML file) on its own."""
+    if config_path and config_opt and Path(config_path) != Path(config_opt):
+        raise click.UsageError("give the config file once: CONFIG or --config")
+    path = config_path or config_opt
+    if not path:
+        raise click.UsageError("missing relay config file: tokiwa-worker relay relay.toml")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_topic(namespace)
+        config = load_relay_config(path)
+    except (ConfigError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(USAGE)
+    if config.publish_events:
+        log.warning("publish_events is set but a relay alone publishes no events; use tokiwa-worker run --relay")
+    url, server = _redis_url(redis_url)
+    try:
+        code = asyncio.run(serve(config, redis_url=url, namespace=namespace, console_input=console))
+    except BrokerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = UNAVAILABLE
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    relay_command()

@@ -1,0 +1,226 @@
+"""The relay's Redis side: topic messages over pub/sub, and relay heartbeats.
+
+Wire form of one relayed message: ``PUBLISH {ns}:topic:{topic} <frame>`` where ``frame`` is
+msgpack of ``[1, relay_id, host, task, message]`` (format version, the origin relay, its
+host, the publishing task, the message text). A payload that is not such a frame (for
+example ``redis-cli PUBLISH tokiwa:topic:orders hello``) is delivered as the message text
+itself, from origin ``redis``.
+
+Every relay holds **one** pattern subscription (``{ns}:topic:*``) and routes what it
+receives to its local subscribers; it skips frames it published itself, because it already
+delivered those locally. Outgoing messages go through one queue and one publisher task that
+pipelines whatever has piled up, so a burst costs one round trip, not one per line.
+
+Heartbeats: ``HSET {ns}:relays {relay_id} <msgpack {host, pid, tasks, topics, at}>`` every
+``heartbeat_interval_s``; entries older than 3 intervals are pruned by whoever sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from orchestrator.errors import BrokerError
+from orchestrator.keys import Keys
+
+log = logging.getLogger("tokiwa.relay")
+
+FRAME_VERSION = 1
+#: most messages sent in one pipeline by the publisher task.
+PUBLISH_BATCH = 512
+#: most messages waiting to be published; beyond it they are counted as ``publish_dropped``.
+OUTBOX_MAX = 100_000
+#: pause after a Redis connection error before the listener / publisher try again.
+RETRY_DELAY_S = 0.5
+#: a heartbeat older than this many intervals belongs to a dead relay.
+STALE_INTERVALS = 3
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+RemoteHandler = Callable[[str, str, str, str], None]  # (topic, message, host, task)
+
+
+def encode_frame(relay_id: str, host: str, task: str, message: str) -> bytes:
+    """The pub/sub payload of one relayed message."""
+    return _packb([FRAME_VERSION, relay_id, host, task, message])
+
+
+def decode_frame(payload: bytes) -> tuple[str, str, str, str]:
+    """``(relay_id, host, task, message)`` of a payload; a foreign payload becomes a message
+    from relay ``""``, host ``redis``, task ``""``."""
+    try:
+        frame = msgpack.unpackb(payload, raw=False)
+        if isinstance(frame, list) and len(frame) == 5 and frame[0] == FRAME_VERSION:
+            _, relay_id, host, task, message = frame
+            if isinstance(message, str):
+                return str(relay_id), str(host), str(task), message
+    except (ValueError, msgpack.UnpackException):
+        pass
+    return "", "redis", "", payload.decode("utf-8", errors="replace")
+
+
+class RelayTransport:
+    """Pub/sub publisher and listener plus heartbeat writer for one relay."""
+
+    def __init__(self, redis_url: str, keys: Keys, relay_id: str, host: str, on_remote: RemoteHandler) -> None:
+        self.keys = keys
+        self.relay_id = relay_id
+        self.host = host
+        self.published = 0
+        self.received = 0
+        self.publish_errors = 0
+        self.publish_dropped = 0
+        self._url = redis_url
+        self._on_remote = on_remote
+        self._prefix = keys.topic("")
+        self._outbox: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(OUTBOX_MAX)
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise BrokerError("relay transport is not started")
+        return self._redis
+
+    async def start(self) -> None:
+        """Connect, subscribe to every topic of the namespace, start listener and publisher."""
+        self._redis = aioredis.from_url(self._url)
+        try:
+            self._pubsub = self._redis.pubsub()
+            await self._pubsub.psubscribe(self.keys.topic_pattern)
+        except RedisError as exc:
+            await self._close()
+            raise BrokerError(f"relay cannot subscribe on {self._url}: {exc}") from exc
+        for coro in (self._listen(), self._publish_loop()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- outgoing ------------------------------------------------------------------------
+    def publish_nowait(self, topic: str, message: str, task: str) -> None:
+        """Queue one message for the publisher task (never blocks the caller)."""
+        try:
+            self._outbox.put_nowait((topic, message, task))
+        except asyncio.QueueFull:
+            self.publish_dropped += 1
+            if self.publish_dropped == 1 or self.publish_dropped % 1000 == 0:
+                log.warning("relay: Redis publishing is behind; %d message(s) dropped", self.publish_dropped)
+
+    async def publish(self, topic: str, message: str, task: str) -> int:
+        """Publish one message now; returns how many relays (subscribers) Redis reached."""
+        try:
+            count = await self.redis.publish(self.keys.topic(topic), encode_frame(self.relay_id, self.host, task, message))
+        except RedisError as exc:
+            self.publish_errors += 1
+            raise BrokerError(f"relay cannot publish on topic {topic!r}: {exc}") from exc
+        self.published += 1
+        return int(count)
+
+    async def _publish_loop(self) -> None:
+        queue, relay_id, host = self._outbox, self.relay_id, self.host
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < PUBLISH_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                if len(batch) == 1:
+                    topic, message, task = batch[0]
+                    await self.redis.publish(self._prefix + topic, encode_frame(relay_id, host, task, message))
+                else:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for topic, message, task in batch:
+                        pipe.publish(self._prefix + topic, encode_frame(relay_id, host, task, message))
+                    await pipe.execute()
+                self.published += len(batch)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self.publish_errors += len(batch)
+                log.warning("relay: %d message(s) not published, Redis unavailable: %s", len(batch), exc)
+                await asyncio.sleep(RETRY_DELAY_S)
+
+    # -- incoming ------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        prefix_len, own, handle = len(self._prefix), self.relay_id, self._on_remote
+        while True:
+            try:
+                response = await self._pubsub.parse_response(block=True)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("relay: pub/sub connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            if not response or response[0] != b"pmessage":
+                continue
+            relay_id, host, task, message = decode_frame(response[3])
+            if relay_id == own:
+                continue
+            self.received += 1
+            try:
+                handle(response[2][prefix_len:].decode("utf-8", errors="replace"), message, host, task)
+            except Exception:  # a routing bug must not kill the listener
+                log.exception("relay: failed to route a message from %s", host)
+
+    # -- heartbeats ----------------------------------------------------------------------
+    async def heartbeat(self, record: dict[str, Any], interval_s: float) -> list[dict[str, Any]]:
+        """Write this relay's heartbeat and return the live peers' records (stale ones pruned)."""
+        now = time.time()
+        entry = dict(record, at=now, relay_id=self.relay_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.relays, self.relay_id, _packb(entry))
+        pipe.hgetall(self.keys.relays)
+        _, raw = await pipe.execute()
+        peers, stale = [], []
+        for key, value in raw.items():
+            try:
+                peer = msgpack.unpackb(value, raw=False)
+                at = float(peer.get("at", 0))
+            except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
+                stale.append(key)
+                continue
+            if now - at > STALE_INTERVALS * interval_s:
+                stale.append(key)
+            elif key.decode() != self.relay_id:
+                peers.append(peer)
+        if stale:
+            await self.redis.hdel(self.keys.relays, *stale)
+        return peers
+
+    # -- stop ----------------------------------------------------------------------------
+    async def flush(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until the outbox is empty."""
+        deadline = time.monotonic() + timeout_s
+        while not self._outbox.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        """Stop the tasks, remove the heartbeat, close connections. Idempotent."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._redis is not None:
+            try:
+                await self._redis.hdel(self.keys.relays, self.relay_id)
+            except RedisError as exc:
+                log.debug("relay: heartbeat not removed: %s", exc)
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except RedisError:
+                pass
+            self._pubsub = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
