@@ -252,6 +252,20 @@ class Orchestrator:
                 return
             await asyncio.sleep(0.05)
 
+    async def owns(self, event: Event) -> bool:
+        """Whether this worker still holds ``event``'s stream entry.
+
+        Delivery is at least once: a worker frozen past its lease loses its entry to another
+        worker. Call this right before a side effect that must happen once (or make the effect
+        idempotent); tokiwa itself checks it before it records a run or acks.
+        """
+        if event.stream_id is None or self.broker is None:
+            return False
+        entry = self.consumer.in_flight.get(event.stream_id) if self.consumer else None
+        if entry is not None and entry.lost:
+            return False
+        return await self.broker.owns(event.stream_id)
+
     # -- inspection -----------------------------------------------------------------------
     async def snapshot(self) -> dict[str, Any]:
         """Counters and cluster state: published, processed, failed, dead, in flight, pending,

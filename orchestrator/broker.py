@@ -197,6 +197,11 @@ class StreamBroker:
         result = await self._dead(keys=[self.stream, self.keys.dead], args=args)
         return _s(result) if result else None
 
+    async def owns(self, stream_id: str) -> bool:
+        """Whether this consumer still holds ``stream_id`` (it is pending for us)."""
+        reply = await self.redis.xpending_range(self.stream, self.group, stream_id, stream_id, 1)
+        return bool(reply) and _s(reply[0]["consumer"]) == self.consumer
+
     async def trim(self) -> int:
         """Trim to ~``stream_maxlen`` but never past an entry some group still needs."""
         return int(await self._trim(keys=[self.stream], args=[self.settings.stream_maxlen, TRIM_MAX_DROP]))

@@ -28,6 +28,9 @@ async def record(event) -> None:
         await asyncio.sleep(SLEEP_S)
     if FAIL:
         raise ValueError(f"handler refuses event {event.payload['i']}")
+    if not await app.owns(event):  # lost it while frozen: another worker records it
+        await app.redis.rpush(_key("stale"), f"{event.payload['i']}:{os.getpid()}")
+        return
     pipe = app.redis.pipeline(transaction=False)
     pipe.hincrby(_key("seen"), str(event.payload["i"]), 1)
     pipe.hincrby(_key("by_pid"), str(os.getpid()), 1)
