@@ -1,0 +1,155 @@
+"""Running a chatflow: one conversation at a time, in stream order, with fenced memory.
+
+``ChatflowExecutor.run(workflow, conversation_id=..., event=...)`` does, in order:
+
+1. refuse a blank conversation id (InvalidArgumentError: a chatflow needs one);
+2. **wait for its turn**: the publish script RPUSHes each chatflow event's stream id to
+   ``keys.conversation_order(cid)`` atomically with the XADD. If this event's stream id is in
+   that list, wait (async polling with backoff, never blocking the worker's other events)
+   until it is the head. An id not in the list does not wait (best effort: a producer that
+   could not compute the conversation id, or a redelivery after the turn was done). After
+   ``order_wait_timeout_s`` the run starts anyway, with a warning, so that a lost head entry
+   cannot stall a conversation forever;
+3. take the conversation lock (:func:`orchestrator.locks.conversation_lock`), waiting
+   asynchronously up to ``lock_wait_timeout_s`` (LockError after that); the lock is renewed
+   in the background while the run lasts;
+4. load the memory, merge the ``memory`` option over it (shallow), run the workflow;
+5. save the resulting memory, **even when the run failed** (as tokiwa does), as a delta
+   keyed by the event id (a redelivered event never applies twice) and fenced by the lock's
+   epoch: a holder whose lock expired and was taken since is refused (FencingError), and the
+   run is then reported ``failed`` with that error;
+6. release the lock and remove the stream id from the order list (also on failure; not on
+   cancellation, so that a worker shutting down hands the event back with its turn intact).
+   :meth:`ChatflowExecutor.abandon` removes an id for the dead-letter path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .conversations import ConversationStore
+from .errors import FencingError, InvalidArgumentError, describe_error
+from .keys import Keys
+from .locks import RedisLock, conversation_lock
+
+log = logging.getLogger(__name__)
+
+# polling bounds while waiting for a conversation turn (seconds)
+_ORDER_POLL_MIN_S = 0.002
+_ORDER_POLL_MAX_S = 0.1
+
+
+class ChatflowExecutor:
+    """Runs chatflows of many conversations concurrently, each conversation serialized.
+
+    ``runner`` is an :class:`orchestrator.runner.Runner` (anything with
+    ``await run(workflow, **options)`` returning a result with ``.memory`` and ``.status``).
+    Defaults: lock lease 30 s renewed every 10 s (a killed worker's conversation is free
+    again within 30 s); lock wait 60 s; order wait 120 s (longer than a redelivery takes).
+    """
+
+    def __init__(self, redis: Any, keys: Keys, store: ConversationStore, runner: Any, *,
+                 lock_ttl_ms: int = 30_000, lock_renew_ms: int | None = None,
+                 lock_wait_timeout_s: float | None = 60.0, order_wait_timeout_s: float = 120.0,
+                 poll_min_s: float = _ORDER_POLL_MIN_S, poll_max_s: float = _ORDER_POLL_MAX_S) -> None:
+        if not 0 < poll_min_s <= poll_max_s:
+            raise InvalidArgumentError("need 0 < poll_min_s <= poll_max_s")
+        self.redis, self.keys, self.store, self.runner = redis, keys, store, runner
+        self.lock_options = {"ttl_ms": lock_ttl_ms, "renew_ms": lock_renew_ms,
+                             "wait_timeout_s": lock_wait_timeout_s}
+        conversation_lock(redis, keys, "check", **self.lock_options)  # bad lease settings fail now
+        self.order_wait_timeout_s = order_wait_timeout_s
+        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+
+    async def run(self, workflow: Any, *, conversation_id: str | None, event: Any = None,
+                  stream_id: str | None = None, input: Any = None, context: Any = None,  # noqa: A002
+                  memory: dict[str, Any] | None = None, **runner_kwargs: Any) -> Any:
+        """Run ``workflow`` for one conversation (see the module docstring); returns the
+        runner's result with the saved memory."""
+        if not isinstance(conversation_id, str) or not conversation_id.strip():
+            name = getattr(workflow, "name", workflow)
+            raise InvalidArgumentError(f"chatflow {name!r} needs a non-blank conversation id")
+        if memory is not None and not isinstance(memory, dict):
+            raise InvalidArgumentError(f"memory must be a dict, got {type(memory).__name__}")
+        cid = conversation_id
+        stream_id = stream_id or getattr(event, "stream_id", None)
+        if stream_id:
+            await self.wait_turn(cid, stream_id)
+        finished = False
+        try:
+            lock = conversation_lock(self.redis, self.keys, cid, **self.lock_options)
+            await lock.acquire()
+            try:
+                result = await self._run_locked(workflow, lock, cid, event, input, context, memory,
+                                                runner_kwargs)
+            finally:
+                await asyncio.shield(lock.release())
+            finished = True
+            return result
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            finished = True
+            raise
+        finally:
+            if stream_id and finished:
+                await asyncio.shield(self.abandon(cid, stream_id))
+
+    async def _run_locked(self, workflow: Any, lock: RedisLock, cid: str, event: Any, input: Any,  # noqa: A002
+                          context: Any, memory: dict[str, Any] | None, runner_kwargs: dict[str, Any]) -> Any:
+        loaded = await self.store.get(cid)
+        loaded.update(memory or {})
+        token = lock.fencing_token
+        try:
+            result = await self.runner.run(workflow, input=input, context=context, event=event,
+                                           conversation_id=cid, memory=loaded, **runner_kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            partial = getattr(exc, "result", None)  # a run timeout carries its partial result
+            if partial is not None and isinstance(getattr(partial, "memory", None), dict):
+                await self._save(partial, cid, event, token)
+            raise
+        await self._save(result, cid, event, token)
+        return result
+
+    async def _save(self, result: Any, cid: str, event: Any, token: int | None) -> None:
+        memory = result.memory if isinstance(result.memory, dict) else {}
+        event_id = getattr(event, "id", None)
+        try:
+            applied = await asyncio.shield(
+                self.store.set(cid, memory, fencing_token=token, event_id=event_id))
+        except FencingError as exc:
+            log.warning("chatflow %s of conversation %r: memory refused: %s",
+                        getattr(result, "run_id", "?"), cid, exc)
+            result.status = "failed"
+            result.error = describe_error(exc)
+            result.memory = await self.store.get(cid)
+            return
+        if not applied:
+            log.info("conversation %r: event %s was already applied; memory unchanged", cid, event_id)
+            result.memory = await self.store.get(cid)
+
+    async def wait_turn(self, conversation_id: str, stream_id: str) -> bool:
+        """Wait until ``stream_id`` heads the conversation's order list (or is not in it).
+        Returns False if it gave up after ``order_wait_timeout_s``."""
+        key = self.keys.conversation_order(conversation_id)
+        deadline = time.monotonic() + self.order_wait_timeout_s
+        delay = self.poll_min_s
+        while True:
+            pos = await self.redis.lpos(key, stream_id)
+            if pos is None or int(pos) == 0:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("conversation %r: %s waited %.0f s behind %d earlier events; running anyway",
+                            conversation_id, stream_id, self.order_wait_timeout_s, int(pos))
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.poll_max_s)
+
+    async def abandon(self, conversation_id: str, stream_id: str) -> None:
+        """Give up the turn of ``stream_id`` (done, or dead-lettered) so the next event runs."""
+        await self.redis.lrem(self.keys.conversation_order(conversation_id), 1, stream_id)
