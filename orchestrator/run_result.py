@@ -1,0 +1,129 @@
+"""The outcome of one workflow run: :class:`WorkflowRunResult` and :class:`NodeResult`.
+
+``to_record()`` turns a result into plain data (JSON- and msgpack-safe) for run stores and
+remote callers; ``from_record()`` reads it back. Outputs that are not JSON-safe are kept in
+the record as their ``repr`` string: a record never carries live objects (and never pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+NODE_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
+RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+
+
+def json_safe(value: Any, _depth: int = 0) -> Any:
+    """``value`` if JSON can carry it, else a copy whose non-JSON leaves are ``repr`` strings."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if _depth > 50:
+        return repr(value)
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): json_safe(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, _depth + 1) for v in value]
+    return repr(value)
+
+
+@dataclass(slots=True)
+class NodeResult:
+    """One node's outcome. ``error`` is :func:`~orchestrator.errors.describe_error` of the
+    failure (``exception`` holds the live exception in-process; it is not recorded)."""
+
+    node_id: str
+    name: str
+    status: str = "pending"
+    output: Any = None
+    error: dict | None = None
+    attempts: int = 0
+    duration_ms: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    def to_record(self) -> dict:
+        return {"node_id": self.node_id, "name": self.name, "status": self.status,
+                "output": json_safe(self.output), "error": self.error, "attempts": self.attempts,
+                "duration_ms": self.duration_ms, "started_at": self.started_at,
+                "finished_at": self.finished_at}
+
+    @classmethod
+    def from_record(cls, record: dict) -> NodeResult:
+        fields = ("node_id", "name", "status", "output", "error", "attempts", "duration_ms",
+                  "started_at", "finished_at")
+        return cls(**{k: record.get(k) for k in fields if k in record})
+
+
+@dataclass(slots=True)
+class WorkflowRunResult:
+    """What ``Runner.run`` returns.
+
+    ``nodes`` is keyed by node **name**; ``results``, ``errors`` and ``attempts`` by node
+    **id** (as in tokiwa). ``timeline`` lists state transitions in the order they happened,
+    each a small dict with ``type`` and ``timestamp`` (epoch seconds) and, for node entries,
+    ``node_id``, ``node`` (name) and ``attempt``. ``error`` describes why the run as a whole
+    failed (the first node failure, a timeout or a cancellation), None if it succeeded.
+    """
+
+    run_id: str
+    workflow_id: str
+    workflow_name: str
+    status: str = "running"
+    started_at: float = 0.0
+    finished_at: float | None = None
+    duration_ms: float | None = None
+    nodes: dict[str, NodeResult] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, dict] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    timeline: list[dict] = field(default_factory=list)
+    conversation_id: str | None = None
+    memory: dict | None = None
+    artifacts: list[dict] = field(default_factory=list)
+    logs: list[dict] = field(default_factory=list)
+    error: dict | None = None
+    workflow_type: str = "workflow"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    def output_of(self, name: str) -> Any:
+        """The output of the node called ``name`` (None if it produced none)."""
+        node = self.nodes.get(name)
+        return None if node is None else node.output
+
+    def to_record(self) -> dict:
+        """Plain JSON/msgpack-safe data (logs excluded: stores keep them separately)."""
+        return {
+            "run_id": self.run_id, "workflow_id": self.workflow_id, "workflow_name": self.workflow_name,
+            "workflow_type": self.workflow_type, "status": self.status, "started_at": self.started_at,
+            "finished_at": self.finished_at, "duration_ms": self.duration_ms,
+            "nodes": {name: n.to_record() for name, n in self.nodes.items()},
+            "results": json_safe(self.results), "errors": json_safe(self.errors),
+            "attempts": dict(self.attempts), "timeline": json_safe(self.timeline),
+            "conversation_id": self.conversation_id, "memory": json_safe(self.memory),
+            "artifacts": json_safe(self.artifacts), "error": json_safe(self.error),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> WorkflowRunResult:
+        """Rebuild a result from ``to_record()`` data (outputs stay as recorded)."""
+        result = cls(run_id=record["run_id"], workflow_id=record.get("workflow_id", ""),
+                     workflow_name=record.get("workflow_name", ""))
+        for key in ("status", "started_at", "finished_at", "duration_ms", "conversation_id",
+                    "memory", "error", "workflow_type"):
+            if key in record:
+                setattr(result, key, record[key])
+        result.nodes = {name: NodeResult.from_record(n) for name, n in (record.get("nodes") or {}).items()}
+        result.results = dict(record.get("results") or {})
+        result.errors = dict(record.get("errors") or {})
+        result.attempts = dict(record.get("attempts") or {})
+        result.timeline = list(record.get("timeline") or [])
+        result.artifacts = list(record.get("artifacts") or [])
+        result.logs = list(record.get("logs") or [])
+        return result

@@ -1,0 +1,462 @@
+"""The in-process workflow runner: runs one :class:`~orchestrator.workflow.Workflow` DAG.
+
+Scheduling is event-driven, not level by level: a node starts as soon as every node it
+depends on has *succeeded*, up to ``concurrency`` nodes at once; ties start in insertion
+order. Async handlers run as tasks on the caller's loop (no thread hop); sync handlers run in
+a thread pool (``asyncio.to_thread``, or the ``executor`` given to :class:`Runner`).
+
+Failure handling:
+
+* ``fail_fast=True`` (default): the first node failure (after its retries) sets the run's
+  ``signal``, cancels running async nodes at once (their awaits are interrupted), lets sync
+  nodes see ``ctx.signal`` (their threads cannot be interrupted; the run does not wait for
+  them), marks running nodes ``cancelled`` and never-started ones ``skipped``.
+* ``fail_fast=False``: the dependents (transitively) of a failed node are ``skipped``;
+  every other node still runs.
+* ``timeout`` (whole run) aborts like fail-fast, then raises
+  :class:`orchestrator.errors.TimeoutError` whose ``result`` attribute holds the partial
+  result. A node ``timeout`` bounds each attempt and fails that attempt with the same
+  error type (retried if the node's policy allows).
+* :meth:`Runner.cancel` aborts a run from outside; its status becomes ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import functools
+import heapq
+import inspect
+import logging
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Executor
+from typing import Any
+
+from . import errors
+from .errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
+from .node_context import AbortSignal, InMemoryArtifacts, NodeContext, RunShared
+from .retry import NO_RETRY
+from .run_result import NodeResult, WorkflowRunResult
+from .workflow import Graph, Node, Workflow
+
+__all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "HOOK_NAMES"]
+
+logger = logging.getLogger("tokiwa.runner")
+DEFAULT_CONCURRENCY = {"workflow": 4, "chatflow": 1}
+# How long an aborted run waits for cancelled nodes to unwind before it abandons them.
+DEFAULT_CANCEL_GRACE_S = 1.0
+HOOK_NAMES = ("on_run_start", "on_node_start", "on_node_complete", "on_node_error",
+              "on_node_retry", "on_run_complete")
+
+
+def _collect_hooks(*sources: Any) -> dict[str, tuple]:
+    """Hook callables by name, from hook objects (or lists of them); missing methods are skipped."""
+    found: dict[str, list] = {name: [] for name in HOOK_NAMES}
+    for source in sources:
+        for hooks in source if isinstance(source, (list, tuple)) else (source,):
+            if hooks is None:
+                continue
+            for name in HOOK_NAMES:
+                fn = getattr(hooks, name, None)
+                if fn is not None:
+                    found[name].append(fn)
+    return {name: tuple(fns) for name, fns in found.items()}
+
+
+async def _call_hooks(name: str, fns: tuple, *args: Any) -> None:
+    """Call each hook; a failing hook is logged, never fatal."""
+    for fn in fns:
+        try:
+            value = fn(*args)
+            if inspect.isawaitable(value):
+                await value
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("workflow hook %s (%r) failed", name, fn, exc_info=True)
+
+
+class Runner:
+    """Runs workflows in this process. One Runner may run many workflows concurrently.
+
+    ``services`` (optional, overridable per run) is any object with some of: ``artifacts``
+    (a store with store/load/list), ``publish_topic(topic, message)``, ``clock()`` (epoch
+    seconds for timestamps), ``sleep(seconds)`` (async, used between retries), ``rng``
+    (``random.Random`` for jitter). ``hooks`` are called for every run.
+    """
+
+    def __init__(self, *, services: Any = None, hooks: Any = None, executor: Executor | None = None,
+                 cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S) -> None:
+        self.services = services
+        self.hooks = hooks
+        self.executor = executor
+        self.cancel_grace_s = cancel_grace_s
+        self._runs: dict[str, _Run] = {}
+        self._abandoned: set[asyncio.Task] = set()
+
+    @property
+    def active_runs(self) -> list[str]:
+        return list(self._runs)
+
+    async def run(self, workflow: Workflow, input: Any = None, context: Any = None,  # noqa: A002
+                  concurrency: int | None = None, fail_fast: bool = True, timeout: float | None = None,
+                  event: Any = None, conversation_id: str | None = None, memory: dict | None = None,
+                  run_id: str | None = None, hooks: Any = None, services: Any = None) -> WorkflowRunResult:
+        """Run ``workflow`` once and return its result (a failed node does not raise)."""
+        if not isinstance(workflow, Workflow):
+            raise InvalidArgumentError(f"Runner.run expects a Workflow, got {workflow!r}")
+        graph = workflow.validate()
+        if workflow.type == "chatflow" and (not isinstance(conversation_id, str) or not conversation_id.strip()):
+            raise InvalidArgumentError(f"chatflow {workflow.name!r} needs a non-blank conversation_id")
+        concurrency = DEFAULT_CONCURRENCY[workflow.type] if concurrency is None else concurrency
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidArgumentError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if memory is not None and not isinstance(memory, dict):
+            raise InvalidArgumentError(f"memory must be a dict, got {type(memory).__name__}")
+        run_id = run_id or str(uuid.uuid4())
+        if run_id in self._runs:
+            raise errors.ConflictError(f"run {run_id!r} is already running in this runner")
+        run = _Run(self, workflow, graph, run_id=run_id, input=input, context=context, event=event,
+                   conversation_id=conversation_id, memory=copy.deepcopy(memory) if memory else {},
+                   concurrency=concurrency, fail_fast=bool(fail_fast),
+                   hooks=_collect_hooks(self.hooks, hooks), services=services or self.services)
+        self._runs[run_id] = run
+        try:
+            return await run.execute(timeout)
+        finally:
+            self._runs.pop(run_id, None)
+
+    def cancel(self, run_id: str, reason: str = "run cancelled") -> bool:
+        """Abort a running run (its status becomes ``cancelled``); False if it is not running here."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return False
+        run.request_cancel(reason)
+        return True
+
+    def _adopt_abandoned(self, task: asyncio.Task) -> None:
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+
+class _Run:
+    """The state of one run; scheduling and node execution."""
+
+    def __init__(self, runner: Runner, workflow: Workflow, graph: Graph, *, run_id: str, input: Any,  # noqa: A002
+                 context: Any, event: Any, conversation_id: str | None, memory: dict, concurrency: int,
+                 fail_fast: bool, hooks: dict[str, tuple], services: Any) -> None:
+        self.runner, self.workflow, self.graph = runner, workflow, graph
+        self.concurrency, self.fail_fast, self.hooks = concurrency, fail_fast, hooks
+        self.clock = getattr(services, "clock", None) or time.time
+        self.sleep = getattr(services, "sleep", None) or asyncio.sleep
+        self.rng = getattr(services, "rng", None)
+        self.loop = asyncio.get_running_loop()
+        self.result = WorkflowRunResult(
+            run_id=run_id, workflow_id=workflow.id, workflow_name=workflow.name, workflow_type=workflow.type,
+            conversation_id=conversation_id, memory=memory)
+        self.node_results = [NodeResult(node_id=n.id, name=n.name) for n in graph.nodes]
+        self.result.nodes = {nr.name: nr for nr in self.node_results}
+        self.signal = AbortSignal()
+        artifacts = getattr(services, "artifacts", None) or InMemoryArtifacts()
+        self.shared = RunShared(workflow=workflow, graph=graph, input=input, context=context, event=event,
+                                conversation_id=conversation_id, memory=memory, signal=self.signal,
+                                artifacts=artifacts, services=services, clock=self.clock,
+                                result=self.result, loop=self.loop)
+        self.running: dict[int, asyncio.Task] = {}
+        self.done: deque[int] = deque()
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.cancelled = False
+        self.timed_out: errors.TimeoutError | None = None
+        self.first_error: BaseException | None = None
+
+    # ----------------------------------------------------------------- run level
+    async def execute(self, timeout: float | None) -> WorkflowRunResult:
+        result = self.result
+        result.started_at = self.clock()
+        t0 = time.perf_counter()
+        result.timeline.append({"type": "run_start", "timestamp": result.started_at})
+        if self.hooks["on_run_start"]:
+            await _call_hooks("on_run_start", self.hooks["on_run_start"], self.workflow, result.run_id)
+        timer = None if timeout is None else self.loop.call_later(timeout, self._on_timeout, timeout)
+        try:
+            await self._schedule()
+        except asyncio.CancelledError:
+            self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: run interrupted"))
+            await asyncio.shield(self._drain())
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self._settle_leftovers()
+        self._complete(t0)
+        if self.hooks["on_run_complete"]:
+            await _call_hooks("on_run_complete", self.hooks["on_run_complete"], result)
+        if self.timed_out is not None:
+            self.timed_out.result = result  # type: ignore[attr-defined]
+            raise self.timed_out
+        return result
+
+    def _complete(self, t0: float) -> None:
+        result = self.result
+        if self.cancelled:
+            result.status = "cancelled"
+            result.error = describe_error(self.signal.reason) if self.signal.reason else None
+        elif self.timed_out is not None:
+            result.status, result.error = "failed", describe_error(self.timed_out)
+        elif self.first_error is not None or any(nr.status != "succeeded" for nr in self.node_results):
+            result.status = "failed"
+            result.error = describe_error(self.first_error) if self.first_error else None
+        else:
+            result.status = "succeeded"
+        result.finished_at = self.clock()
+        result.duration_ms = (time.perf_counter() - t0) * 1000.0
+        result.timeline.append({"type": "run_complete", "timestamp": result.finished_at,
+                                "status": result.status, "duration_ms": result.duration_ms})
+
+    def _on_timeout(self, timeout: float) -> None:
+        if self.stopping:
+            return
+        self.timed_out = errors.TimeoutError(
+            f"workflow {self.workflow.name!r} exceeded its timeout of {timeout:g}s", timeout_s=float(timeout))
+        aborted = WorkflowAborted(f"workflow {self.workflow.name!r} timed out after {timeout:g}s")
+        aborted.__cause__ = self.timed_out
+        self._abort(aborted)
+
+    def request_cancel(self, reason: str) -> None:
+        if not self.stopping:
+            self.cancelled = True
+            self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: {reason}"))
+
+    def _abort(self, reason: WorkflowAborted) -> None:
+        """Stop starting nodes, set the signal, cancel running nodes (idempotent)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.signal.set(reason)
+        for task in self.running.values():
+            task.cancel()
+        self.wake.set()
+
+    # ----------------------------------------------------------------- scheduling
+    async def _schedule(self) -> None:
+        graph, running, done, wake = self.graph, self.running, self.done, self.wake
+        remaining = [len(d) for d in graph.deps]
+        ready = [i for i, n in enumerate(remaining) if n == 0]  # sorted, so already a heap
+        while True:
+            while ready and len(running) < self.concurrency and not self.stopping:
+                self._launch(heapq.heappop(ready))
+            if not running:
+                return
+            if not done:
+                wake.clear()
+                if self.stopping:
+                    await self._drain()
+                    return
+                await wake.wait()
+            while done:
+                i = done.popleft()
+                task = running.pop(i)
+                if not task.cancelled() and task.result():
+                    for j in graph.dependents[i]:
+                        remaining[j] -= 1
+                        if remaining[j] == 0:
+                            heapq.heappush(ready, j)
+                else:
+                    self._after_failure(i)
+
+    def _launch(self, i: int) -> None:
+        task = self.loop.create_task(self._run_node(i))
+        self.running[i] = task
+        task.add_done_callback(functools.partial(self._task_done, i))
+
+    def _task_done(self, i: int, _task: asyncio.Task) -> None:
+        self.done.append(i)
+        self.wake.set()
+
+    async def _drain(self) -> None:
+        """After an abort: wait (bounded) for cancelled nodes to unwind, then abandon the rest."""
+        tasks = [t for t in self.running.values() if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.runner.cancel_grace_s)
+        for i, task in list(self.running.items()):
+            if not task.done():
+                logger.warning("node %r of run %s ignored cancellation; abandoning it",
+                               self.graph.nodes[i].name, self.result.run_id)
+                self.runner._adopt_abandoned(task)
+                self._mark_cancelled(i)
+        self.running.clear()
+        self.done.clear()
+
+    def _after_failure(self, i: int) -> None:
+        if self.stopping:
+            return
+        if self.fail_fast:
+            name = self.graph.nodes[i].name
+            reason = WorkflowAborted(f"workflow {self.workflow.name!r} aborted: node {name!r} failed")
+            reason.__cause__ = self.node_results[i].exception
+            self._abort(reason)
+            return
+        stack = list(self.graph.dependents[i])
+        while stack:
+            j = stack.pop()
+            if self.node_results[j].status == "pending":
+                self._mark_skipped(j, f"dependency {self.graph.nodes[i].name!r} failed")
+                stack.extend(self.graph.dependents[j])
+
+    def _settle_leftovers(self) -> None:
+        for i, nr in enumerate(self.node_results):
+            if nr.status == "pending":
+                if self.cancelled:
+                    self._mark_cancelled(i)
+                else:
+                    self._mark_skipped(i, "run aborted" if self.stopping else "dependency did not succeed")
+            elif nr.status == "running":
+                self._mark_cancelled(i)
+
+    # ----------------------------------------------------------------- one node
+    async def _run_node(self, i: int) -> bool:
+        """Run node ``i`` with its retries; record the outcome; True if it succeeded."""
+        node, nr, hooks = self.graph.nodes[i], self.node_results[i], self.hooks
+        policy = node.retry or NO_RETRY
+        nr.status, nr.started_at = "running", self.clock()
+        t0 = time.perf_counter()
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                nr.attempts = attempt
+                ctx = NodeContext(self.shared, node, attempt)
+                self._event("node_start", node, attempt)
+                if hooks["on_node_start"]:
+                    await _call_hooks("on_node_start", hooks["on_node_start"], node, ctx)
+                try:
+                    output = await self._call(node, ctx)
+                except Exception as exc:  # noqa: BLE001 - every handler error is the node's outcome
+                    error: Exception = exc
+                else:
+                    self._mark_succeeded(i, output, t0)
+                    if hooks["on_node_complete"]:
+                        await _call_hooks("on_node_complete", hooks["on_node_complete"], node, ctx, output)
+                    return True
+                if self.signal.is_set():
+                    self._mark_cancelled(i, t0)
+                    return False
+                if not policy.should_retry(error, attempt):
+                    return await self._fail(i, ctx, policy, error, t0)
+                await self._retry_pause(node, ctx, policy, error, attempt)
+                if self.signal.is_set():
+                    self._mark_cancelled(i, t0)
+                    return False
+        except asyncio.CancelledError:
+            self._mark_cancelled(i, t0)
+            raise
+        except Exception as exc:  # a bug in a hook adapter or recording: fail the node, not the run loop
+            logger.exception("internal error while running node %r", node.name)
+            self._mark_failed(i, exc, t0)
+            return False
+
+    async def _call(self, node: Node, ctx: NodeContext) -> Any:
+        if node.timeout is None:
+            return await self._invoke(node, ctx)
+        deadline = asyncio.timeout(node.timeout)
+        try:
+            async with deadline:
+                return await self._invoke(node, ctx)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise errors.TimeoutError(f"node {node.name!r} exceeded its timeout of {node.timeout:g}s",
+                                      node=node.name, timeout_s=node.timeout) from None
+
+    async def _invoke(self, node: Node, ctx: NodeContext) -> Any:
+        if node.is_async:
+            return await node.handler(ctx)
+        executor = self.runner.executor
+        if executor is None:
+            output = await asyncio.to_thread(node.handler, ctx)
+        else:
+            call = functools.partial(contextvars.copy_context().run, node.handler, ctx)
+            output = await self.loop.run_in_executor(executor, call)
+        if inspect.isawaitable(output):
+            output = await output
+        return output
+
+    async def _retry_pause(self, node: Node, ctx: NodeContext, policy: Any, error: Exception,
+                           attempt: int) -> None:
+        delay = policy.delay_for(attempt, self.rng)
+        entry = self._event("node_retry", node, attempt)
+        entry["next_delay_s"], entry["error"] = delay, describe_error(error)
+        if self.hooks["on_node_retry"]:
+            await _call_hooks("on_node_retry", self.hooks["on_node_retry"], node, ctx, error, attempt, delay)
+        if delay > 0:
+            await self.sleep(delay)  # an abort cancels this task, cutting the pause short
+
+    async def _fail(self, i: int, ctx: NodeContext, policy: Any, error: Exception, t0: float) -> bool:
+        node = self.graph.nodes[i]
+        final: Exception = error
+        if policy.max_attempts > 1 and ctx.attempt >= policy.max_attempts and policy.is_retryable(error):
+            final = RetryExhausted(f"node {node.name!r} failed after {ctx.attempt} attempts: "
+                                   f"{type(error).__name__}: {error}", node=node.name, attempts=ctx.attempt)
+            final.__cause__ = error
+        self._mark_failed(i, final, t0)
+        if self.hooks["on_node_error"]:
+            await _call_hooks("on_node_error", self.hooks["on_node_error"], node, ctx, final)
+        return False
+
+    # ----------------------------------------------------------------- recording
+    def _event(self, kind: str, node: Node, attempt: int) -> dict:
+        entry = {"type": kind, "timestamp": self.clock(), "node_id": node.id, "node": node.name,
+                 "attempt": attempt}
+        self.result.timeline.append(entry)
+        return entry
+
+    def _finish(self, i: int, status: str, t0: float | None) -> NodeResult:
+        nr = self.node_results[i]
+        nr.status, nr.finished_at = status, self.clock()
+        if t0 is not None:
+            nr.duration_ms = (time.perf_counter() - t0) * 1000.0
+        if nr.attempts:
+            self.result.attempts[nr.node_id] = nr.attempts
+        return nr
+
+    def _mark_succeeded(self, i: int, output: Any, t0: float) -> None:
+        if self.node_results[i].status != "running":
+            return  # an abandoned node finishing after its run was settled
+        nr = self._finish(i, "succeeded", t0)
+        nr.output = output
+        self.result.results[nr.node_id] = output
+        entry = self._event("node_complete", self.graph.nodes[i], nr.attempts)
+        entry["duration_ms"] = nr.duration_ms
+
+    def _mark_failed(self, i: int, error: BaseException, t0: float) -> None:
+        if self.node_results[i].status != "running":
+            return
+        nr = self._finish(i, "failed", t0)
+        nr.exception, nr.error = error, describe_error(error)
+        self.result.errors[nr.node_id] = nr.error
+        if self.first_error is None:
+            self.first_error = error
+        entry = self._event("node_error", self.graph.nodes[i], nr.attempts)
+        entry["error"] = nr.error
+
+    def _mark_cancelled(self, i: int, t0: float | None = None) -> None:
+        nr = self.node_results[i]
+        if nr.status in ("succeeded", "failed", "cancelled", "skipped"):
+            return
+        self._finish(i, "cancelled", t0)
+        reason = self.signal.reason or WorkflowAborted("workflow aborted")
+        nr.exception, nr.error = reason, describe_error(reason)
+        entry = self._event("node_cancelled", self.graph.nodes[i], nr.attempts)
+        entry["error"] = nr.error
+
+    def _mark_skipped(self, i: int, reason: str) -> None:
+        self._finish(i, "skipped", None)
+        entry = self._event("node_skipped", self.graph.nodes[i], 0)
+        entry["reason"] = reason
