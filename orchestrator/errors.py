@@ -188,3 +188,36 @@ class CommandError(StepExecutionError):
 class ShellNotAllowedError(InvalidArgumentError):
     """Raised when shell syntax is requested without opting in (``allow_shell=True`` for
     ``exec_shell``, ``shell: true`` for a declarative shell step)."""
+
+
+class WorkflowFileError(ConfigError):
+    """Raised when a declarative workflow file (YAML / TOML / JSON) is invalid.
+
+    ``path`` is the file, ``field`` the dotted path of the first bad field (``steps[1].type``),
+    ``line`` its 1-based line when known (YAML and JSON), and ``problems`` every
+    ``(field, line, message)`` found.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        field: str | None = None,
+        line: int | None = None,
+        problems: list[tuple[str, int | None, str]] | None = None,
+    ) -> None:
+        super().__init__(message, field=field)
+        self.path = path
+        self.line = line
+        self.problems = list(problems or [])
+
+
+class CheckFailedError(StepExecutionError):
+    """Raised when a declarative ``test`` step's expression does not hold; ``expression`` is
+    the expression and ``value`` what it evaluated to."""
+
+    def __init__(self, message: str, *, expression: str, value: Any = None, node: str | None = None) -> None:
+        super().__init__(message, node=node)
+        self.expression = expression
+        self.value = value

@@ -9,7 +9,8 @@ Choices (the port plan is silent on them):
   names it (``name``) and lists what was available, never an empty string.
 * Sandboxed: templates come from workflow files, so they run in Jinja's
   ``SandboxedEnvironment`` (no access to ``__class__``, ``mro`` ...). No HTML autoescape.
-* A string that is exactly one expression, ``"{{ steps.fetch.output }}"``, renders to the
+* A string that is exactly one expression, nothing around it (not even spaces),
+  ``"{{ steps.fetch.output }}"``, renders to the
   expression's native value (a list stays a list, a number a number); any other string
   renders to a string. This lets a step pass structured data to the next one.
 * Only values are rendered, recursively through dicts and lists; keys are kept as written.
@@ -36,7 +37,7 @@ from jinja2.utils import missing
 from .errors import ConfigError, TemplateError
 
 REDACTED = "***"
-_WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\{\{|\}\}).)*)\}\}\s*$", re.DOTALL)
+_WHOLE_EXPRESSION = re.compile(r"^\{\{(?P<expr>(?:(?!\{\{|\}\}).)*)\}\}\Z", re.DOTALL)
 
 
 class _MissingName(UndefinedError):
@@ -110,6 +111,29 @@ def render_string(source: str, namespace: Mapping[str, Any], *, where: str | Non
         return _ENV.from_string(source).render(dict(namespace))
     except (UndefinedError, TemplateSyntaxError, SecurityError, TypeError, ValueError) as exc:
         raise _error(exc, source, where, namespace) from exc
+
+
+def render_text(source: str, namespace: Mapping[str, Any], *, where: str | None = None) -> str:
+    """Render a whole template (e.g. a file's contents) to text, never to a native value."""
+    try:
+        return _ENV.from_string(source).render(dict(namespace))
+    except (UndefinedError, TemplateSyntaxError, SecurityError, TypeError, ValueError) as exc:
+        raise _error(exc, source if len(source) <= 200 else source[:200] + "…", where, namespace) from exc
+
+
+def syntax_problem(source: str, *, expression: bool = False) -> str | None:
+    """Why ``source`` (a template, or a bare expression) does not parse; None if it does.
+
+    Used to reject a workflow file at load time rather than when the step runs.
+    """
+    try:
+        if expression:
+            _ENV.compile_expression(source)
+        else:
+            _ENV.parse(source)
+    except TemplateSyntaxError as exc:
+        return f"template syntax error: {exc.message}"
+    return None
 
 
 def _evaluate(expression: str, namespace: Mapping[str, Any]) -> Any:

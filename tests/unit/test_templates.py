@@ -31,7 +31,11 @@ def test_strings_inside_nested_params_are_rendered_and_other_values_kept():
 
 def test_a_lone_expression_keeps_its_native_type():
     assert render_string("{{ steps.fetch.output.rows }}", NS) == [1, 2, 3]
-    assert render_string("  {{ variables.count * 2 }} ", NS) == 6
+    assert render_string("{{ variables.count * 2 }}", NS) == 6
+
+
+def test_whitespace_around_a_lone_expression_makes_it_a_string():
+    assert render_string(" {{ variables.count * 2 }}\n", NS) == " 6\n"
 
 
 def test_text_around_an_expression_makes_a_string():
