@@ -7,8 +7,12 @@ the record as their ``repr`` string: a record never carries live objects (and ne
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import describe_error
 
 NODE_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
@@ -127,3 +131,59 @@ class WorkflowRunResult:
         result.artifacts = list(record.get("artifacts") or [])
         result.logs = list(record.get("logs") or [])
         return result
+
+
+class RunRecorder:
+    """Writes node outcomes and timeline entries into a :class:`WorkflowRunResult`.
+
+    ``t0`` arguments are ``time.perf_counter()`` values of the node's first attempt; the
+    node's ``duration_ms`` therefore includes its retries.
+    """
+
+    __slots__ = ("result", "clock", "first_error")
+
+    def __init__(self, result: WorkflowRunResult, clock: Callable[[], float]) -> None:
+        self.result, self.clock = result, clock
+        self.first_error: BaseException | None = None
+
+    def event(self, kind: str, nr: NodeResult, attempt: int) -> dict:
+        entry = {"type": kind, "timestamp": self.clock(), "node_id": nr.node_id, "node": nr.name,
+                 "attempt": attempt}
+        self.result.timeline.append(entry)
+        return entry
+
+    def _finish(self, nr: NodeResult, status: str, t0: float | None) -> None:
+        nr.status, nr.finished_at = status, self.clock()
+        if t0 is not None:
+            nr.duration_ms = (time.perf_counter() - t0) * 1000.0
+        if nr.attempts:
+            self.result.attempts[nr.node_id] = nr.attempts
+
+    def succeeded(self, nr: NodeResult, output: Any, t0: float) -> None:
+        if nr.status != "running":
+            return  # an abandoned node finishing after its run was settled
+        self._finish(nr, "succeeded", t0)
+        nr.output = output
+        self.result.results[nr.node_id] = output
+        self.event("node_complete", nr, nr.attempts)["duration_ms"] = nr.duration_ms
+
+    def failed(self, nr: NodeResult, error: BaseException, t0: float) -> None:
+        if nr.status != "running":
+            return
+        self._finish(nr, "failed", t0)
+        nr.exception, nr.error = error, describe_error(error)
+        self.result.errors[nr.node_id] = nr.error
+        if self.first_error is None:
+            self.first_error = error
+        self.event("node_error", nr, nr.attempts)["error"] = nr.error
+
+    def cancelled(self, nr: NodeResult, reason: BaseException, t0: float | None = None) -> None:
+        if nr.status not in ("pending", "running"):
+            return
+        self._finish(nr, "cancelled", t0)
+        nr.exception, nr.error = reason, describe_error(reason)
+        self.event("node_cancelled", nr, nr.attempts)["error"] = nr.error
+
+    def skipped(self, nr: NodeResult, reason: str) -> None:
+        self._finish(nr, "skipped", None)
+        self.event("node_skipped", nr, 0)["reason"] = reason

@@ -37,48 +37,18 @@ from typing import Any
 
 from . import errors
 from .errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
+from .hooks import WorkflowHooks, call_hooks, collect_hooks
 from .node_context import AbortSignal, InMemoryArtifacts, NodeContext, RunShared
-from .retry import NO_RETRY
-from .run_result import NodeResult, WorkflowRunResult
+from .retry import NO_RETRY, RetryPolicy
+from .run_result import NodeResult, RunRecorder, WorkflowRunResult
 from .workflow import Graph, Node, Workflow
 
-__all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "HOOK_NAMES"]
+__all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "WorkflowHooks"]
 
 logger = logging.getLogger("tokiwa.runner")
 DEFAULT_CONCURRENCY = {"workflow": 4, "chatflow": 1}
 # How long an aborted run waits for cancelled nodes to unwind before it abandons them.
 DEFAULT_CANCEL_GRACE_S = 1.0
-HOOK_NAMES = ("on_run_start", "on_node_start", "on_node_complete", "on_node_error",
-              "on_node_retry", "on_run_complete")
-
-
-def _collect_hooks(*sources: Any) -> dict[str, tuple]:
-    """Hook callables by name, from hook objects (or lists of them); missing methods are skipped."""
-    found: dict[str, list] = {name: [] for name in HOOK_NAMES}
-    for source in sources:
-        for hooks in source if isinstance(source, (list, tuple)) else (source,):
-            if hooks is None:
-                continue
-            for name in HOOK_NAMES:
-                fn = getattr(hooks, name, None)
-                if fn is not None:
-                    found[name].append(fn)
-    return {name: tuple(fns) for name, fns in found.items()}
-
-
-async def _call_hooks(name: str, fns: tuple, *args: Any) -> None:
-    """Call each hook; a failing hook is logged, never fatal."""
-    for fn in fns:
-        try:
-            value = fn(*args)
-            if inspect.isawaitable(value):
-                await value
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.warning("workflow hook %s (%r) failed", name, fn, exc_info=True)
-
-
 class Runner:
     """Runs workflows in this process. One Runner may run many workflows concurrently.
 
@@ -125,7 +95,7 @@ class Runner:
         run = _Run(self, workflow, graph, run_id=run_id, input=input, context=context, event=event,
                    conversation_id=conversation_id, memory=copy.deepcopy(memory) if memory else {},
                    concurrency=concurrency, fail_fast=bool(fail_fast),
-                   hooks=_collect_hooks(self.hooks, hooks), services=services or self.services)
+                   hooks=collect_hooks(self.hooks, hooks), services=services or self.services)
         self._runs[run_id] = run
         try:
             return await run.execute(timeout)
@@ -174,7 +144,7 @@ class _Run:
         self.stopping = False
         self.cancelled = False
         self.timed_out: errors.TimeoutError | None = None
-        self.first_error: BaseException | None = None
+        self.rec = RunRecorder(self.result, self.clock)
 
     # ----------------------------------------------------------------- run level
     async def execute(self, timeout: float | None) -> WorkflowRunResult:
@@ -183,7 +153,7 @@ class _Run:
         t0 = time.perf_counter()
         result.timeline.append({"type": "run_start", "timestamp": result.started_at})
         if self.hooks["on_run_start"]:
-            await _call_hooks("on_run_start", self.hooks["on_run_start"], self.workflow, result.run_id)
+            await call_hooks("on_run_start", self.hooks["on_run_start"], self.workflow, result.run_id)
         timer = None if timeout is None else self.loop.call_later(timeout, self._on_timeout, timeout)
         try:
             await self._schedule()
@@ -197,7 +167,7 @@ class _Run:
         self._settle_leftovers()
         self._complete(t0)
         if self.hooks["on_run_complete"]:
-            await _call_hooks("on_run_complete", self.hooks["on_run_complete"], result)
+            await call_hooks("on_run_complete", self.hooks["on_run_complete"], result)
         if self.timed_out is not None:
             self.timed_out.result = result  # type: ignore[attr-defined]
             raise self.timed_out
@@ -210,9 +180,9 @@ class _Run:
             result.error = describe_error(self.signal.reason) if self.signal.reason else None
         elif self.timed_out is not None:
             result.status, result.error = "failed", describe_error(self.timed_out)
-        elif self.first_error is not None or any(nr.status != "succeeded" for nr in self.node_results):
+        elif self.rec.first_error is not None or any(nr.status != "succeeded" for nr in self.node_results):
             result.status = "failed"
-            result.error = describe_error(self.first_error) if self.first_error else None
+            result.error = describe_error(self.rec.first_error) if self.rec.first_error else None
         else:
             result.status = "succeeded"
         result.finished_at = self.clock()
@@ -233,6 +203,9 @@ class _Run:
         if not self.stopping:
             self.cancelled = True
             self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: {reason}"))
+
+    def _abort_reason(self) -> WorkflowAborted:
+        return self.signal.reason or WorkflowAborted("workflow aborted")
 
     def _abort(self, reason: WorkflowAborted) -> None:
         """Stop starting nodes, set the signal, cancel running nodes (idempotent)."""
@@ -290,7 +263,7 @@ class _Run:
                 logger.warning("node %r of run %s ignored cancellation; abandoning it",
                                self.graph.nodes[i].name, self.result.run_id)
                 self.runner._adopt_abandoned(task)
-                self._mark_cancelled(i)
+                self.rec.cancelled(self.node_results[i], self._abort_reason())
         self.running.clear()
         self.done.clear()
 
@@ -307,18 +280,18 @@ class _Run:
         while stack:
             j = stack.pop()
             if self.node_results[j].status == "pending":
-                self._mark_skipped(j, f"dependency {self.graph.nodes[i].name!r} failed")
+                self.rec.skipped(self.node_results[j], f"dependency {self.graph.nodes[i].name!r} failed")
                 stack.extend(self.graph.dependents[j])
 
     def _settle_leftovers(self) -> None:
-        for i, nr in enumerate(self.node_results):
+        for nr in self.node_results:
             if nr.status == "pending":
                 if self.cancelled:
-                    self._mark_cancelled(i)
+                    self.rec.cancelled(nr, self._abort_reason())
                 else:
-                    self._mark_skipped(i, "run aborted" if self.stopping else "dependency did not succeed")
+                    self.rec.skipped(nr, "run aborted" if self.stopping else "dependency did not succeed")
             elif nr.status == "running":
-                self._mark_cancelled(i)
+                self.rec.cancelled(nr, self._abort_reason())
 
     # ----------------------------------------------------------------- one node
     async def _run_node(self, i: int) -> bool:
@@ -333,33 +306,33 @@ class _Run:
                 attempt += 1
                 nr.attempts = attempt
                 ctx = NodeContext(self.shared, node, attempt)
-                self._event("node_start", node, attempt)
+                self.rec.event("node_start", nr, attempt)
                 if hooks["on_node_start"]:
-                    await _call_hooks("on_node_start", hooks["on_node_start"], node, ctx)
+                    await call_hooks("on_node_start", hooks["on_node_start"], node, ctx)
                 try:
                     output = await self._call(node, ctx)
                 except Exception as exc:  # noqa: BLE001 - every handler error is the node's outcome
                     error: Exception = exc
                 else:
-                    self._mark_succeeded(i, output, t0)
+                    self.rec.succeeded(nr, output, t0)
                     if hooks["on_node_complete"]:
-                        await _call_hooks("on_node_complete", hooks["on_node_complete"], node, ctx, output)
+                        await call_hooks("on_node_complete", hooks["on_node_complete"], node, ctx, output)
                     return True
                 if self.signal.is_set():
-                    self._mark_cancelled(i, t0)
+                    self.rec.cancelled(nr, self._abort_reason(), t0)
                     return False
                 if not policy.should_retry(error, attempt):
-                    return await self._fail(i, ctx, policy, error, t0)
-                await self._retry_pause(node, ctx, policy, error, attempt)
+                    return await self._fail(nr, ctx, policy, error, t0)
+                await self._retry_pause(nr, ctx, policy, error)
                 if self.signal.is_set():
-                    self._mark_cancelled(i, t0)
+                    self.rec.cancelled(nr, self._abort_reason(), t0)
                     return False
         except asyncio.CancelledError:
-            self._mark_cancelled(i, t0)
+            self.rec.cancelled(nr, self._abort_reason(), t0)
             raise
         except Exception as exc:  # a bug in a hook adapter or recording: fail the node, not the run loop
             logger.exception("internal error while running node %r", node.name)
-            self._mark_failed(i, exc, t0)
+            self.rec.failed(nr, exc, t0)
             return False
 
     async def _call(self, node: Node, ctx: NodeContext) -> Any:
@@ -388,75 +361,25 @@ class _Run:
             output = await output
         return output
 
-    async def _retry_pause(self, node: Node, ctx: NodeContext, policy: Any, error: Exception,
-                           attempt: int) -> None:
+    async def _retry_pause(self, nr: NodeResult, ctx: NodeContext, policy: RetryPolicy, error: Exception) -> None:
+        attempt = ctx.attempt
         delay = policy.delay_for(attempt, self.rng)
-        entry = self._event("node_retry", node, attempt)
+        entry = self.rec.event("node_retry", nr, attempt)
         entry["next_delay_s"], entry["error"] = delay, describe_error(error)
         if self.hooks["on_node_retry"]:
-            await _call_hooks("on_node_retry", self.hooks["on_node_retry"], node, ctx, error, attempt, delay)
+            await call_hooks("on_node_retry", self.hooks["on_node_retry"], ctx.node, ctx, error, attempt, delay)
         if delay > 0:
             await self.sleep(delay)  # an abort cancels this task, cutting the pause short
 
-    async def _fail(self, i: int, ctx: NodeContext, policy: Any, error: Exception, t0: float) -> bool:
-        node = self.graph.nodes[i]
+    async def _fail(self, nr: NodeResult, ctx: NodeContext, policy: RetryPolicy, error: Exception,
+                    t0: float) -> bool:
+        node = ctx.node
         final: Exception = error
         if policy.max_attempts > 1 and ctx.attempt >= policy.max_attempts and policy.is_retryable(error):
             final = RetryExhausted(f"node {node.name!r} failed after {ctx.attempt} attempts: "
                                    f"{type(error).__name__}: {error}", node=node.name, attempts=ctx.attempt)
             final.__cause__ = error
-        self._mark_failed(i, final, t0)
+        self.rec.failed(nr, final, t0)
         if self.hooks["on_node_error"]:
-            await _call_hooks("on_node_error", self.hooks["on_node_error"], node, ctx, final)
+            await call_hooks("on_node_error", self.hooks["on_node_error"], node, ctx, final)
         return False
-
-    # ----------------------------------------------------------------- recording
-    def _event(self, kind: str, node: Node, attempt: int) -> dict:
-        entry = {"type": kind, "timestamp": self.clock(), "node_id": node.id, "node": node.name,
-                 "attempt": attempt}
-        self.result.timeline.append(entry)
-        return entry
-
-    def _finish(self, i: int, status: str, t0: float | None) -> NodeResult:
-        nr = self.node_results[i]
-        nr.status, nr.finished_at = status, self.clock()
-        if t0 is not None:
-            nr.duration_ms = (time.perf_counter() - t0) * 1000.0
-        if nr.attempts:
-            self.result.attempts[nr.node_id] = nr.attempts
-        return nr
-
-    def _mark_succeeded(self, i: int, output: Any, t0: float) -> None:
-        if self.node_results[i].status != "running":
-            return  # an abandoned node finishing after its run was settled
-        nr = self._finish(i, "succeeded", t0)
-        nr.output = output
-        self.result.results[nr.node_id] = output
-        entry = self._event("node_complete", self.graph.nodes[i], nr.attempts)
-        entry["duration_ms"] = nr.duration_ms
-
-    def _mark_failed(self, i: int, error: BaseException, t0: float) -> None:
-        if self.node_results[i].status != "running":
-            return
-        nr = self._finish(i, "failed", t0)
-        nr.exception, nr.error = error, describe_error(error)
-        self.result.errors[nr.node_id] = nr.error
-        if self.first_error is None:
-            self.first_error = error
-        entry = self._event("node_error", self.graph.nodes[i], nr.attempts)
-        entry["error"] = nr.error
-
-    def _mark_cancelled(self, i: int, t0: float | None = None) -> None:
-        nr = self.node_results[i]
-        if nr.status in ("succeeded", "failed", "cancelled", "skipped"):
-            return
-        self._finish(i, "cancelled", t0)
-        reason = self.signal.reason or WorkflowAborted("workflow aborted")
-        nr.exception, nr.error = reason, describe_error(reason)
-        entry = self._event("node_cancelled", self.graph.nodes[i], nr.attempts)
-        entry["error"] = nr.error
-
-    def _mark_skipped(self, i: int, reason: str) -> None:
-        self._finish(i, "skipped", None)
-        entry = self._event("node_skipped", self.graph.nodes[i], 0)
-        entry["reason"] = reason

@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any, ClassVar, TextIO
 
+from .hooks import WorkflowHooks
+
 CUTE_ENV = "TOKIWA_CUTE"
 _OFF = frozenset({"0", "false", "no", "off"})
 
@@ -84,7 +86,7 @@ class Tracer:
         return TraceHooks(self, end_on_failure=end_on_failure)
 
 
-class TraceHooks:
+class TraceHooks(WorkflowHooks):
     """Runner hooks (see :mod:`orchestrator.runner`) that trace one or more runs."""
 
     def __init__(self, tracer: Tracer, *, end_on_failure: bool = False) -> None:

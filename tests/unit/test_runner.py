@@ -6,10 +6,12 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from orchestrator import errors
+from orchestrator.hooks import WorkflowHooks
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import Runner
 from orchestrator.workflow import Node, Workflow
@@ -486,3 +488,21 @@ async def test_an_invalid_graph_is_rejected_before_anything_runs():
     flow.add_node(Node("a", lambda ctx: 1, ["ghost"]))
     with pytest.raises(errors.DependencyError, match="ghost"):
         await Runner().run(flow)
+
+
+async def test_workflow_hooks_subclasses_need_only_override_what_they_use():
+    completed = []
+
+    class OnlyComplete(WorkflowHooks):
+        async def on_node_complete(self, node, ctx, output):
+            completed.append((node.name, output))
+
+    result = await Runner().run(Workflow("h", [Node("a", lambda ctx: 1)]), hooks=[OnlyComplete()])
+    assert result.status == "succeeded" and completed == [("a", 1)]
+
+
+async def test_a_shared_executor_runs_sync_handlers_when_given():
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokiwa-test") as pool:
+        result = await Runner(executor=pool).run(
+            Workflow("x", [Node("a", lambda ctx: threading.current_thread().name)]))
+    assert result.output_of("a").startswith("tokiwa-test")
