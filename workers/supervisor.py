@@ -34,24 +34,37 @@ from orchestrator.errors import InvalidArgumentError, StateError
 
 EXIT_OK = 0
 EXIT_FORCED = 130  # a second SIGTERM / SIGINT: children were SIGKILLed without a grace period
+EXIT_ORPHANED = 70  # a child whose supervisor died while it was being started
 _PR_SET_PDEATHSIG = 1
+_SIG_DFL = 0
 
 log = logging.getLogger("tokiwa.supervisor")
 
 
 def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn (Linux only) that makes the kernel SIGTERM the child when we die."""
+    """A preexec_fn (Linux only) that makes the kernel SIGTERM the child when we die.
+
+    Until it execs, the forked child still has our Python signal handlers, which would
+    swallow that SIGTERM; so the child first restores the default actions (through libc,
+    which works from any thread), then asks for the signal, then exits at once if we are
+    already gone.
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl, set_handler = libc.prctl, libc.signal
     except (OSError, AttributeError):
         return None
+    set_handler.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    set_handler.restype = ctypes.c_void_p
 
     def preexec() -> None:  # runs in the forked child before exec: keep it tiny
+        set_handler(signal.SIGTERM, _SIG_DFL)
+        set_handler(signal.SIGINT, _SIG_DFL)
         prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(EXIT_ORPHANED)
 
     return preexec
 
