@@ -13,6 +13,8 @@ Choices (the port plan is silent on them):
   ``"{{ steps.fetch.output }}"``, renders to the
   expression's native value (a list stays a list, a number a number); any other string
   renders to a string. This lets a step pass structured data to the next one.
+* ``a.b`` on a mapping means the key ``b`` first (then the attribute), so step ids such
+  as ``copy`` or ``items`` work as ``steps.copy.output``.
 * Only values are rendered, recursively through dicts and lists; keys are kept as written.
 
 Redaction: every occurrence of a secret's value is replaced by ``***`` in strings found
@@ -40,7 +42,7 @@ REDACTED = "***"
 _WHOLE_EXPRESSION = re.compile(r"^\{\{(?P<expr>(?:(?!\{\{|\}\}).)*)\}\}\Z", re.DOTALL)
 
 
-class _MissingName(UndefinedError):
+class MissingNameError(UndefinedError):
     """An UndefinedError that remembers which name was missing."""
 
     def __init__(self, name: str | None, message: str) -> None:
@@ -66,12 +68,25 @@ class _NamingUndefined(StrictUndefined):
 
     def __init__(self, hint: str | None = None, obj: Any = missing, name: str | None = None, exc: Any = None):
         label = None if name is None else str(name)
-        super().__init__(hint, obj, name, lambda message: _MissingName(label, message))
+        super().__init__(hint, obj, name, lambda message: MissingNameError(label, message))
+
+
+class _DataEnvironment(SandboxedEnvironment):
+    """``a.b`` on a mapping looks up the key ``b`` before the attribute, so a step called
+    ``copy`` or ``items`` is reachable as ``steps.copy`` (plain Jinja would find dict.copy)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (KeyError, TypeError):
+                pass
+        return super().getattr(obj, attribute)
 
 
 def make_environment() -> SandboxedEnvironment:
     """The Jinja environment every tokiwa template uses (sandboxed, strict, no autoescape)."""
-    env = SandboxedEnvironment(undefined=_NamingUndefined, autoescape=False, keep_trailing_newline=True)
+    env = _DataEnvironment(undefined=_NamingUndefined, autoescape=False, keep_trailing_newline=True)
     env.filters["tojson"] = _tojson
     return env
 
@@ -85,7 +100,7 @@ _ENV = make_environment()
 
 def _error(exc: Exception, source: str, where: str | None, names: Iterable[str] = ()) -> TemplateError:
     place = f"{where}: " if where else ""
-    if isinstance(exc, _MissingName):
+    if isinstance(exc, MissingNameError):
         top = ""
         if exc.name is not None and exc.message == f"{exc.name!r} is undefined":
             top = f" (top-level names: {', '.join(sorted(names)) or 'none'})"

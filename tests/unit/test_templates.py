@@ -38,6 +38,11 @@ def test_whitespace_around_a_lone_expression_makes_it_a_string():
     assert render_string(" {{ variables.count * 2 }}\n", NS) == " 6\n"
 
 
+def test_dotted_names_on_mappings_find_keys_before_dict_methods():
+    assert render_string("{{ steps.copy.output }}", {"steps": {"copy": {"output": 1}}}) == 1
+    assert render_string("{{ data.items }}", {"data": {"items": [1]}}) == [1]
+
+
 def test_text_around_an_expression_makes_a_string():
     assert render_string("n={{ variables.count }}", NS) == "n=3"
 

@@ -1,0 +1,456 @@
+"""Step types of declarative workflows: shell, file, test, docker, python, and custom ones.
+
+A step type is a function ``run(step, params)`` (sync or async) plus an optional pydantic
+model of its params. ``step`` is a :class:`StepContext`; ``params`` are the step's params
+after template rendering (and validation by the model, when there is one). The return value
+is the step's output (``steps.<id>.output`` for later steps).
+
+Custom types: ``register_step_type("slack", fn, params_model=SlackParams)`` in code, or an
+entry point in the ``tokiwa.steps`` group (name -> a callable, a class whose instances are
+callable or have ``run``, or a :class:`StepType`), loaded the first time an unknown type is
+looked up. A built-in type cannot be silently replaced (``replace=True`` to override).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import CheckFailedError, ConflictError, InvalidArgumentError, NotFoundError, StepExecutionError
+from .execs import exec_command_async, exec_shell_async
+from .templates import Redactor, evaluate, render_text
+
+ENTRY_POINT_GROUP = "tokiwa.steps"
+logger = logging.getLogger("tokiwa.steps")
+# characters that only mean something to a shell; a `command` holding one needs `shell: true`
+_SHELL_SYNTAX = set("|&;<>()$`\\*?[]{}~\n")
+
+
+@dataclass
+class StepContext:
+    """What a step type gets besides its params.
+
+    ``node`` is the runner's NodeContext (input, context, artifacts, signal, logger ...),
+    ``namespace`` the template namespace (variables, input, context, steps, secrets, run),
+    ``base_dir`` the folder relative paths are resolved against (the workflow file's folder).
+    """
+
+    node: Any
+    step_id: str
+    base_dir: Path
+    namespace: dict[str, Any]
+    secrets: dict[str, str] = field(default_factory=dict)
+    redactor: Redactor = field(default_factory=Redactor)
+
+    def log(self, message: str) -> None:
+        """Log a line to the run (secrets redacted)."""
+        self.node.logger.info("%s", self.redactor.text(message))
+
+    def __post_init__(self) -> None:
+        if self.redactor and not isinstance(self.node, RedactingNodeContext):
+            self.node = RedactingNodeContext(self.node, self.redactor)
+
+    def path(self, value: str) -> Path:
+        """``value`` as a path, relative ones resolved against ``base_dir``."""
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+
+class _RedactingLogger(logging.LoggerAdapter):
+    """Wraps a node's logger so that every line is redacted before it is recorded."""
+
+    def __init__(self, inner: Any, redactor: Redactor) -> None:
+        super().__init__(inner, {})
+        self.redactor = redactor
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        text = str(msg) % args if args else str(msg)
+        self.logger.log(level, "%s", self.redactor.text(text), **kwargs)
+
+
+class RedactingNodeContext:
+    """A NodeContext seen through a redactor: its ``logger`` hides secrets; all else is the same."""
+
+    def __init__(self, inner: Any, redactor: Redactor) -> None:
+        self._inner = inner
+        self.logger = _RedactingLogger(inner.logger, redactor) if redactor else inner.logger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@dataclass(frozen=True)
+class StepType:
+    name: str
+    run: Callable[[StepContext, dict[str, Any]], Any]
+    params_model: type[BaseModel] | None = None
+    builtin: bool = False
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Params checked (and defaults filled) by the model; raises pydantic's ValidationError."""
+        if self.params_model is None:
+            return dict(params)
+        return self.params_model.model_validate(params).model_dump()
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Scalar = str | int | float | bool
+
+
+# --- shell ------------------------------------------------------------------------------------
+class ShellParams(_Params):
+    argv: list[Scalar] | None = None
+    command: str | None = None
+    shell: bool = False
+    cwd: str | None = None
+    env: dict[str, Scalar] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
+    ok_exit_codes: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    input: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ShellParams:
+        if (self.argv is None) == (self.command is None):
+            raise ValueError("give exactly one of argv (a list) or command (a string)")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv must not be empty")
+        if self.shell and self.command is None:
+            raise ValueError("shell: true needs command (a string), not argv")
+        if self.command is not None and not self.shell and _SHELL_SYNTAX & set(self.command):
+            raise ValueError("command uses shell syntax; set shell: true or give argv as a list")
+        return self
+
+
+async def run_shell(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    p = ShellParams.model_validate(params)
+    cwd = str(step.path(p.cwd)) if p.cwd else str(step.base_dir)
+    env = {k: _text(v) for k, v in p.env.items()}
+    common = {"cwd": cwd, "env": env, "timeout": p.timeout_s, "ok_codes": p.ok_exit_codes}
+    if p.shell:
+        step.log(f"shell: {p.command}")
+        result = await exec_shell_async(p.command, allow_shell=True, **common)
+    else:
+        argv = [_text(a) for a in p.argv] if p.argv is not None else shlex.split(p.command or "")
+        step.log(f"exec: {shlex.join(argv)}")
+        result = await exec_command_async(argv, input=p.input, **common)
+    return result.to_dict()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# --- file -------------------------------------------------------------------------------------
+class FileParams(_Params):
+    op: Literal["write", "copy", "delete", "render"]
+    path: str | None = None
+    src: str | None = None
+    dest: str | None = None
+    content: str | None = None
+    template: str | None = None
+    append: bool = False
+    missing_ok: bool = True
+
+    @model_validator(mode="after")
+    def _fields_for_op(self) -> FileParams:
+        needs = {"write": ("path", "content"), "copy": ("src", "dest"), "delete": ("path",),
+                 "render": ("template", "dest")}[self.op]
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"op {self.op!r} needs {', '.join(missing)}")
+        return self
+
+
+async def run_file(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    p = FileParams.model_validate(params)
+    return await asyncio.to_thread(_file_op, step, p)
+
+
+def _file_op(step: StepContext, p: FileParams) -> dict[str, Any]:
+    if p.op == "write":
+        target = step.path(p.path or "")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a" if p.append else "w", encoding="utf-8") as handle:
+            handle.write(p.content or "")
+        return {"op": "write", "path": str(target), "bytes": len((p.content or "").encode())}
+    if p.op == "copy":
+        src, dest = step.path(p.src or ""), step.path(p.dest or "")
+        if not src.is_file():
+            raise StepExecutionError(f"step {step.step_id!r}: cannot copy {src}: no such file", node=step.step_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        return {"op": "copy", "src": str(src), "dest": str(dest), "bytes": dest.stat().st_size}
+    if p.op == "delete":
+        target = step.path(p.path or "")
+        existed = target.exists()
+        if not existed and not p.missing_ok:
+            raise StepExecutionError(f"step {step.step_id!r}: cannot delete {target}: no such file",
+                                     node=step.step_id)
+        target.unlink(missing_ok=True)
+        return {"op": "delete", "path": str(target), "existed": existed}
+    source = step.path(p.template or "")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise StepExecutionError(f"step {step.step_id!r}: template {source} not found", node=step.step_id) from exc
+    rendered = render_text(text, step.namespace, where=f"step {step.step_id} template {source.name}")
+    dest = step.path(p.dest or "")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(rendered, encoding="utf-8")
+    return {"op": "render", "template": str(source), "dest": str(dest), "bytes": len(rendered.encode())}
+
+
+# --- test -------------------------------------------------------------------------------------
+class TestParams(_Params):
+    __test__ = False  # not a pytest test class
+    expression: str = Field(min_length=1)
+    message: str | None = None
+
+
+async def run_test(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    p = TestParams.model_validate(params)
+    value = evaluate(p.expression, step.namespace, where=f"step {step.step_id} expression")
+    if not value:
+        shown = step.redactor.text(repr(value))
+        detail = f": {p.message}" if p.message else ""
+        raise CheckFailedError(
+            f"step {step.step_id!r}: check failed{detail} ({p.expression} evaluated to {shown})",
+            expression=p.expression, value=step.redactor(value), node=step.step_id)
+    return {"expression": p.expression, "passed": True}
+
+
+# --- docker -----------------------------------------------------------------------------------
+class DockerParams(_Params):
+    image: str = Field(min_length=1)
+    args: list[Scalar] = Field(default_factory=list)
+    env: dict[str, Scalar] = Field(default_factory=dict)
+    volumes: list[str] = Field(default_factory=list)
+    workdir: str | None = None
+    entrypoint: str | None = None
+    network: str | None = None
+    user: str | None = None
+    remove: bool = True
+    timeout_s: float | None = Field(default=None, gt=0)
+    ok_exit_codes: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+
+def build_docker_argv(params: dict[str, Any], base_dir: Path | str = ".") -> list[str]:
+    """The ``docker run`` argv for docker step params.
+
+    Env values are not put on the command line (where ``ps`` would show them): each variable
+    is passed as ``-e NAME`` and its value through docker's own environment. A relative host
+    path in a volume (``./data:/data``) is resolved against ``base_dir``.
+    """
+    p = DockerParams.model_validate(params)
+    argv = ["docker", "run"]
+    if p.remove:
+        argv.append("--rm")
+    for name in p.env:
+        argv += ["-e", name]
+    for volume in p.volumes:
+        argv += ["-v", _volume(volume, Path(base_dir))]
+    for flag, value in (("-w", p.workdir), ("--entrypoint", p.entrypoint), ("--network", p.network),
+                        ("--user", p.user)):
+        if value is not None:
+            argv += [flag, value]
+    return [*argv, p.image, *(_text(a) for a in p.args)]
+
+
+def _volume(spec: str, base_dir: Path) -> str:
+    host, sep, rest = spec.partition(":")
+    if not sep or not host or not rest:
+        raise InvalidArgumentError(f"volume {spec!r} must be HOST:CONTAINER[:MODE]")
+    if host.startswith((".", "~")) or "/" in host:
+        path = Path(host).expanduser()
+        host = str(path if path.is_absolute() else (base_dir / path).resolve())
+    return f"{host}:{rest}"
+
+
+async def _docker_available(step: StepContext) -> None:
+    if shutil.which("docker") is None:
+        raise StepExecutionError(
+            f"step {step.step_id!r}: docker is not available: no `docker` executable on PATH",
+            node=step.step_id)
+    try:
+        await exec_command_async(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=15)
+    except StepExecutionError as exc:
+        reason = (getattr(exc, "stderr", "") or str(exc)).strip().splitlines()[-1:] or ["no answer"]
+        raise StepExecutionError(
+            f"step {step.step_id!r}: docker is not available: the engine does not answer ({reason[0]})",
+            node=step.step_id) from exc
+
+
+async def run_docker(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    p = DockerParams.model_validate(params)
+    argv = build_docker_argv(params, step.base_dir)
+    await _docker_available(step)
+    step.log(f"docker: {shlex.join(argv)}")
+    result = await exec_command_async(argv, env={k: _text(v) for k, v in p.env.items()},
+                                      timeout=p.timeout_s, ok_codes=p.ok_exit_codes)
+    return {**result.to_dict(), "argv": argv}
+
+
+# --- python -----------------------------------------------------------------------------------
+class PythonParams(_Params):
+    # "package.module:attr" or "path/to/file.py:attr" (relative to the workflow file)
+    callable: str = Field(pattern=r"^([A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_][\w.]*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+_FILE_MODULES: dict[Path, Any] = {}
+
+
+def import_callable(ref: str, base_dir: Path | str = ".") -> Callable[..., Any]:
+    """``"package.module:attr.sub"`` or ``"helpers.py:fn"`` -> the object; NotFoundError
+    saying what is missing. A ``.py`` path is loaded from ``base_dir`` (once per file)."""
+    module_name, _, attr_path = ref.partition(":")
+    target: Any = _load_file_module(Path(base_dir) / module_name) if module_name.endswith(".py") else None
+    if target is None:
+        try:
+            target = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise NotFoundError(f"cannot import module {module_name!r} (for {ref!r}): {exc}") from exc
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise NotFoundError(f"{ref!r}: {module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise NotFoundError(f"{ref!r} is not callable")
+    return target
+
+
+def _load_file_module(path: Path) -> Any:
+    path = path.resolve()
+    if path in _FILE_MODULES:
+        return _FILE_MODULES[path]
+    if not path.is_file():
+        raise NotFoundError(f"python file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"tokiwa_step_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise NotFoundError(f"cannot load python file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _FILE_MODULES[path] = module
+    return module
+
+
+async def run_python(step: StepContext, params: dict[str, Any]) -> Any:
+    """Call ``callable(ctx, **kwargs)`` with the runner's NodeContext; sync ones in a thread."""
+    p = PythonParams.model_validate(params)
+    try:
+        fn = await asyncio.to_thread(import_callable, p.callable, step.base_dir)
+    except NotFoundError as exc:
+        raise StepExecutionError(f"step {step.step_id!r}: {exc}", node=step.step_id) from exc
+    return await call_maybe_async(fn, step.node, **p.kwargs)
+
+
+async def call_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Await ``fn`` if it is async, else run it in a thread; await an awaitable result."""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):  # noqa: B004
+        return await fn(*args, **kwargs)
+    value = await asyncio.to_thread(fn, *args, **kwargs)
+    return await value if inspect.isawaitable(value) else value
+
+
+# --- registry ---------------------------------------------------------------------------------
+_REGISTRY: dict[str, StepType] = {
+    name: StepType(name, fn, model, builtin=True)
+    for name, fn, model in (("shell", run_shell, ShellParams), ("file", run_file, FileParams),
+                            ("test", run_test, TestParams), ("docker", run_docker, DockerParams),
+                            ("python", run_python, PythonParams))
+}
+_entry_points_loaded = False
+
+
+def register_step_type(name: str, fn: Any, *, params_model: type[BaseModel] | None = None,
+                       replace: bool = False) -> StepType:
+    """Register a custom step type ``name`` -> ``fn(step, params)`` (sync or async)."""
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        raise InvalidArgumentError(f"step type name must be a non-blank word, got {name!r}")
+    step_type = _as_step_type(name, fn, params_model)
+    existing = _REGISTRY.get(name)
+    if existing is not None and not replace:
+        raise ConflictError(f"step type {name!r} is already registered; pass replace=True to override it")
+    _REGISTRY[name] = step_type
+    return step_type
+
+
+def unregister_step_type(name: str) -> bool:
+    """Remove a custom step type (built-ins stay); True if it was registered."""
+    existing = _REGISTRY.get(name)
+    if existing is None or existing.builtin:
+        return False
+    del _REGISTRY[name]
+    return True
+
+
+def _as_step_type(name: str, obj: Any, params_model: type[BaseModel] | None) -> StepType:
+    if isinstance(obj, StepType):
+        return StepType(name, obj.run, params_model or obj.params_model)
+    if inspect.isclass(obj):
+        params_model = params_model or getattr(obj, "params_model", None)
+        obj = obj()
+    run = getattr(obj, "run", None) if not inspect.isfunction(obj) else None
+    run = run if callable(run) else obj
+    if not callable(run):
+        raise InvalidArgumentError(f"step type {name!r} must be callable or have a run method, got {obj!r}")
+    if params_model is not None and not (inspect.isclass(params_model) and issubclass(params_model, BaseModel)):
+        raise InvalidArgumentError(f"step type {name!r}: params_model must be a pydantic model class")
+    return StepType(name, run, params_model or getattr(obj, "params_model", None))
+
+
+def load_entry_points(force: bool = False) -> list[str]:
+    """Register the step types of the ``tokiwa.steps`` entry points; returns their names.
+
+    A plug-in that fails to load is logged and skipped (one broken package must not stop
+    every workflow); one that clashes with a registered name is skipped with a warning.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded and not force:
+        return []
+    _entry_points_loaded = True
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            logger.warning("step type %r from %s ignored: the name is taken", ep.name, ep.value)
+            continue
+        try:
+            register_step_type(ep.name, ep.load())
+        except Exception:  # noqa: BLE001 - a broken plug-in is reported, not fatal
+            logger.warning("step type plug-in %r (%s) failed to load", ep.name, ep.value, exc_info=True)
+            continue
+        loaded.append(ep.name)
+    return loaded
+
+
+def get_step_type(name: str) -> StepType:
+    """The registered step type ``name`` (entry points are loaded on the first miss)."""
+    found = _REGISTRY.get(name)
+    if found is None:
+        load_entry_points()
+        found = _REGISTRY.get(name)
+    if found is None:
+        raise NotFoundError(f"unknown step type {name!r}; known: {', '.join(step_types())}")
+    return found
+
+
+def step_types() -> list[str]:
+    """Names of every registered step type, sorted."""
+    return sorted(_REGISTRY)
