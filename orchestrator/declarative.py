@@ -28,6 +28,7 @@ import json
 import re
 import tomllib
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -38,16 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from . import errors
 from .artifacts import FileArtifactStore
 from .config import default_state_dir
-from .errors import (
-    CyclicDependencyError,
-    NotFoundError,
-    StepExecutionError,
-    WorkflowFileError,
-)
+from .errors import CyclicDependencyError, NotFoundError, StepExecutionError, WorkflowFileError
 from .retry import RetryPolicy
 from .run_result import WorkflowRunResult
 from .runner import Runner
 from .steps import StepContext, call_maybe_async, get_step_type
+from .stores import RunStore
 from .templates import Redactor, evaluate, render, secrets_from_env, syntax_problem
 from .workflow import Node, Workflow
 
@@ -410,13 +407,14 @@ def _check_params(step_type: Any, params: dict[str, Any]) -> list[tuple[tuple, s
 
 async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any = None,  # noqa: A002
                             conversation_id: str | None = None, artifacts_dir: str | Path | None = None,
-                            runner: Runner | None = None) -> WorkflowRunResult:
+                            runner: Runner | None = None, store: RunStore | None = None) -> WorkflowRunResult:
     """Load ``path`` and run it here with the Runner (no Redis); return the run's result.
 
     Secrets must be set in the environment (checked before anything runs). Artifacts go to
     ``artifacts_dir`` > the file's ``artifacts_dir`` (relative to the file) >
     ``<state dir>/artifacts``, under a folder per run id. A workflow timeout returns the
-    partial result (status ``failed``) instead of raising.
+    partial result (status ``failed``) instead of raising. With ``store``, the run record
+    and its log lines are saved there.
     """
     workflow = load_workflow_file(path)
     secrets_from_env(workflow.spec.secrets)
@@ -427,7 +425,7 @@ async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any
     services = SimpleNamespace(artifacts=FileArtifactStore(root).scoped(run_id))
     options = workflow.run_options
     try:
-        return await (runner or Runner()).run(
+        result = await (runner or Runner()).run(
             workflow, input=input, context=context, conversation_id=conversation_id, run_id=run_id,
             concurrency=options["concurrency"], fail_fast=options["fail_fast"], timeout=options["timeout"],
             services=services)
@@ -435,4 +433,13 @@ async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any
         result = getattr(exc, "result", None)
         if result is None:
             raise
-        return result
+    if store is not None:
+        await store.save(result.to_record())
+        await store.append_logs(result.run_id, [format_log(entry) for entry in result.logs])
+    return result
+
+
+def format_log(entry: dict[str, Any]) -> str:
+    """One run log entry as a text line: ``2026-01-02T03:04:05.678Z INFO [node] message``."""
+    stamp = datetime.fromtimestamp(entry.get("timestamp", 0), tz=UTC).isoformat(timespec="milliseconds")
+    return f"{stamp.replace('+00:00', 'Z')} {entry.get('level', 'INFO')} [{entry.get('node', '-')}] {entry.get('message', '')}"

@@ -66,12 +66,10 @@ async def test_the_example_stores_an_artifact_listed_in_the_run_record(example_c
 
 
 async def test_secrets_never_reach_outputs_logs_or_the_stored_run_record(example_copy, tmp_path):
-    result = await run_workflow_file(example_copy, {"who": "Ada"}, artifacts_dir=tmp_path / "a")
     store = InMemoryRunStore()
-    await store.save(result.to_record())
-    await store.append_logs(result.run_id, [log["message"] for log in result.logs])
+    result = await run_workflow_file(example_copy, {"who": "Ada"}, artifacts_dir=tmp_path / "a", store=store)
     stored = json.dumps(await store.get(result.run_id)) + json.dumps(await store.get_logs(result.run_id))
-    assert "summarizing with token ***" in stored
+    assert "[summarize] summarizing with token ***" in stored
     assert "tok-SECRET-42" not in stored and "tok-SECRET-42" not in json.dumps(result.logs)
 
 
