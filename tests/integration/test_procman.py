@@ -421,3 +421,29 @@ def test_kill_9_of_the_supervisor_leaves_no_orphan(subprocess_env):
     finally:
         for child in children:
             _kill_group(child)
+
+
+def test_a_real_worker_starts_detached_shows_in_ps_and_ps_cluster_and_stops_gracefully(
+        subprocess_env, tmp_path, redis_url, namespace):
+    (tmp_path / "lifecycle_app.py").write_text("from orchestrator import Orchestrator\napp = Orchestrator()\n")
+    redis_args = ["--redis-url", redis_url, "--namespace", namespace]
+    try:
+        started = _cli(["start", "--name", "w1", "--app", "lifecycle_app:app", *redis_args], subprocess_env, tmp_path)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith("started w1 (pid ")
+        local = json.loads(_cli(["ps", "--json"], subprocess_env, tmp_path).stdout)
+        assert [(r["name"], r["status"]) for r in local] == [("w1", "alive")]
+        pid = local[0]["pid"]
+
+        def cluster() -> list[dict]:
+            return json.loads(_cli(["ps", "--cluster", "--json", *redis_args], subprocess_env, tmp_path).stdout)
+
+        wait_until(lambda: [r["pid"] for r in cluster()] == [pid], timeout_s=20, what="the heartbeat")
+        wait_until(lambda: "running" in _cli(["logs", "w1", "--err"], subprocess_env, tmp_path).stdout,
+                   timeout_s=20, what="the worker's start line")
+        stopped = _cli(["stop", "w1", "--grace-s", "20"], subprocess_env, tmp_path)
+        assert stopped.returncode == 0 and f"w1 (pid {pid}): stopped" in stopped.stdout
+        assert not pid_alive(pid)
+        assert cluster() == []  # a clean exit removes its heartbeat
+    finally:
+        _cli(["stop", "--all", "--grace-s", "1"], subprocess_env, tmp_path)
