@@ -351,6 +351,9 @@ class _Run:
     async def _invoke(self, node: Node, ctx: NodeContext) -> Any:
         if node.is_async:
             return await node.handler(ctx)
+        if node.inline:
+            output = node.handler(ctx)
+            return await output if inspect.isawaitable(output) else output
         executor = self.runner.executor
         if executor is None:
             output = await asyncio.to_thread(node.handler, ctx)

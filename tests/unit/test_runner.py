@@ -506,3 +506,8 @@ async def test_a_shared_executor_runs_sync_handlers_when_given():
         result = await Runner(executor=pool).run(
             Workflow("x", [Node("a", lambda ctx: threading.current_thread().name)]))
     assert result.output_of("a").startswith("tokiwa-test")
+
+
+async def test_an_inline_sync_handler_runs_on_the_loop_thread():
+    result = await Runner().run(Workflow("i", [Node("a", lambda ctx: threading.get_ident(), inline=True)]))
+    assert result.output_of("a") == threading.get_ident()
