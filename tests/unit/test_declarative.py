@@ -499,3 +499,32 @@ def test_load_workflow_spec_builds_from_a_dict_and_names_bad_fields():
     assert workflow.nodes[0].name == "a"
     with pytest.raises(WorkflowFileError, match=r"secrets\b.*environment variable names"):
         load_workflow_spec({"name": "d", "secrets": ["not valid"], "steps": [{"id": "a", "type": "test"}]})
+
+
+async def test_secrets_are_redacted_in_the_errors_of_failed_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOY_KEY", "k3y-VALUE")
+    result = await run_yaml(tmp_path, """
+        name: leaky
+        secrets: [DEPLOY_KEY]
+        steps:
+          - id: s
+            type: shell
+            params: {argv: [sh, -c, 'echo "bad key $0" >&2; exit 1', "{{ secrets.DEPLOY_KEY }}"]}
+    """)
+    record = json.dumps(result.to_record())
+    assert "bad key ***" in result.nodes["s"].error["message"]
+    assert "k3y-VALUE" not in record
+    assert result.nodes["s"].exception.stderr == "bad key ***\n"
+
+
+def test_a_when_syntax_error_is_reported_at_load_with_its_line(tmp_path):
+    path = write(tmp_path, "when.yaml", """
+        name: w
+        steps:
+          - id: a
+            type: test
+            when: "input.x =="
+            params: {expression: "true"}
+    """)
+    with pytest.raises(WorkflowFileError, match=r"line 5: steps\[0\]\.when: template syntax error"):
+        load_workflow_file(path)
