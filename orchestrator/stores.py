@@ -63,14 +63,10 @@ def check_record(record: Any) -> dict[str, Any]:
     return record
 
 
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InvalidArgumentError(f"limit must be a positive integer or None, got {limit!r}")
-
-
-def _check_tail(tail: int | None) -> None:
-    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
-        raise InvalidArgumentError(f"tail must be a non-negative integer or None, got {tail!r}")
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    """``value`` must be None or an integer >= ``minimum`` (limit >= 1, tail and keep >= 0)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
 
 
 def _check_prune(older_than_s: float | None, keep: int | None) -> None:
@@ -78,8 +74,7 @@ def _check_prune(older_than_s: float | None, keep: int | None) -> None:
         raise InvalidArgumentError("prune needs older_than_s, keep, or both")
     if older_than_s is not None and (not isinstance(older_than_s, (int, float)) or older_than_s < 0):
         raise InvalidArgumentError(f"older_than_s must be >= 0, got {older_than_s!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
-        raise InvalidArgumentError(f"keep must be a non-negative integer, got {keep!r}")
+    _check_count("keep", keep, 0)
 
 
 def matches(record: dict[str, Any], status: str | None, workflow: str | None) -> bool:
@@ -182,7 +177,7 @@ class InMemoryRunStore(RunStore):
         return copy.deepcopy(found) if found is not None else None
 
     async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
-        _check_limit(limit)
+        _check_count("limit", limit, 1)
         chosen = [r for r in self._records.values() if matches(r, status, workflow)]
         return [copy.deepcopy(r) for r in newest_first(chosen)[:limit]]
 
@@ -201,7 +196,7 @@ class InMemoryRunStore(RunStore):
         buffer.extend(_check_lines(lines))
 
     async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
-        _check_tail(tail)
+        _check_count("tail", tail, 0)
         return _tail(list(self._logs.get(check_run_id(run_id), ())), tail)
 
 
@@ -261,7 +256,7 @@ class FileRunStore(RunStore):
         return await asyncio.to_thread(self._read, self._path(run_id))
 
     async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
-        _check_limit(limit)
+        _check_count("limit", limit, 1)
         records = await asyncio.to_thread(self._all)
         return newest_first(r for r in records if matches(r, status, workflow))[:limit]
 
@@ -303,7 +298,7 @@ class FileRunStore(RunStore):
             await asyncio.to_thread(self._append_sync, run_id, checked)
 
     async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
-        _check_tail(tail)
+        _check_count("tail", tail, 0)
         lines = await asyncio.to_thread(self._read_logs, check_run_id(run_id))
         return _tail(lines[-self.max_log_lines :], tail)
 
@@ -356,6 +351,10 @@ class RedisRunStore(RunStore):
             raise InvalidArgumentError(f"retention_s must be > 0, got {retention_s!r}")
         if max_log_lines < 1:
             raise InvalidArgumentError(f"max_log_lines must be >= 1, got {max_log_lines!r}")
+        pool = getattr(redis_client, "connection_pool", None)
+        if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
+            raise InvalidArgumentError("RedisRunStore needs a client with decode_responses=False "
+                                       "(records are msgpack bytes)")
         self.redis = redis_client
         self.keys = keys or Keys()
         self.retention_s = retention_s
@@ -392,7 +391,7 @@ class RedisRunStore(RunStore):
         return [(rid, None if raw is None else msgpack.unpackb(raw, raw=False)) for rid, raw in zip(run_ids, raws, strict=True)]
 
     async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
-        _check_limit(limit)
+        _check_count("limit", limit, 1)
         found: list[dict[str, Any]] = []
         dangling: list[str] = []
         start = 0
@@ -436,7 +435,7 @@ class RedisRunStore(RunStore):
             await pipe.execute()
 
     async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
-        _check_tail(tail)
+        _check_count("tail", tail, 0)
         if tail == 0:
             return []
         start = 0 if tail is None else -tail

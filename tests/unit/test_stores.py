@@ -232,3 +232,12 @@ async def test_redis_store_save_trims_index_entries_older_than_the_retention(red
 def test_redis_store_rejects_a_non_positive_retention():
     with pytest.raises(InvalidArgumentError, match="retention_s"):
         RedisRunStore(object(), Keys("x"), retention_s=0)
+
+
+async def test_redis_store_refuses_a_client_that_decodes_responses(redis_url):
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(InvalidArgumentError, match="decode_responses=False"):
+            RedisRunStore(client, Keys("x"))
+    finally:
+        await client.aclose()
