@@ -169,12 +169,12 @@ class Relay:
             raise StateError(f"relay already {self._state}; create a new Relay to start again")
         self._state = "running"
         await self._transport.start()
-        self._spawn(self._heartbeat_loop())
         if self._event_re is not None:
             self._spawn(self._event_loop())
         for slot in self._slots.values():
             child, error = await self._launch(slot)
             self._supervisors.add(self._spawn(self._supervise(slot, child, error)))
+        self._spawn(self._heartbeat_loop())
         log.info("relay %s started %d task(s) on %s", self.relay_id, len(self._slots), self.host)
 
     async def stop(self) -> None:
