@@ -157,7 +157,7 @@ class _Run:
         timer = None if timeout is None else self.loop.call_later(timeout, self._on_timeout, timeout)
         try:
             await self._schedule()
-        except asyncio.CancelledError:
+        except BaseException:  # the caller was cancelled (or a bug): stop every node we started
             self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: run interrupted"))
             await asyncio.shield(self._drain())
             raise
