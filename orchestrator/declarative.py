@@ -34,7 +34,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import errors
 from .artifacts import FileArtifactStore
@@ -117,12 +117,13 @@ class WorkflowSpec(_Spec):
     artifacts_dir: str | None = None
     steps: list[StepSpec] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _secret_names(self) -> WorkflowSpec:
-        bad = [s for s in self.secrets if not re.match(_ENV_NAME, s)]
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, names: list[str]) -> list[str]:
+        bad = [s for s in names if not re.match(_ENV_NAME, s)]
         if bad:
             raise ValueError(f"secrets must be environment variable names, got {bad}")
-        return self
+        return names
 
 
 class DeclarativeWorkflow(Workflow):
@@ -269,8 +270,12 @@ def _yaml_lines(text: str, file: Path, strict: bool = True) -> dict[tuple, int]:
         return {}
     lines: dict[tuple, int] = {}
     stack: list[tuple[tuple, Any]] = [((), root)] if root is not None else []
+    visited: set[int] = set()  # aliases share nodes: visit each once (recursive aliases exist)
     while stack:
         path, node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         lines.setdefault(path, node.start_mark.line + 1)  # a key's line beats its value's
         if isinstance(node, yaml.MappingNode):
             seen: set[Any] = set()

@@ -497,8 +497,21 @@ def test_load_workflow_spec_builds_from_a_dict_and_names_bad_fields():
     workflow = load_workflow_spec({"name": "d", "steps": [{"name": "a", "type": "test",
                                                           "params": {"expression": "true"}}]})
     assert workflow.nodes[0].name == "a"
-    with pytest.raises(WorkflowFileError, match=r"secrets\b.*environment variable names"):
+    with pytest.raises(WorkflowFileError, match="environment variable names") as info:
         load_workflow_spec({"name": "d", "secrets": ["not valid"], "steps": [{"id": "a", "type": "test"}]})
+    assert info.value.field == "secrets" and info.value.line is None
+
+
+def test_yaml_aliases_are_allowed_and_do_not_confuse_line_numbers(tmp_path):
+    path = write(tmp_path, "alias.yaml", """
+        name: alias
+        variables: {common: &c {expression: "true"}}
+        steps:
+          - {id: a, type: test, params: *c}
+          - {id: b, type: nope, params: *c}
+    """)
+    with pytest.raises(WorkflowFileError, match=r"line 5: steps\[1\]\.type"):
+        load_workflow_file(path)
 
 
 async def test_secrets_are_redacted_in_the_errors_of_failed_commands(tmp_path, monkeypatch):
