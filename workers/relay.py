@@ -28,13 +28,11 @@ import asyncio
 import inspect
 import logging
 import os
-import signal
 import socket
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -42,10 +40,11 @@ from redis.exceptions import RedisError
 from orchestrator.errors import BrokerError, InvalidArgumentError, RelayError, StateError
 from orchestrator.keys import Keys
 
-from .relay_child import ChildProcess
+from .relay_child import ChildProcess, TaskExit
 from .relay_commands import SystemCommands
 from .relay_config import RelayConfig, TaskConfig
-from .relay_protocol import ERROR_TOPIC, Output, encode_counted, encode_line
+from .relay_protocol import ERROR_TOPIC, Output
+from .relay_topics import TopicTable
 from .relay_transport import RelayTransport
 
 log = logging.getLogger("tokiwa.relay")
@@ -56,43 +55,6 @@ STABLE_AFTER_S = 10.0
 EVENT_QUEUE_MAX = 10_000
 #: how long stop() lets the publisher flush messages already queued for Redis.
 FLUSH_ON_STOP_S = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class TaskExit:
-    """What ``on_task_exit`` receives when a child process ends (or could not start).
-
-    ``code`` is the exit code, negative when a signal killed it (``-9`` = SIGKILL), None
-    when the process never started (``error`` says why).
-    """
-
-    task: str
-    task_id: str
-    pid: int | None
-    code: int | None
-    failed: bool
-    restarting: bool
-    restart_in_s: float | None
-    restarts: int
-    host: str
-    relay_id: str
-    error: str | None = None
-    function_of: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        if self.code is None:
-            return f"task {self.task} failed to start: {self.error}"
-        if self.code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-self.code).name}"
-            except ValueError:
-                how = f"was killed by signal {-self.code}"
-        else:
-            how = f"exited with code {self.code}"
-        return f"task {self.task} (pid {self.pid}) {how}"
 
 
 TaskExitHandler = Callable[[TaskExit], "Awaitable[None] | None"]
@@ -152,7 +114,7 @@ class Relay:
         self._transport = RelayTransport(redis_url, self.keys, self.relay_id, self.host, self._on_remote)
         self._slots = {spec.task_name: _Slot(spec) for spec in config.tasks}
         self._functions: dict[ChildProcess, ChildProcess | None] = {}  # instance -> caller
-        self._subs: dict[str, dict[ChildProcess, None]] = {}
+        self.topics = TopicTable()
         self._event_re = config.publish_events_regex()
         self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue(EVENT_QUEUE_MAX)
         self._commands = SystemCommands(self)
@@ -220,7 +182,7 @@ class Relay:
             return None, exc
         slot.child, slot.state = child, "running"
         for topic in slot.spec.subscribe_topics:
-            self.subscribe(child, topic)
+            self.topics.subscribe(child, topic)
         return child, None
 
     def _backoff(self, slot: _Slot, failed: bool) -> float | None:
@@ -288,7 +250,7 @@ class Relay:
         await child.start()
         self._functions[child] = caller
         for topic in spec.subscribe_topics:
-            self.subscribe(child, topic)
+            self.topics.subscribe(child, topic)
         self._spawn(self._await_function(child))
         return child
 
@@ -300,7 +262,7 @@ class Relay:
 
     def _retire(self, child: ChildProcess) -> None:
         """Forget an exited child: its subscriptions go (as upstream), its counters stay."""
-        self.unsubscribe_all(child)
+        self.topics.remove(child)
         self.counters["overflow_exited"] += child.overflow
         self.counters["undelivered_at_exit"] += child.undelivered_at_exit
 
@@ -325,7 +287,7 @@ class Relay:
 
     def route(self, topic: str, message: str, task: str) -> None:
         """Deliver a message from a local task: local subscribers, Redis, publish_events."""
-        self._deliver_local(topic, message)
+        self.topics.deliver(topic, message)
         self._transport.publish_nowait(topic, message, task)
         if self._event_re is not None and self._event_re.match(topic):
             try:
@@ -334,20 +296,7 @@ class Relay:
                 self.counters["events_dropped"] += 1
 
     def _on_remote(self, topic: str, message: str, host: str, task: str) -> None:
-        self._deliver_local(topic, message)
-
-    def _deliver_local(self, topic: str, message: str) -> None:
-        subs = self._subs.get(topic)
-        if not subs:
-            return
-        line = counted = None
-        for child in list(subs):
-            if child.framing == "line":
-                line = line or encode_line(topic, message)
-                child.deliver(line)
-            else:
-                counted = counted or encode_counted(topic, message)
-                child.deliver(counted)
+        self.topics.deliver(topic, message)
 
     async def publish_topic(self, topic: str, message: str) -> None:
         """Publish ``message`` on ``topic`` from code (a workflow node): local subscribers
@@ -358,7 +307,7 @@ class Relay:
             raise InvalidArgumentError(f"a topic message must be a str, got {type(message).__name__}")
         if self._state != "running":
             raise StateError("relay is not running")
-        self._deliver_local(topic, message)
+        self.topics.deliver(topic, message)
         await self._transport.publish(topic, message, "")
 
     async def _event_loop(self) -> None:
@@ -366,28 +315,6 @@ class Relay:
             topic, message = await self._events.get()
             self.counters["events"] += 1
             await self._call_hook(self.on_topic_event, topic, message)
-
-    # -- subscriptions -------------------------------------------------------------------
-    def subscribe(self, child: ChildProcess, topic: str) -> None:
-        """Subscribe ``child`` to ``topic`` (idempotent: subscribing twice is one subscription)."""
-        self._subs.setdefault(topic, {})[child] = None
-
-    def unsubscribe(self, child: ChildProcess, topic: str) -> bool:
-        """Remove one subscription; False when ``child`` was not subscribed to ``topic``."""
-        subs = self._subs.get(topic)
-        if not subs or child not in subs:
-            return False
-        del subs[child]
-        if not subs:
-            del self._subs[topic]
-        return True
-
-    def unsubscribe_all(self, child: ChildProcess) -> None:
-        for topic in [t for t, subs in self._subs.items() if child in subs]:
-            self.unsubscribe(child, topic)
-
-    def topics_of(self, child: ChildProcess) -> list[str]:
-        return [t for t, subs in self._subs.items() if child in subs]
 
     # -- state ---------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -403,7 +330,7 @@ class Relay:
         return {
             "host": self.host, "pid": os.getpid(),
             "tasks": [{"name": c.name, "id": c.task_id, "pid": c.pid} for c in self._children()],
-            "topics": sorted(self._subs),
+            "topics": self.topics.topics(),
         }
 
     def _children(self) -> list[ChildProcess]:
@@ -420,14 +347,14 @@ class Relay:
         return {
             "relay": self.relay_id,
             "tasks": [self._task_status(s) for s in self._slots.values()]
-            + [dict(c.snapshot(), state="running", topics=self.topics_of(c)) for c in self._functions],
-            "topics": [{"name": t, "subscribers": len(s)} for t, s in sorted(self._subs.items())],
+            + [dict(c.snapshot(), state="running", topics=self.topics.topics_of(c)) for c in self._functions],
+            "topics": self.topics.counts(),
             "hosts": [me, *peers],
         }
 
     def _task_status(self, slot: _Slot) -> dict[str, Any]:
         base: dict[str, Any] = slot.child.snapshot() if slot.child else {"name": slot.spec.task_name, "pid": None}
-        topics = self.topics_of(slot.child) if slot.child else []
+        topics = self.topics.topics_of(slot.child) if slot.child else []
         return dict(base, state=slot.state, restarts=slot.restarts, topics=topics)
 
     def snapshot(self) -> dict[str, Any]:

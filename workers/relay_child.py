@@ -23,7 +23,9 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import RelayError
 
@@ -46,6 +48,44 @@ except (OSError, AttributeError):  # not Linux: no parent-death signal, shutdown
     _prctl = None
 
 OutputHandler = Callable[["ChildProcess", Output, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskExit:
+    """What ``on_task_exit`` receives when a child process ends (or could not start).
+
+    ``code`` is the exit code, negative when a signal killed it (``-9`` = SIGKILL), None
+    when the process never started (``error`` says why).
+    """
+
+    task: str
+    task_id: str
+    pid: int | None
+    code: int | None
+    failed: bool
+    restarting: bool
+    restart_in_s: float | None
+    restarts: int
+    host: str
+    relay_id: str
+    error: str | None = None
+    function_of: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.code is None:
+            return f"task {self.task} failed to start: {self.error}"
+        if self.code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-self.code).name}"
+            except ValueError:
+                how = f"was killed by signal {-self.code}"
+        else:
+            how = f"exited with code {self.code}"
+        return f"task {self.task} (pid {self.pid}) {how}"
+
 
 
 def new_task_id() -> str:

@@ -75,14 +75,14 @@ class SystemCommands:
     def subscribe(self, child: ChildProcess, name: str, arg: str) -> None:
         topic = self._topic_arg(child, name, arg)
         if topic is not None:
-            self.relay.subscribe(child, topic)
+            self.relay.topics.subscribe(child, topic)
             self.reply(child, name, True, topic)
 
     def unsubscribe(self, child: ChildProcess, name: str, arg: str) -> None:
         topic = self._topic_arg(child, name, arg)
         if topic is None:
             return
-        if self.relay.unsubscribe(child, topic):
+        if self.relay.topics.unsubscribe(child, topic):
             self.reply(child, name, True, topic)
         else:
             self.reply(child, name, False, f"not subscribed to {topic}")
