@@ -69,6 +69,12 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
         raise InvalidArgumentError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
 
 
+def _check_max_lines(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"max_log_lines must be an integer >= 1, got {value!r}")
+    return value
+
+
 def _check_prune(older_than_s: float | None, keep: int | None) -> None:
     if older_than_s is None and keep is None:
         raise InvalidArgumentError("prune needs older_than_s, keep, or both")
@@ -163,7 +169,7 @@ class InMemoryRunStore(RunStore):
     """Records in a dict (deep copies in and out, so callers cannot change stored runs)."""
 
     def __init__(self, *, max_log_lines: int = DEFAULT_MAX_LOG_LINES, clock: Callable[[], float] = time.time):
-        self.max_log_lines = max_log_lines
+        self.max_log_lines = _check_max_lines(max_log_lines)
         self._clock = clock
         self._records: dict[str, dict[str, Any]] = {}
         self._logs: dict[str, deque[str]] = {}
@@ -216,7 +222,7 @@ class FileRunStore(RunStore):
         clock: Callable[[], float] = time.time,
     ):
         self.directory = Path(directory)
-        self.max_log_lines = max_log_lines
+        self.max_log_lines = _check_max_lines(max_log_lines)
         self._clock = clock
 
     def _path(self, run_id: str) -> Path:
@@ -242,9 +248,11 @@ class FileRunStore(RunStore):
             return []
         records = []
         for path in self.directory.glob("*.json"):
-            record = self._read(path)
-            if isinstance(record, dict) and "run_id" in record and "started_at" in record:
-                records.append(record)
+            try:
+                record = check_record(self._read(path))
+            except (InvalidArgumentError, ValueError):  # a foreign or corrupt file: not a run
+                continue
+            records.append(record)
         return records
 
     async def save(self, record: dict[str, Any]) -> None:
@@ -349,8 +357,6 @@ class RedisRunStore(RunStore):
     ):
         if retention_s <= 0:
             raise InvalidArgumentError(f"retention_s must be > 0, got {retention_s!r}")
-        if max_log_lines < 1:
-            raise InvalidArgumentError(f"max_log_lines must be >= 1, got {max_log_lines!r}")
         pool = getattr(redis_client, "connection_pool", None)
         if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
             raise InvalidArgumentError("RedisRunStore needs a client with decode_responses=False "
@@ -358,7 +364,7 @@ class RedisRunStore(RunStore):
         self.redis = redis_client
         self.keys = keys or Keys()
         self.retention_s = retention_s
-        self.max_log_lines = max_log_lines
+        self.max_log_lines = _check_max_lines(max_log_lines)
         self._clock = clock
 
     @property

@@ -241,3 +241,22 @@ async def test_redis_store_refuses_a_client_that_decodes_responses(redis_url):
             RedisRunStore(client, Keys("x"))
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: InMemoryRunStore(max_log_lines=0),
+    lambda tmp: FileRunStore(tmp, max_log_lines=0),
+    lambda tmp: RedisRunStore(object(), Keys("x"), max_log_lines=0),
+])
+def test_every_store_rejects_a_log_cap_below_one(tmp_path, make):
+    with pytest.raises(InvalidArgumentError, match="max_log_lines"):
+        make(tmp_path)
+
+
+async def test_file_store_ignores_json_files_that_are_not_runs(tmp_path):
+    store = FileRunStore(tmp_path)
+    await store.save(record("r1", NOW))
+    (tmp_path / "notes.json").write_text('{"hello": 1}')
+    (tmp_path / "broken.json").write_text("{not json")
+    assert [r["run_id"] for r in await store.list()] == ["r1"]
+    assert await store.prune(keep=0) == 1
