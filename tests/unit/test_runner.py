@@ -511,3 +511,24 @@ async def test_a_shared_executor_runs_sync_handlers_when_given():
 async def test_an_inline_sync_handler_runs_on_the_loop_thread():
     result = await Runner().run(Workflow("i", [Node("a", lambda ctx: threading.get_ident(), inline=True)]))
     assert result.output_of("a") == threading.get_ident()
+
+
+async def test_an_empty_workflow_succeeds_at_once():
+    result = await Runner().run(Workflow("empty"))
+    assert result.status == "succeeded" and result.nodes == {}
+    assert [e["type"] for e in result.timeline] == ["run_start", "run_complete"]
+
+
+async def test_a_run_id_cannot_be_used_twice_at_the_same_time():
+    release = asyncio.Event()
+
+    async def wait(ctx):
+        await release.wait()
+
+    runner = Runner()
+    first = asyncio.create_task(runner.run(Workflow("w", [Node("a", wait)]), run_id="same"))
+    await asyncio.sleep(0)
+    with pytest.raises(errors.ConflictError, match="'same' is already running"):
+        await runner.run(Workflow("w2", [Node("a", wait)]), run_id="same")
+    release.set()
+    assert (await first).status == "succeeded"

@@ -157,3 +157,13 @@ def test_node_detects_async_handlers_including_async_callable_objects():
 def test_node_keeps_its_retry_policy_and_timeout():
     node = Node("charge", noop, retry=RetryPolicy(max_attempts=3), timeout=5)
     assert node.retry.max_attempts == 3 and node.timeout == 5.0
+
+
+def test_ids_are_pinned_so_a_change_of_namespace_cannot_slip_through():
+    # Hosts running different versions must agree: these literals must never change.
+    assert workflow_id_for("order-flow") == "8bd5bbac-8e91-5327-b2aa-d70d31ecd9da"
+    assert node_id_for("order-flow", "validate") == "376a69bd-415a-5095-8e5f-757093931056"
+
+
+def test_an_empty_workflow_has_an_empty_plan():
+    assert Workflow("empty").get_execution_plan() == []
