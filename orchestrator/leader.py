@@ -45,12 +45,17 @@ def default_holder_id() -> str:
 class LeaderElector:
     """Campaigns for leadership of ``role`` until :meth:`stop`.
 
+    A leader renews every ``renew_ms`` (default ttl/3); a follower tries to take the lease
+    every ``retry_ms`` (default ``renew_ms``), so after a leader dies another one leads
+    within ``ttl_ms + retry_ms``.
+
     ``on_elected(epoch)`` and ``on_demoted()`` may be plain or async callables; their
     errors are logged, never fatal. ``clock`` needs ``monotonic()`` and ``async sleep(s)``.
     """
 
     def __init__(self, redis: Any, keys: Keys, role: str = "cron", holder_id: str | None = None, *,
-                 ttl_ms: int = 15_000, renew_ms: int | None = None, safety_margin_ms: int | None = None,
+                 ttl_ms: int = 15_000, renew_ms: int | None = None, retry_ms: int | None = None,
+                 safety_margin_ms: int | None = None,
                  clock: Any = None, on_elected: Callback | None = None,
                  on_demoted: Callback | None = None) -> None:
         if not isinstance(role, str) or not role.strip():
@@ -60,6 +65,9 @@ class LeaderElector:
         if not isinstance(margin, int) or not 0 <= margin < ttl_ms - self.renew_ms:
             raise InvalidArgumentError(
                 f"safety_margin_ms must be in [0, ttl_ms - renew_ms), got {safety_margin_ms!r}")
+        self.retry_ms = self.renew_ms if retry_ms is None else retry_ms
+        if not isinstance(self.retry_ms, int) or self.retry_ms < 1:
+            raise InvalidArgumentError(f"retry_ms must be an integer >= 1, got {retry_ms!r}")
         self.redis, self.keys, self.role = redis, keys, role
         self.holder_id = holder_id or default_holder_id()
         self.ttl_ms, self.safety_margin_ms = ttl_ms, margin
@@ -146,9 +154,9 @@ class LeaderElector:
     async def _run(self) -> None:
         while not self._stopping.is_set():
             await self._round()
-            delay = self.renew_ms / 1000
-            if self._epoch is not None:  # wake in time to notice the end of validity
-                delay = max(0.0, min(delay, self._valid_until - self.clock.monotonic()))
+            delay = self.retry_ms / 1000  # a follower campaigns this often
+            if self._epoch is not None:  # a leader renews, waking in time to see validity end
+                delay = max(0.0, min(self.renew_ms / 1000, self._valid_until - self.clock.monotonic()))
             await self.clock.sleep(delay)
 
     async def start(self) -> None:

@@ -1,0 +1,326 @@
+"""Leader election and LeaderScheduler on a real redis-server, in-process and as three real
+processes that are SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from orchestrator.cron import parse_slot, slot_iso
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.keys import Keys
+from orchestrator.leader import LeaderElector
+from orchestrator.scheduler import LeaderScheduler
+
+PROC = Path(__file__).parent / "procs" / "leader_scheduler.py"
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def aredis(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(namespace):
+    return Keys(namespace)
+
+
+def elector(aredis, keys, **options):
+    options.setdefault("ttl_ms", 1_000)
+    return LeaderElector(aredis, keys, "cron", **options)
+
+
+class WallClock:
+    """A settable wall clock for the scheduler side (leases keep the real monotonic clock)."""
+
+    def __init__(self) -> None:
+        self.t = T0
+
+    def now(self) -> datetime:
+        return self.t
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0.01)
+
+
+# -- LeaderElector ---------------------------------------------------------------------------
+async def test_the_first_candidate_becomes_leader_with_a_fencing_epoch(aredis, keys):
+    first, second = elector(aredis, keys), elector(aredis, keys)
+    assert await first.try_acquire() is True
+    assert await second.try_acquire() is False
+    assert first.is_leader and not second.is_leader
+    assert first.epoch == int(await aredis.get(keys.leader_epoch("cron")))
+    assert await second.current_leader() == first.holder_id
+    await first.stop()
+
+
+async def test_stop_releases_the_lease_so_another_candidate_leads_at_once(aredis, keys):
+    first, second = elector(aredis, keys), elector(aredis, keys)
+    await first.try_acquire()
+    epoch = first.epoch
+    await first.stop()
+    assert not first.is_leader
+    assert await second.try_acquire() is True
+    assert second.epoch == epoch + 1
+    await second.stop()
+
+
+async def test_callbacks_report_election_and_demotion(aredis, keys):
+    seen: list[object] = []
+    first = elector(aredis, keys, renew_ms=50, on_elected=seen.append,
+                    on_demoted=lambda: seen.append("demoted"))
+    await first.start()
+    for _ in range(100):
+        if first.is_leader:
+            break
+        await asyncio.sleep(0.01)
+    await first.stop()
+    assert len(seen) == 2 and isinstance(seen[0], int) and seen[0] >= 1
+    assert seen[1] == "demoted"
+
+
+async def test_a_leader_whose_lease_was_taken_steps_down_on_its_next_renewal(aredis, keys):
+    demoted = asyncio.Event()
+    first = elector(aredis, keys, renew_ms=30, on_demoted=demoted.set)
+    await first.start()
+    while not first.is_leader:
+        await asyncio.sleep(0.01)
+    await aredis.set(keys.leader("cron"), "someone-else", px=5_000)
+    await asyncio.wait_for(demoted.wait(), 2)
+    assert not first.is_leader
+    await first.stop()
+    assert await aredis.get(keys.leader("cron")) == b"someone-else"
+
+
+async def test_a_leader_that_cannot_reach_redis_steps_down_before_its_lease_expires(own_redis):
+    """Redis stops answering (CLIENT PAUSE): renewals hang, and the leader must consider
+    itself a follower before ttl has passed since its last successful renewal."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    keys = Keys("freeze")
+    leader = LeaderElector(client, keys, "cron", ttl_ms=1_000, renew_ms=200, safety_margin_ms=200)
+    await leader.try_acquire()
+    renewed_at = time.monotonic()
+    await leader.start()
+    blocker = aioredis.Redis.from_url(own_redis.url)
+    await blocker.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+    try:
+        for _ in range(300):
+            if not leader.is_leader:
+                break
+            await asyncio.sleep(0.01)
+        stepped_down_after = time.monotonic() - renewed_at
+    finally:
+        await blocker.execute_command("CLIENT", "UNPAUSE")
+        await leader.stop()
+        await blocker.aclose()
+        await client.aclose()
+    assert stepped_down_after < 1.0
+
+
+@pytest.mark.parametrize("options", [{"role": " "}, {"ttl_ms": 1_000, "safety_margin_ms": 900},
+                                     {"ttl_ms": 1_000, "retry_ms": 0}])
+def test_bad_election_settings_are_refused(aredis, keys, options):
+    with pytest.raises(InvalidArgumentError):
+        LeaderElector(aredis, keys, **{"role": "cron", **options})
+
+
+# -- LeaderScheduler (one process, wall clock set by the test) -------------------------------
+async def leader_scheduler(aredis, keys, clock, policy="latest", **options):
+    el = elector(aredis, keys, ttl_ms=5_000, clock=clock)
+    sched = LeaderScheduler(el, aredis, keys, missed_policy=policy, clock=clock, tz="UTC", **options)
+    fired: list[datetime] = []
+    sched.add_job("* * * * * *", "sec", lambda name, slot: fired.append(slot))
+    return sched, el, fired
+
+
+async def test_a_follower_fires_nothing(aredis, keys):
+    clock = WallClock()
+    sched, el, fired = await leader_scheduler(aredis, keys, clock)
+    await aredis.set(keys.leader("cron"), "other", px=5_000)
+    await sched.tick(T0)
+    assert await sched.tick(T0 + timedelta(seconds=3)) == []
+    await sched.stop()
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("latest", [5]), ("all", [1, 2, 3, 4, 5]), ("none", [5])])
+async def test_a_new_leader_handles_missed_slots_by_policy(aredis, keys, policy, expected):
+    """The previous leader last fired T0; this one is elected at T0+5.5 s, having last
+    checked (as a follower) at T0+4.5 s."""
+    clock = WallClock()
+    sched, el, fired = await leader_scheduler(aredis, keys, clock, policy)
+    await aredis.set(keys.cron_last("sec"), slot_iso(T0))
+    await sched.tick(T0 + timedelta(seconds=4.5))  # still a follower
+    await el.try_acquire()
+    got = await sched.tick(T0 + timedelta(seconds=5.5))
+    await sched.stop()
+    assert [int((slot - T0).total_seconds()) for _, slot in got] == expected
+    assert parse_slot(await aredis.get(keys.cron_last("sec"))) == T0 + timedelta(seconds=5)
+
+
+async def test_missed_slots_older_than_the_window_are_not_fired(aredis, keys):
+    clock = WallClock()
+    sched, el, fired = await leader_scheduler(aredis, keys, clock, "all", missed_window_s=2)
+    await aredis.set(keys.cron_last("sec"), slot_iso(T0))
+    await el.try_acquire()
+    got = await sched.tick(T0 + timedelta(seconds=10.5))
+    await sched.stop()
+    assert [int((slot - T0).total_seconds()) for _, slot in got] == [9, 10]
+
+
+async def test_a_leader_fires_every_slot_of_its_term_even_after_a_slow_check(aredis, keys):
+    clock = WallClock()
+    sched, el, fired = await leader_scheduler(aredis, keys, clock, "latest")
+    await el.try_acquire()
+    await sched.tick(T0 + timedelta(seconds=0.5))
+    got = await sched.tick(T0 + timedelta(seconds=3.5))
+    await sched.stop()
+    assert [int((slot - T0).total_seconds()) for _, slot in got] == [1, 2, 3]
+
+
+async def test_a_slot_fired_by_one_leader_is_not_fired_again_by_the_next(aredis, keys):
+    clock = WallClock()
+    first, el1, fired1 = await leader_scheduler(aredis, keys, clock, "all")
+    await el1.try_acquire()
+    await first.tick(T0)
+    await first.tick(T0 + timedelta(seconds=2.5))  # fires 1, 2
+    await el1.stop()
+    # a second leader whose cron_last view is stale still cannot fire 1 or 2 again
+    await aredis.delete(keys.cron_last("sec"))
+    await aredis.set(keys.cron_last("sec"), slot_iso(T0))
+    second, el2, fired2 = await leader_scheduler(aredis, keys, clock, "all")
+    await el2.try_acquire()
+    await second.tick(T0 + timedelta(seconds=3.5))
+    await first.stop()
+    await second.stop()
+    assert [s.second for s in fired1] == [1, 2]
+    assert [s.second for s in fired2] == [3]
+
+
+async def test_describe_shows_last_fired_slot_and_current_leader(aredis, keys):
+    clock = WallClock()
+    sched, el, _ = await leader_scheduler(aredis, keys, clock)
+    await el.try_acquire()
+    await sched.tick(T0 + timedelta(seconds=0.5))
+    await sched.tick(T0 + timedelta(seconds=1.5))
+    [row] = await sched.describe()
+    await sched.stop()
+    assert row["last_fired"] == slot_iso(T0 + timedelta(seconds=1))
+    assert row["leader"] == el.holder_id
+    assert row["expr"] == "* * * * * *"
+
+
+def test_an_unknown_missed_policy_is_refused(aredis, keys):
+    with pytest.raises(InvalidArgumentError, match="missed_policy"):
+        LeaderScheduler(elector(aredis, keys), aredis, keys, missed_policy="some")
+
+
+# -- three real processes --------------------------------------------------------------------
+TTL_MS, RENEW_MS = 1_500, 300
+
+
+def start_candidates(redis_url, namespace, policy, env, ttl_ms, n=3) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, str(PROC), redis_url, namespace, policy, str(ttl_ms),
+                              str(RENEW_MS)], env=env, stdout=subprocess.DEVNULL)
+            for _ in range(n)]
+
+
+def wait_for(predicate, timeout_s: float, step_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def leader_of(sync_redis, keys) -> str | None:
+    value = sync_redis.get(keys.leader("cron"))
+    return value.decode() if value else None
+
+
+def run_kill_scenario(sync_redis, redis_url, namespace, policy, env, ttl_ms=TTL_MS):
+    """Three candidates; SIGKILL the leader after ~3 s; stop the rest ~3 s later.
+    Returns (fires sorted by slot as (slot, holder), seconds until the next leader)."""
+    keys = Keys(namespace)
+    procs = start_candidates(redis_url, namespace, policy, env, ttl_ms)
+    try:
+        first = wait_for(lambda: leader_of(sync_redis, keys), 15)
+        time.sleep(3)
+        victim = next(p for p in procs if f":{p.pid}:" in first)
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait(5)
+        wait_for(lambda: (leader_of(sync_redis, keys) or first) != first, 10, 0.01)
+        takeover_s = time.monotonic() - killed_at
+        time.sleep(3)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = [p.wait(10) for p in procs if p is not victim]
+        assert codes == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    fires = sorted(tuple(raw.decode().split("|")) for raw in sync_redis.lrange(f"{namespace}:test:fires", 0, -1))
+    buckets = [sync_redis.smembers(k) for k in sync_redis.scan_iter(f"{namespace}:test:leaders:*")]
+    assert buckets, "no process ever believed it led"
+    assert max(len(b) for b in buckets) == 1, "two processes believed they led in the same 100 ms"
+    assert sync_redis.get(keys.leader("cron")) is None  # the last leader released on SIGTERM
+    print(f"policy={policy}: {len(fires)} slots fired, next leader after {takeover_s:.2f} s")
+    return fires, takeover_s
+
+
+def seconds(slot: str) -> int:
+    return int(parse_slot(slot).timestamp())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_three_candidates_with_policy_all_never_fire_a_slot_twice_or_skip_one(
+        sync_redis, redis_url, namespace, subprocess_env):
+    fires, takeover_s = run_kill_scenario(sync_redis, redis_url, namespace, "all", subprocess_env)
+    slots = [seconds(slot) for slot, _ in fires]
+    assert len(slots) == len(set(slots)), "a slot fired twice"
+    assert slots == list(range(slots[0], slots[0] + len(slots))), "a slot was skipped"
+    assert len({holder for _, holder in fires}) >= 2
+    assert takeover_s < TTL_MS / 1000 + 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_three_candidates_with_policy_latest_skip_only_the_gap_before_the_new_leader(
+        sync_redis, redis_url, namespace, subprocess_env):
+    """With a 2.5 s lease, at least 2.2 s pass between the last slot of the killed leader and
+    the election of the next: at least two slots came due, and only the latest fires."""
+    ttl_ms = 2_500
+    fires, takeover_s = run_kill_scenario(sync_redis, redis_url, namespace, "latest", subprocess_env, ttl_ms)
+    slots = [seconds(slot) for slot, _ in fires]
+    assert len(slots) == len(set(slots)), "a slot fired twice"
+    holders = [holder for _, holder in fires]
+    change = next(i for i in range(1, len(holders)) if holders[i] != holders[i - 1])
+    assert holders[change:] == [holders[change]] * (len(holders) - change), "leadership changed twice"
+    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    assert all(g == 1 for i, g in enumerate(gaps) if i != change - 1), "a hole inside a term"
+    print(f"hole at the takeover: {gaps[change - 1] - 1} slot(s) not fired")
+    # the new leader fired only the latest missed slot: the hole is the rest of the takeover time
+    assert 2 <= gaps[change - 1] <= ttl_ms / 1000 + 2
+    assert takeover_s < ttl_ms / 1000 + 0.5
+
