@@ -541,3 +541,16 @@ def test_a_when_syntax_error_is_reported_at_load_with_its_line(tmp_path):
     """)
     with pytest.raises(WorkflowFileError, match=r"line 5: steps\[0\]\.when: template syntax error"):
         load_workflow_file(path)
+
+
+def test_retry_and_timeout_settings_map_onto_the_node():
+    workflow = load_workflow_spec({"name": "r", "steps": [{
+        "id": "a", "type": "test", "timeout_s": 2.5, "params": {"expression": "true"},
+        "retry": {"max_attempts": 4, "backoff": "linear", "initial_delay_s": 0.5, "increment_s": 2,
+                  "max_delay_s": 3, "jitter": "equal", "retryable_errors": ["CommandError"]}}]})
+    node = workflow.nodes[0]
+    assert node.timeout == 2.5
+    assert (node.retry.max_attempts, node.retry.backoff, node.retry.jitter) == (4, "linear", "equal")
+    assert node.retry.retry_on == ("CommandError",)
+    for attempt, full_delay in ((1, 0.5), (2, 2.5), (3, 3.0)):  # linear, capped; equal jitter halves at most
+        assert full_delay / 2 <= node.retry.delay_for(attempt) <= full_delay
