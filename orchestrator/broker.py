@@ -41,6 +41,23 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def id_bounds(stream_ids: Sequence[str]) -> tuple[str, str]:
+    """Smallest and largest of some stream ids (numeric order, not string order), so that
+    XPENDING walks only the part of this consumer's PEL that the batch spans."""
+    keyed = sorted(map(_id_key, stream_ids))
+    lo, hi = keyed[0], keyed[-1]
+    return f"{lo[0]}-{lo[1]}", f"{hi[0]}-{hi[1]}"
+
+
+# ids per ACK_OWNED / RENEW_OWNED call (bounds Lua's unpack and the script's run time)
+OWNED_BATCH = 1000
+
+
 class StreamBroker:
     """Stream operations for one namespace, group and consumer name."""
 
@@ -156,19 +173,26 @@ class StreamBroker:
 
     async def ack(self, stream_ids: Sequence[str]) -> list[str]:
         """Ack the ids this consumer still owns; returns the ids it had lost (not acked)."""
-        if not stream_ids:
-            return []
-        lost = await self._ack(keys=[self.stream], args=[self.group, self.consumer, *stream_ids])
-        return [_s(x) for x in lost]
+        lost: list[str] = []
+        for i in range(0, len(stream_ids), OWNED_BATCH):
+            batch = stream_ids[i:i + OWNED_BATCH]
+            lo, hi = id_bounds(batch)
+            reply = await self._ack(keys=[self.stream], args=[self.group, self.consumer, lo, hi, *batch])
+            lost += [_s(x) for x in reply]
+        return lost
 
     async def renew(self, stream_ids: Sequence[str], *, idle_ms: int = 0) -> list[str]:
         """Reset the idle time of owned in-flight ids (a lease renewal). With ``idle_ms`` equal to
         the visibility timeout, hands the entries back: any worker may reclaim them at once.
         Returns the ids no longer owned."""
-        if not stream_ids:
-            return []
-        lost = await self._renew(keys=[self.stream], args=[self.group, self.consumer, idle_ms, *stream_ids])
-        return [_s(x) for x in lost]
+        lost: list[str] = []
+        for i in range(0, len(stream_ids), OWNED_BATCH):
+            batch = stream_ids[i:i + OWNED_BATCH]
+            lo, hi = id_bounds(batch)
+            reply = await self._renew(keys=[self.stream],
+                                      args=[self.group, self.consumer, idle_ms, lo, hi, *batch])
+            lost += [_s(x) for x in reply]
+        return lost
 
     async def hand_back(self, stream_ids: Sequence[str]) -> list[str]:
         """Make owned entries reclaimable right away (used on shutdown)."""

@@ -79,7 +79,8 @@ class Consumer:
         self._ack_wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        self._queue: asyncio.Queue[_InFlight] = asyncio.Queue()
+        self._closing = False
         self._last_reclaim = 0.0
         self._last_trim = 0.0
         self.connected = asyncio.Event()
@@ -93,10 +94,12 @@ class Consumer:
             asyncio.create_task(self._ack_loop(), name="tokiwa-acker"),
             asyncio.create_task(self._renew_loop(), name="tokiwa-renewer"),
         ]
+        slots = [asyncio.create_task(self._slot(), name=f"tokiwa-slot-{i}")
+                 for i in range(self.settings.concurrency)]
         try:
             await self._read_loop(until_drained)
         finally:
-            await self._finish(helpers)
+            await self._finish(helpers, slots)
 
     def request_stop(self) -> None:
         """Stop fetching; in-flight work finishes (see :meth:`run`). Safe to call twice."""
@@ -107,15 +110,19 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def _finish(self, helpers: list[asyncio.Task]) -> None:
-        pending = [f.task for f in self.in_flight.values() if f.task]
-        if pending:
-            done, still = await asyncio.wait(pending, timeout=self.settings.grace_period_s)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=5)
+    async def _finish(self, helpers: list[asyncio.Task], slots: list[asyncio.Task]) -> None:
+        deadline = time.monotonic() + self.settings.grace_period_s
+        while self.in_flight and time.monotonic() < deadline:
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        self._closing = True
         leftovers = [sid for sid, f in self.in_flight.items() if not f.lost]
+        for task in slots:
+            task.cancel()
+        await asyncio.gather(*slots, return_exceptions=True)
         self._ack_wakeup.set()
         for task in helpers:
             task.cancel()
@@ -204,7 +211,28 @@ class Consumer:
     def _start(self, delivery: Delivery) -> None:
         entry = _InFlight(delivery)
         self.in_flight[delivery.stream_id] = entry
-        entry.task = asyncio.create_task(self._handle(entry))
+        self._queue.put_nowait(entry)
+
+    async def _slot(self) -> None:
+        """One of ``concurrency`` long-lived tasks; each handles one entry at a time (no task
+        is created per event)."""
+        me = asyncio.current_task()
+        while True:
+            entry = await self._queue.get()
+            if entry.lost:
+                self.in_flight.pop(entry.delivery.stream_id, None)
+                self._slot_freed.set()
+                continue
+            entry.task = me
+            try:
+                await self._handle(entry)
+            except asyncio.CancelledError:
+                if entry.lost and not self._closing and me is not None:
+                    me.uncancel()  # only this entry was cancelled: keep the slot
+                    continue
+                raise
+            finally:
+                entry.task = None
 
     async def _handle(self, entry: _InFlight) -> None:
         d = entry.delivery

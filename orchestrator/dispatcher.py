@@ -96,6 +96,7 @@ class EventDispatcher:
 
     def __init__(self) -> None:
         self._by_type: dict[str, list[Subscriber]] = {}
+        self._cache: dict[str, tuple[Subscriber, ...]] = {}
         self._ids = itertools.count(1)
         self.once_claim: OnceClaim | None = None
 
@@ -127,6 +128,7 @@ class EventDispatcher:
             takes_context=_positional_arity(handler) >= 2,
         )
         self._by_type.setdefault(event_type, []).append(sub)
+        self._cache.clear()
         return sub.id
 
     def unsubscribe(self, subscriber_id: str) -> bool:
@@ -137,6 +139,7 @@ class EventDispatcher:
                     del subs[i]
                     if not subs:
                         del self._by_type[event_type]
+                    self._cache.clear()
                     return True
         return False
 
@@ -146,21 +149,21 @@ class EventDispatcher:
             self._by_type.clear()
         else:
             self._by_type.pop(event_type, None)
+        self._cache.clear()
 
     def get_subscribers(self, event_type: str | None = None) -> list[Subscriber]:
         """All subscribers, or those an event of ``event_type`` would reach, in call order."""
         if event_type is None:
             return [s for subs in self._by_type.values() for s in subs]
-        return self._matching(event_type)
+        return list(self._matching(event_type))
 
-    def _matching(self, event_type: str) -> list[Subscriber]:
-        exact = self._by_type.get(event_type, ())
-        if event_type == "*":
-            return list(exact)
-        wild = self._by_type.get("*", ())
-        if not wild:
-            return list(exact)
-        return [*exact, *wild]
+    def _matching(self, event_type: str) -> tuple[Subscriber, ...]:
+        found = self._cache.get(event_type)
+        if found is None:
+            exact = self._by_type.get(event_type, ())
+            wild = () if event_type == "*" else self._by_type.get("*", ())
+            found = self._cache[event_type] = (*exact, *wild)
+        return found
 
     def has_subscribers(self, event_type: str) -> bool:
         return event_type in self._by_type or "*" in self._by_type
@@ -168,9 +171,17 @@ class EventDispatcher:
     async def dispatch(self, event: Event) -> DispatchResult:
         """Run every matching subscriber in order; never raises."""
         result = DispatchResult(event)
-        subs = self._matching(event.type)
-        for sub in subs:
-            await self._deliver(sub, event, result)
+        for sub in self._matching(event.type):
+            if sub.is_async and sub.filter is None and not sub.once and not sub.takes_context:
+                try:  # the common case, inlined
+                    await sub.handler(event)
+                    result.delivered += 1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    result.errors.append(DispatchError(sub.id, sub.name, "handler", exc))
+            else:
+                await self._deliver(sub, event, result)
         return result
 
     async def _deliver(self, sub: Subscriber, event: Event, result: DispatchResult) -> None:

@@ -95,11 +95,36 @@ class Event:
     __hash__ = None  # type: ignore[assignment]
 
 
+_new_event = object.__new__
+
+
+def _from_wire(data: dict) -> Event:
+    """Build an Event from a decoded body. Hot path: the common, well-formed case is checked
+    with plain type tests; anything unusual goes through the full constructor."""
+    etype, meta, eid = data["type"], data.get("metadata"), data["id"]
+    if (
+        type(etype) is str and etype and not etype[0].isspace()
+        and type(meta) is dict and len(meta) == 4 and type(meta.get("tags")) is list
+        and all(type(t) is str for t in meta["tags"])
+        and all(meta.get(k) is None or type(meta[k]) is str for k in ("correlation_id", "causation_id", "source"))
+    ):
+        event = _new_event(Event)
+        event.type = etype
+        event.payload = data.get("payload")
+        event.metadata = meta
+        event.id = eid
+        event.published_at = float(data["published_at"])
+        event.stream_id = None
+        event.deliveries = 0
+        return event
+    return Event(etype, data.get("payload"), meta, id=eid, published_at=data["published_at"])
+
+
 def normalize_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate metadata and fill the four well-known keys."""
     if metadata is None:
         return {"correlation_id": None, "causation_id": None, "source": None, "tags": []}
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, dict) and not isinstance(metadata, Mapping):
         raise InvalidArgumentError(f"event metadata must be a mapping, got {type(metadata).__name__}")
     meta = dict(metadata)
     for key in ("correlation_id", "causation_id", "source"):
@@ -161,13 +186,7 @@ def decode_fields(
         raise EventDecodeError("invalid_envelope", f"body is a {type(data).__name__}, not a map",
                                entry_id=entry_id)
     try:
-        event = Event(
-            data["type"],
-            data.get("payload"),
-            data.get("metadata"),
-            id=data["id"],
-            published_at=data["published_at"],
-        )
+        event = _from_wire(data)
     except (KeyError, TypeError, ValueError, InvalidArgumentError) as exc:
         raise EventDecodeError("invalid_envelope", f"envelope is invalid: {exc!r}",
                                entry_id=entry_id) from exc

@@ -6,36 +6,44 @@ nor dead-letter it.
 """
 
 # KEYS[1] = events stream
-# ARGV[1] = group, ARGV[2] = consumer, ARGV[3..n] = entry ids
-# Acks every id still pending for ARGV[2]; returns the ids that are not (lost to another
-# consumer, or already acked).
+# ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = smallest id, ARGV[4] = largest id,
+# ARGV[5..n] = entry ids (at most ~1000 per call)
+# Acks every id still pending for ARGV[2] (one XPENDING range, one XACK); returns the ids that
+# are not (lost to another consumer, or already acked).
 ACK_OWNED = """
-local lost = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
+local owned = {}
+for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4], 1000000, ARGV[2])) do
+  owned[e[1]] = true
 end
+local ack, lost = {}, {}
+for i = 5, #ARGV do
+  if owned[ARGV[i]] then ack[#ack + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
+end
+if #ack > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ack)) end
 return lost
 """
 
 # KEYS[1] = events stream
 # ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = idle ms to set (0 = renew, >0 = hand back),
-# ARGV[4..n] = entry ids
+# ARGV[4] = smallest id, ARGV[5] = largest id, ARGV[6..n] = entry ids
 # Resets the idle time of every id still owned by ARGV[2] (XCLAIM ... JUSTID does not count a
 # delivery); returns the ids that are no longer ours.
 RENEW_OWNED = """
-local lost = {}
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
+local owned = {}
+for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[5], 1000000, ARGV[2])) do
+  owned[e[1]] = true
+end
+local mine, lost = {}, {}
+for i = 6, #ARGV do
+  if owned[ARGV[i]] then mine[#mine + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
+end
+if #mine > 0 then
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for _, id in ipairs(mine) do args[#args + 1] = id end
+  args[#args + 1] = 'IDLE'
+  args[#args + 1] = ARGV[3]
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
 end
 return lost
 """
