@@ -554,3 +554,20 @@ def test_retry_and_timeout_settings_map_onto_the_node():
     assert node.retry.retry_on == ("CommandError",)
     for attempt, full_delay in ((1, 0.5), (2, 2.5), (3, 3.0)):  # linear, capped; equal jitter halves at most
         assert full_delay / 2 <= node.retry.delay_for(attempt) <= full_delay
+
+
+async def test_a_run_record_round_trips_through_the_redis_run_store(example_copy, tmp_path, redis_url, namespace):
+    import redis.asyncio as aioredis
+
+    from orchestrator.keys import Keys
+    from orchestrator.stores import RedisRunStore
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        store = RedisRunStore(client, Keys(namespace))
+        result = await run_workflow_file(example_copy, {"who": "Ada"}, artifacts_dir=tmp_path / "a", store=store)
+        assert await store.get(result.run_id) == result.to_record()
+        assert [r["run_id"] for r in await store.list(workflow="daily-report")] == [result.run_id]
+        assert (await store.get_logs(result.run_id, tail=1))[0].endswith("[summarize] summarizing with token ***")
+    finally:
+        await client.aclose()
