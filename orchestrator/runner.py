@@ -75,7 +75,11 @@ class Runner:
                   concurrency: int | None = None, fail_fast: bool = True, timeout: float | None = None,
                   event: Any = None, conversation_id: str | None = None, memory: dict | None = None,
                   run_id: str | None = None, hooks: Any = None, services: Any = None) -> WorkflowRunResult:
-        """Run ``workflow`` once and return its result (a failed node does not raise)."""
+        """Run ``workflow`` once and return its result (a failed node does not raise).
+
+        A pyoco :class:`~orchestrator.flow.Flow` (anything with ``to_workflow()``) is accepted too."""
+        if not isinstance(workflow, Workflow) and callable(getattr(workflow, "to_workflow", None)):
+            workflow = workflow.to_workflow()
         if not isinstance(workflow, Workflow):
             raise InvalidArgumentError(f"Runner.run expects a Workflow, got {workflow!r}")
         graph = workflow.validate()

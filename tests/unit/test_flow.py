@@ -11,6 +11,7 @@ import pytest
 from orchestrator import errors
 from orchestrator.flow import Engine, Flow, task
 from orchestrator.node_context import NodeContext
+from orchestrator.runner import Runner
 from orchestrator.trace import Tracer
 from orchestrator.workflow import Workflow
 
@@ -271,3 +272,8 @@ def test_a_retried_node_is_announced_once():
     result = Engine(stream=out).run(Flow("retry") >> flaky)
     assert result.status == "succeeded" and len(attempts) == 3
     assert out.getvalue().count("🏃 start node=flaky") == 1
+
+
+async def test_the_runner_accepts_a_flow_directly():
+    result = await Runner().run(Flow("direct") >> add(x=1))
+    assert result.output_of("add") == 2 and result.workflow_name == "direct"
