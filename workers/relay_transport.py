@@ -128,25 +128,32 @@ class RelayTransport:
         return int(count)
 
     async def _publish_loop(self) -> None:
-        queue, relay_id, host = self._outbox, self.relay_id, self.host
+        queue = self._outbox
         while True:
             batch = [await queue.get()]
             while len(batch) < PUBLISH_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
-            try:
-                if len(batch) == 1:
-                    topic, message, task = batch[0]
-                    await self.redis.publish(self._prefix + topic, encode_frame(relay_id, host, task, message))
-                else:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for topic, message, task in batch:
-                        pipe.publish(self._prefix + topic, encode_frame(relay_id, host, task, message))
-                    await pipe.execute()
-                self.published += len(batch)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                self.publish_errors += len(batch)
-                log.warning("relay: %d message(s) not published, Redis unavailable: %s", len(batch), exc)
-                await asyncio.sleep(RETRY_DELAY_S)
+            for attempt in (1, 2):  # a pooled connection may be stale after a Redis restart: retry once
+                try:
+                    await self._send(batch)
+                    self.published += len(batch)
+                    break
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if attempt == 2:
+                        self.publish_errors += len(batch)
+                        log.warning("relay: %d message(s) not published, Redis unavailable: %s", len(batch), exc)
+                        await asyncio.sleep(RETRY_DELAY_S)
+
+    async def _send(self, batch: list[tuple[str, str, str]]) -> None:
+        relay_id, host, prefix = self.relay_id, self.host, self._prefix
+        if len(batch) == 1:
+            topic, message, task = batch[0]
+            await self.redis.publish(prefix + topic, encode_frame(relay_id, host, task, message))
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for topic, message, task in batch:
+            pipe.publish(prefix + topic, encode_frame(relay_id, host, task, message))
+        await pipe.execute()
 
     # -- incoming ------------------------------------------------------------------------
     async def _listen(self) -> None:

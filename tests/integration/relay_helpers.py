@@ -57,9 +57,10 @@ class Tap:
                 self.items.append((msg["channel"][prefix:].decode(), message, task))
                 self._cond.notify_all()
 
-    async def publish_raw(self, topic: str, message: str) -> None:
-        """PUBLISH a bare message as ``redis-cli`` would (relays deliver it as the message)."""
-        await self._client.publish(self.keys.topic(topic), message)
+    async def publish_raw(self, topic: str, message: str) -> int:
+        """PUBLISH a bare message as ``redis-cli`` would (relays deliver it as the message);
+        returns how many subscriptions (relays and taps) Redis reached."""
+        return await self._client.publish(self.keys.topic(topic), message)
 
     def find(self, pred: Callable[[Seen], bool]) -> Seen | None:
         return next((item for item in self.items if pred(item)), None)

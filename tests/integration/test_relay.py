@@ -120,6 +120,19 @@ async def test_publish_topic_refuses_a_bad_topic_or_a_stopped_relay(relays, tap,
         await relay.publish_topic("ping", "x")
 
 
+async def test_routing_resumes_after_redis_restarts(relays, own_redis, namespace) -> None:
+    relay = make_relay(own_redis.url, namespace, [puppet("p", topics=["ping"])])
+    await start(relays, relay)
+    own_redis.restart()
+    async with Tap(own_redis.url, namespace) as tap:
+        for _ in range(500):  # until the relay's pattern subscription is back (2 = relay + tap)
+            if await tap.publish_raw("nothing", "probe") == 2:
+                break
+            await asyncio.sleep(0.02)
+        await tap.publish_raw("ping", "after restart")
+        assert await tap.echo("ping|") == "ping|after restart"
+
+
 # -- system commands --------------------------------------------------------------------------
 async def test_runtime_subscribe_and_unsubscribe(relays, tap, redis_url, namespace) -> None:
     relay = await one_puppet(relays, tap, redis_url, namespace)
