@@ -331,8 +331,12 @@ class ProcessManager:
     # -- logs
 
     def log_path(self, name: str, *, err: bool = False) -> Path:
+        """Path of ``name``'s out.log (err.log with ``err``); NotFoundError if it has none."""
         inst = self.get(name)
-        return inst.err_log if err else inst.out_log
+        path = inst.err_log if err else inst.out_log
+        if not path.is_file():
+            raise NotFoundError(f"worker {name!r} has no {path.name} (in {inst.folder})")
+        return path
 
     def tail(self, name: str, lines: int = 10, *, err: bool = False) -> list[str]:
         """The last ``lines`` lines of the instance's out.log (err.log with ``err``)."""

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError, StateError
 from orchestrator.keys import Keys
-from workers.manage_cli import cluster_workers, logs_command, ps_command, stop_command
+from workers.manage_cli import cluster_workers, format_duration, logs_command, ps_command, stop_command
 from workers.procman import ProcessManager, folder_name, instance_hash
 from workers.proctools import pid_alive
 from workers.supervisor import EXIT_OK, Supervisor
@@ -225,7 +225,21 @@ def test_follow_yields_new_lines_until_the_worker_exits(manager):
     assert list(manager.follow("w1", lines=0))[-1] == "tick 4"
 
 
+def test_logs_of_an_instance_without_its_log_file_raise_not_found(manager):
+    inst = manager.start("w1", SLEEPER)
+    inst.err_log.unlink()
+    with pytest.raises(NotFoundError, match="has no err.log"):
+        manager.tail("w1", 5, err=True)
+
+
 # -- the CLI commands (in-process, CliRunner) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(None, "-"), (0.4, "0s"), (75, "1m15s"), (7300, "2h01m"),
+                                               (90000, "1d01h")])
+def test_durations_are_shown_compactly(seconds, text):
+    assert format_duration(seconds) == text
+
 
 
 def test_ps_shows_local_instances_as_a_table_and_as_json(manager, state_dir):
