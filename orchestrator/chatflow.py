@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Any
 
-from .conversations import ConversationStore
+from .conversations import ConversationStore, check_memory, shallow_diff
 from .errors import FencingError, InvalidArgumentError, describe_error
 from .keys import Keys
 from .locks import RedisLock, conversation_lock
@@ -100,28 +100,37 @@ class ChatflowExecutor:
 
     async def _run_locked(self, workflow: Any, lock: RedisLock, cid: str, event: Any, input: Any,  # noqa: A002
                           context: Any, memory: dict[str, Any] | None, runner_kwargs: dict[str, Any]) -> Any:
-        loaded = await self.store.get(cid)
-        loaded.update(memory or {})
+        stored = await self.store.get(cid)
         token = lock.fencing_token
         try:
             result = await self.runner.run(workflow, input=input, context=context, event=event,
-                                           conversation_id=cid, memory=loaded, **runner_kwargs)
+                                           conversation_id=cid, memory={**stored, **(memory or {})},
+                                           **runner_kwargs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             partial = getattr(exc, "result", None)  # a run timeout carries its partial result
             if partial is not None and isinstance(getattr(partial, "memory", None), dict):
-                await self._save(partial, cid, event, token)
+                await self._save(partial, cid, event, token, stored)
             raise
-        await self._save(result, cid, event, token)
+        await self._save(result, cid, event, token, stored)
         return result
 
-    async def _save(self, result: Any, cid: str, event: Any, token: int | None) -> None:
+    def _write(self, cid: str, stored: dict[str, Any], memory: dict[str, Any], token: int | None,
+               event_id: str | None) -> Any:
+        apply_delta = getattr(self.store, "apply_delta", None)
+        if apply_delta is None:
+            return self.store.set(cid, memory, fencing_token=token, event_id=event_id)
+        # we hold the lock, so what we loaded is still current: send the diff directly
+        return apply_delta(cid, shallow_diff(stored, check_memory(memory)), event_id=event_id,
+                           fencing_token=token)
+
+    async def _save(self, result: Any, cid: str, event: Any, token: int | None,
+                    stored: dict[str, Any]) -> None:
         memory = result.memory if isinstance(result.memory, dict) else {}
         event_id = getattr(event, "id", None)
         try:
-            applied = await asyncio.shield(
-                self.store.set(cid, memory, fencing_token=token, event_id=event_id))
+            applied = await asyncio.shield(self._write(cid, stored, memory, token, event_id))
         except FencingError as exc:
             log.warning("chatflow %s of conversation %r: memory refused: %s",
                         getattr(result, "run_id", "?"), cid, exc)
