@@ -106,6 +106,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop: asyncio.Event | None = None
         self._signals = 0
+        self._failure: BaseException | None = None
         self.restarts: dict[int, int] = {slot: 0 for slot in range(processes)}
         self.exit_codes: dict[int, list[int]] = {slot: [] for slot in range(processes)}
 
@@ -150,13 +151,24 @@ class Supervisor:
             for slot in range(self.processes):
                 task = asyncio.create_task(self._keep_running(slot, self._stop), name=f"supervisor-{slot}")
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._slot_done)
             await self._stop.wait()
         finally:
             self._stop.set()
             await self._shutdown()
+        if self._failure is not None:
+            raise StateError(f"supervisor stopped: a slot failed: {self._failure!r}") from self._failure
 
     # -- internals
+
+    def _slot_done(self, task: asyncio.Task[None]) -> None:
+        """A slot task ends only on stop, unless it failed (argv_factory raised ...): then stop all."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("supervisor: %s failed: %r; stopping every worker", task.get_name(), task.exception())
+        self._failure = self._failure or task.exception()
+        self.request_stop()
 
     def _on_signal(self) -> None:
         self._signals += 1
@@ -199,6 +211,8 @@ class Supervisor:
             return -1
         self._children[slot] = proc
         log.info("supervisor: worker %d started, pid %d", slot, proc.pid)
+        if self._stop is not None and self._stop.is_set():  # stop came while it was starting
+            proc.send_signal(signal.SIGTERM)
         try:
             return await proc.wait()
         except asyncio.CancelledError:

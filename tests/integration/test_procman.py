@@ -404,6 +404,18 @@ async def test_supervisor_kills_children_that_ignore_sigterm_after_the_grace_per
     assert not any(pid_alive(p) for p in pids)
 
 
+async def test_a_failing_argv_factory_stops_the_supervisor_with_a_clear_error():
+    def argv_factory(slot: int) -> list[str]:
+        if slot == 1:
+            raise ValueError("no command for slot 1")
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    sup = Supervisor(argv_factory, processes=2, grace_period_s=5)
+    with pytest.raises(StateError, match="no command for slot 1"):
+        await asyncio.wait_for(sup.serve(), 10)
+    assert sup.pids == {}
+
+
 def _start_supervisor(env: dict[str, str], grace_s: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", SUPERVISED, str(grace_s)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
