@@ -254,6 +254,7 @@ class _Term:
     start: datetime
     prev: datetime
     last: dict[str, datetime | None] = field(default_factory=dict)
+    checked: bool = False  # the term's first check (where missed slots are handled) is done
 
 
 class LeaderScheduler(Scheduler):
@@ -291,21 +292,24 @@ class LeaderScheduler(Scheduler):
             return []
         if self._term is None:
             self._term = _Term(start=now, prev=self._last_check or now)
-        return await super().tick(now)
+        term = self._term
+        fired = await super().tick(now)
+        term.checked = True
+        return fired
 
-    async def _last_fired(self, job: CronJob) -> datetime | None:
-        assert self._term is not None  # set by tick() before any _due()
-        if job.name not in self._term.last:
+    async def _last_fired(self, term: _Term, job: CronJob) -> datetime | None:
+        if job.name not in term.last:
             raw = await self.redis.get(self.keys.cron_last(job.name))
-            self._term.last[job.name] = parse_slot(raw) if raw else None
-        return self._term.last[job.name]
+            term.last[job.name] = parse_slot(raw) if raw else None
+        return term.last[job.name]
 
     async def _due(self, job: CronJob, since: datetime, now: datetime) -> list[datetime]:
         term = self._term
-        assert term is not None
-        last = await self._last_fired(job)
+        if term is None:  # tick() opens a term before checking jobs; nothing is due outside one
+            return []
+        last = await self._last_fired(term, job)
         floor = now - self.missed_window
-        if now != term.start:  # inside our term: every slot since our last fire
+        if term.checked:  # inside our term: every slot since our last fire
             start = max(last or since, term.start, floor)
             return job.cron.slots_between(start, now, limit=_MAX_SLOTS_PER_CHECK)
         if last is None:  # first check of the term, job never fired anywhere
