@@ -130,7 +130,11 @@ class Relay:
         if self._state != "new":
             raise StateError(f"relay already {self._state}; create a new Relay to start again")
         self._state = "running"
-        await self._transport.start()
+        try:
+            await self._transport.start()
+        except BaseException:
+            self._state = "stopped"
+            raise
         if self._event_re is not None:
             self._spawn(self._event_loop())
         for slot in self._slots.values():
@@ -154,6 +158,8 @@ class Relay:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        late = [c for c in self._children()]  # started while we were stopping (a restart in flight)
+        await asyncio.gather(*(c.terminate(0) for c in late))
         await self._transport.flush(FLUSH_ON_STOP_S)
         await self._transport.stop()
         self._state = "stopped"

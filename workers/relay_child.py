@@ -250,14 +250,18 @@ class ChildProcess:
         assert self._proc is not None  # noqa: S101
         code = await self._proc.wait()
         self.returncode = code
-        _, pending = await asyncio.wait(self._readers, timeout=DRAIN_AFTER_EXIT_S)
+        await self._finish_io()
+        return code
+
+    async def _finish_io(self) -> None:
+        """End the reader and writer tasks of an exited process (idempotent)."""
+        _, pending = await asyncio.wait(self._readers, timeout=DRAIN_AFTER_EXIT_S) if self._readers else (set(), set())
         for task in pending:
             task.cancel()
         if self._writer is not None:
             self._writer.cancel()
         await asyncio.gather(*self._readers, *(t for t in [self._writer] if t), return_exceptions=True)
         self.undelivered_at_exit = self.queue.qsize()
-        return code
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the child's whole process group (it leads its own group)."""
@@ -278,7 +282,8 @@ class ChildProcess:
                 log.warning("relay: task %s ignored SIGTERM for %.1fs; sending SIGKILL", self.name, grace_s)
         # also reaches grandchildren left in the group after the leader exited
         self.signal_group(signal.SIGKILL)
-        await self._proc.wait()
+        self.returncode = await self._proc.wait()
+        await self._finish_io()
 
     def snapshot(self) -> dict[str, object]:
         return {

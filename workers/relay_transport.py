@@ -43,6 +43,11 @@ OUTBOX_MAX = 100_000
 RETRY_DELAY_S = 0.5
 #: a heartbeat older than this many intervals belongs to a dead relay.
 STALE_INTERVALS = 3
+#: socket timeout of ordinary commands (PUBLISH, HSET ...): a frozen Redis is an error, not a hang.
+#: The pub/sub connection has none: it waits for messages for as long as it takes.
+COMMAND_TIMEOUT_S = 5.0
+#: longest wait for each Redis step of stop() (remove heartbeat, close connections).
+STOP_STEP_TIMEOUT_S = 2.0
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -84,6 +89,7 @@ class RelayTransport:
         self._prefix = keys.topic("")
         self._outbox: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(OUTBOX_MAX)
         self._redis: aioredis.Redis | None = None
+        self._sub_client: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -95,9 +101,13 @@ class RelayTransport:
 
     async def start(self) -> None:
         """Connect, subscribe to every topic of the namespace, start listener and publisher."""
-        self._redis = aioredis.from_url(self._url)
+        self._redis = aioredis.from_url(
+            self._url, socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S,
+            socket_keepalive=True,
+        )
+        self._sub_client = aioredis.from_url(self._url, socket_connect_timeout=COMMAND_TIMEOUT_S, socket_keepalive=True)
         try:
-            self._pubsub = self._redis.pubsub()
+            self._pubsub = self._sub_client.pubsub()
             await self._pubsub.psubscribe(self.keys.topic_pattern)
         except RedisError as exc:
             await self._close()
@@ -209,25 +219,25 @@ class RelayTransport:
             await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
-        """Stop the tasks, remove the heartbeat, close connections. Idempotent."""
+        """Stop the tasks, remove the heartbeat, close connections. Idempotent; each Redis
+        step is bounded by ``STOP_STEP_TIMEOUT_S`` so a stuck Redis cannot hang shutdown."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._redis is not None:
             try:
-                await self._redis.hdel(self.keys.relays, self.relay_id)
-            except RedisError as exc:
-                log.debug("relay: heartbeat not removed: %s", exc)
+                await asyncio.wait_for(self._redis.hdel(self.keys.relays, self.relay_id), STOP_STEP_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("relay: heartbeat not removed: %r", exc)
         await self._close()
 
     async def _close(self) -> None:
-        if self._pubsub is not None:
+        pubsub, clients = self._pubsub, [c for c in (self._sub_client, self._redis) if c is not None]
+        self._pubsub, self._sub_client, self._redis = None, None, None
+        closers = ([pubsub.aclose()] if pubsub is not None else []) + [c.aclose() for c in clients]
+        for closer in closers:
             try:
-                await self._pubsub.aclose()
-            except RedisError:
-                pass
-            self._pubsub = None
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+                await asyncio.wait_for(closer, STOP_STEP_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("relay: closing a Redis connection failed: %r", exc)

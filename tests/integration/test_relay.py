@@ -325,3 +325,15 @@ async def test_stop_is_idempotent_and_reports_no_exit(relays, tap, redis_url, na
     await relay.stop()
     assert exits == [] and relay.snapshot()["state"] == "stopped"
     assert os.getpid() not in [t["pid"] for t in relay.snapshot()["tasks"]]
+
+
+async def test_stop_during_a_restart_loop_leaves_no_child_running(relays, tap, redis_url, namespace) -> None:
+    pids: list[int] = []
+    relay = make_relay(redis_url, namespace, [inline("flap", "pass", restart="always", restart_backoff_s=0)],
+                       on_task_exit=lambda info: pids.append(info.pid))
+    await start(relays, relay)
+    while len(pids) < 3:
+        await asyncio.sleep(0.01)
+    await relay.stop()
+    last = relay.snapshot()["tasks"][0]["pid"]
+    assert all(proc_state(pid) in (None, "Z") for pid in [*pids, last])
