@@ -33,7 +33,7 @@ from typing import Any
 from .conversations import ConversationStore, check_memory, shallow_diff
 from .errors import FencingError, InvalidArgumentError, describe_error
 from .keys import Keys
-from .locks import RedisLock, conversation_lock
+from .locks import RedisLock, check_lease, conversation_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ChatflowExecutor:
         self.redis, self.keys, self.store, self.runner = redis, keys, store, runner
         self.lock_options = {"ttl_ms": lock_ttl_ms, "renew_ms": lock_renew_ms,
                              "wait_timeout_s": lock_wait_timeout_s}
-        conversation_lock(redis, keys, "check", **self.lock_options)  # bad lease settings fail now
+        check_lease(lock_ttl_ms, lock_renew_ms)  # bad lease settings fail now, not per run
         self.order_wait_timeout_s = order_wait_timeout_s
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
 
