@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -473,3 +474,35 @@ def test_a_real_worker_starts_detached_shows_in_ps_and_ps_cluster_and_stops_grac
         assert cluster() == []  # a clean exit removes its heartbeat
     finally:
         _cli(["stop", "--all", "--grace-s", "1"], subprocess_env, tmp_path)
+
+
+# -- the Procfile under honcho ------------------------------------------------------------------
+
+
+def test_honcho_start_runs_the_procfile_and_stops_both_processes_with_exit_0(subprocess_env, redis_url,
+                                                                          namespace, sync_redis):
+    assert (ROOT / "examples" / "shop.py").is_file(), "the Procfile's app examples/shop.py is missing"
+    env = dict(subprocess_env, TOKIWA_REDIS_URL=redis_url, TOKIWA_NAMESPACE=namespace)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "--no-colour"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(honcho.stdout), daemon=True)
+    reader.start()
+
+    def running(role: str) -> bool:
+        return any(f" {role}.1 " in line and " running " in line for line in list(lines))
+
+    try:
+        wait_until(lambda: running("producer") and running("worker"), timeout_s=30, what="both to run")
+        assert sync_redis.hlen(Keys(namespace).workers) >= 1  # the worker's heartbeat
+        honcho.send_signal(signal.SIGTERM)
+        honcho.wait(45)
+        reader.join(5)
+    finally:
+        if honcho.poll() is None:
+            _kill_group(honcho.pid)
+            honcho.wait(5)
+    output = "".join(lines)
+    assert "producer.1 stopped (rc=0)" in output and "worker.1 stopped (rc=0)" in output, output
+    assert sync_redis.hlen(Keys(namespace).workers) == 0  # clean exits removed their heartbeats

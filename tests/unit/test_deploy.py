@@ -62,7 +62,9 @@ def check_command(argv: list[str], where: str) -> None:
 
 
 def _shell_words(line: str) -> list[str]:
-    return shlex.split(SHELL_DEFAULT.sub(r"\1", line))
+    """A Procfile line as argv: ``${VAR:-default}`` becomes its default, a leading ``exec`` goes."""
+    words = shlex.split(SHELL_DEFAULT.sub(r"\1", line))
+    return words[1:] if words[:1] == ["exec"] else words
 
 
 def _units(path: Path) -> configparser.ConfigParser:
@@ -116,6 +118,7 @@ def test_procfile_runs_producer_and_worker_with_real_commands():
     entries = _procfile()
     assert set(entries) == {"producer", "worker"}
     for name, line in entries.items():
+        assert line.startswith("exec "), f"{name}: without exec, SIGTERM kills the shell, not tokiwa"
         argv = _shell_words(line)
         assert argv[:2] == ["tokiwa-producer" if name == "producer" else "tokiwa-worker", "run"]
         assert "examples.shop:app" in argv
