@@ -81,7 +81,7 @@ def test_next_execution_time_is_the_next_matching_time_or_none():
     assert sched.next_execution_time("nope") is None
 
 
-def test_a_check_check_interval_must_be_positive():
+def test_a_fixed_check_interval_must_be_positive():
     with pytest.raises(InvalidArgumentError):
         Scheduler(check_interval_s=0)
 
