@@ -131,6 +131,16 @@ class _Bench:
         timeout = 30 + count * (interval_ms / 1000.0) * 3
         return json.loads(self.wait("bench.result", 1, timeout)[0])
 
+    def cpu_s(self) -> list[float]:
+        """CPU seconds (user + system) used so far by each relay process (Linux /proc)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = []
+        for proc in self.procs:
+            with open(f"/proc/{proc.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / ticks)
+        return out
+
     def close(self) -> None:
         for proc in self.procs:
             proc.terminate()
@@ -152,7 +162,9 @@ def run(redis_url: str, *, messages: int = 2000, interval_ms: float = 1.0, burst
             bench.wait("bench.ready", 2, 30)
             bench.round("warmup", 200, 0.2)
             paced = bench.round("latency", messages, interval_ms)
+            before = bench.cpu_s()
             blast = bench.round("throughput", burst, 0)
+            cpu = [after - b for after, b in zip(bench.cpu_s(), before, strict=True)]
         finally:
             bench.close()
     lat = paced["lat_ns"]
@@ -165,6 +177,9 @@ def run(redis_url: str, *, messages: int = 2000, interval_ms: float = 1.0, burst
         "relay_throughput_msgs_per_s": round(blast["received"] / blast["elapsed_s"]) if blast["elapsed_s"] else None,
         "relay_throughput_messages": burst, "relay_throughput_received": blast["received"],
         "relay_throughput_p50_ms": round(_percentile(blast["lat_ns"], 0.50), 3),
+        # CPU per message, robust to a busy machine: publishing relay (A) and delivering relay (B)
+        "relay_cpu_us_per_msg_publisher_side": round(cpu[0] / burst * 1e6, 1),
+        "relay_cpu_us_per_msg_subscriber_side": round(cpu[1] / burst * 1e6, 1),
     }
 
 
@@ -195,6 +210,8 @@ def main() -> None:
           f"  ({result['relay_latency_received']}/{args.messages} messages)")
     print(f"relay throughput {result['relay_throughput_msgs_per_s']} msgs/s"
           f"  ({result['relay_throughput_received']}/{args.burst} messages)")
+    print(f"relay CPU per message: {result['relay_cpu_us_per_msg_publisher_side']} us publishing side, "
+          f"{result['relay_cpu_us_per_msg_subscriber_side']} us delivering side")
     print(json.dumps(result))
 
 

@@ -36,6 +36,8 @@ log = logging.getLogger("tokiwa.relay")
 
 #: longest output line read from a child; a longer one is dropped and counted as malformed.
 MAX_LINE_BYTES = 1 << 20
+#: bytes read from a child's stdout/stderr per read.
+READ_CHUNK = 1 << 16
 #: after a child exits, how long its stdout/stderr readers may still drain late output (upstream: 500 ms).
 DRAIN_AFTER_EXIT_S = 0.5
 #: messages written to a child's stdin in one go (one drain) at most.
@@ -178,7 +180,6 @@ class ChildProcess:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, cwd=str(cwd) if cwd else None, env=env,
                 start_new_session=True, preexec_fn=_death_signal_preexec(os.getpid()),
-                limit=MAX_LINE_BYTES,
             )
         except OSError as exc:
             raise RelayError(f"cannot start task {self.name!r}: {exc}") from exc
@@ -193,18 +194,31 @@ class ChildProcess:
 
     # -- output --------------------------------------------------------------------------
     async def _read(self, stream: asyncio.StreamReader, plain_topic: str, which: str) -> None:
-        parser = OutputParser(plain_topic)
-        emit = self._on_output
+        """Split the stream into lines and hand each to the parser. Reads in chunks (one
+        await per burst, not per line); a line longer than MAX_LINE_BYTES is dropped whole
+        and reported once."""
+        parser, emit = OutputParser(plain_topic), self._on_output
+        buf, dropping = bytearray(), False
         try:
-            while True:
-                try:
-                    raw = await stream.readline()
-                except ValueError:
-                    emit(self, Output("plain", plain_topic, "", f"line longer than {MAX_LINE_BYTES} bytes dropped"), which)
-                    continue
-                if not raw:
-                    break
-                out = parser.feed(raw.decode("utf-8", errors="replace"))
+            while chunk := await stream.read(READ_CHUNK):
+                buf += chunk
+                start = 0
+                while (end := buf.find(b"\n", start)) >= 0:
+                    if dropping:
+                        dropping = False
+                    else:
+                        out = parser.feed(buf[start:end + 1].decode("utf-8", errors="replace"))
+                        if out is not None:
+                            emit(self, out, which)
+                    start = end + 1
+                del buf[:start]
+                if len(buf) > MAX_LINE_BYTES:
+                    if not dropping:
+                        emit(self, Output("plain", plain_topic, "", f"line longer than {MAX_LINE_BYTES} bytes dropped"), which)
+                    buf.clear()
+                    dropping = True
+            if buf and not dropping:  # a last line without a newline
+                out = parser.feed(buf.decode("utf-8", errors="replace"))
                 if out is not None:
                     emit(self, out, which)
         finally:

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator.errors import BrokerError
+from orchestrator.errors import BrokerError, InvalidArgumentError
 from orchestrator.keys import Keys
 
 log = logging.getLogger("tokiwa.relay")
@@ -71,6 +71,19 @@ def decode_frame(payload: bytes) -> tuple[str, str, str, str]:
     except (ValueError, msgpack.UnpackException):
         pass
     return "", "redis", "", payload.decode("utf-8", errors="replace")
+
+
+async def publish_topic_message(
+    client: aioredis.Redis, keys: Keys, topic: str, message: str, *, host: str = "", task: str = ""
+) -> int:
+    """Publish one topic message without a running relay (a producer, or a node on a worker
+    started without ``--relay``): every relay of the namespace delivers it to its subscribers.
+    Returns how many pub/sub subscriptions (relays) Redis reached."""
+    if not isinstance(topic, str) or not topic or any(c.isspace() for c in topic):
+        raise InvalidArgumentError(f"a topic must be a non-empty string without whitespace, got {topic!r}")
+    if not isinstance(message, str):
+        raise InvalidArgumentError(f"a topic message must be a str, got {type(message).__name__}")
+    return int(await client.publish(keys.topic(topic), encode_frame("", host, task, message)))
 
 
 class RelayTransport:

@@ -15,8 +15,11 @@ import os
 import signal
 
 import pytest
+import redis.asyncio as aioredis
 
 from orchestrator.errors import InvalidArgumentError, StateError
+from orchestrator.keys import Keys
+from workers.relay_transport import publish_topic_message
 
 from .relay_helpers import Tap, inline, make_relay, proc_state, puppet
 
@@ -337,3 +340,24 @@ async def test_stop_during_a_restart_loop_leaves_no_child_running(relays, tap, r
     await relay.stop()
     last = relay.snapshot()["tasks"][0]["pid"]
     assert all(proc_state(pid) in (None, "Z") for pid in [*pids, last])
+
+
+async def test_an_over_long_line_is_dropped_whole_and_reported(relays, tap, redis_url, namespace) -> None:
+    code = "import sys\nsys.stdout.write('x' * (3 << 20) + '\\n')\nprint('echo:after', flush=True)\nimport time; time.sleep(30)"
+    relay = make_relay(redis_url, namespace, [inline("long", code)])
+    await start(relays, relay)
+    assert await tap.echo("after") == "after"
+    assert relay.snapshot()["counters"]["malformed"] == 1
+    assert tap.find(lambda s: s[0] == "long.stdout") is None
+
+
+async def test_a_message_published_without_a_relay_reaches_every_relay(relays, tap, redis_url, namespace) -> None:
+    await one_puppet(relays, tap, redis_url, namespace)
+    client = aioredis.from_url(redis_url)
+    try:
+        assert await publish_topic_message(client, Keys(namespace), "ping", "from a producer") == 2  # relay + tap
+        with pytest.raises(InvalidArgumentError):
+            await publish_topic_message(client, Keys(namespace), "", "x")
+    finally:
+        await client.aclose()
+    assert await tap.echo("ping|") == "ping|from a producer"
