@@ -69,6 +69,23 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
     return preexec
 
 
+def child_run_argv(run_args: Sequence[str], *, python: str = sys.executable) -> list[str]:
+    """The command line of one supervised worker: ``python -m workers.cli run`` with
+    ``run_args`` minus ``--processes`` / ``-p`` and its value (in any of its click spellings:
+    ``--processes 4``, ``--processes=4``, ``-p 4``, ``-p4``), so a child never supervises."""
+    args = list(run_args)
+    kept: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--processes", "-p"):
+            skip_next = True
+        elif not arg.startswith("--processes=") and not (arg.startswith("-p") and arg[2:].isdigit()):
+            kept.append(arg)
+    return [python, "-m", "workers.cli", "run", *kept]
+
+
 class Supervisor:
     """Keep ``processes`` children running; ``argv_factory(slot)`` gives slot's command line."""
 

@@ -25,7 +25,7 @@ from orchestrator.keys import Keys
 from workers.manage_cli import cluster_workers, format_duration, logs_command, ps_command, stop_command
 from workers.procman import ProcessManager, folder_name, instance_hash
 from workers.proctools import pid_alive
-from workers.supervisor import EXIT_OK, Supervisor
+from workers.supervisor import EXIT_OK, Supervisor, child_run_argv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -338,6 +338,13 @@ sys.exit(Supervisor(lambda slot: child, processes=2, restart_backoff_s=0.1,
 def _children_of(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("spelling", [["--processes", "4"], ["--processes=4"], ["-p", "4"], ["-p4"]])
+def test_a_supervised_child_runs_the_same_command_without_processes(spelling):
+    run_args = ["--app", "x:app", *spelling, "--concurrency", "8"]
+    assert child_run_argv(run_args, python="py") == ["py", "-m", "workers.cli", "run", "--app", "x:app",
+                                                     "--concurrency", "8"]
 
 
 def test_supervisor_arguments_are_checked():
