@@ -18,17 +18,29 @@ from typing import Any, Literal
 
 import msgpack
 
+from .artifacts import FileArtifactStore
 from .broker import StreamBroker
+from .chatflow import ChatflowExecutor
 from .config import Settings, load_settings
 from .connection import create_redis
 from .consumer import Consumer, Outcome
+from .conversations import RedisConversationStore
+from .cron_jobs import CronRegistry
 from .dispatcher import EventDispatcher
 from .embedded import EmbeddedRedis
 from .errors import InvalidArgumentError, StateError
 from .events import Event
 from .keys import Keys
+from .run_result import WorkflowRunResult
+from .runner import Runner
+from .stores import InMemoryRunStore, RedisRunStore, RunStore
+from .topics import encode_topic_frame
+from .workflow import Workflow
+from .workflows import WorkflowRegistry
 
 log = logging.getLogger("tokiwa")
+
+RESERVED_PREFIX = "tokiwa."
 
 Mode = Literal["all", "producer", "worker"]
 EventProcessor = Callable[[Event], Awaitable[list[str]]]
@@ -53,6 +65,16 @@ class Orchestrator:
         settings: Settings | None = None,
         on_workflow_error: Callable[..., Any] | None = None,
         source: str | None = None,
+        workflow_concurrency: int = 2,
+        run_store: RunStore | None = None,
+        on_run_store_error: Callable[..., Any] | None = None,
+        conversation_store: Any = None,
+        runner: Runner | None = None,
+        artifacts_dir: str | None = None,
+        cron_tz: str | None = None,
+        cron_lease_ms: int = 15_000,
+        cron_missed_policy: str = "latest",
+        conversation_lock_ttl_ms: int = 30_000,
         **overrides: Any,
     ) -> None:
         if mode not in ("all", "producer", "worker"):
@@ -80,6 +102,20 @@ class Orchestrator:
         self._consume_task: asyncio.Task | None = None
         self._started = False
         self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
+        # workflows (issue 3), chatflows and cron (issue 4)
+        self.runner = runner or Runner()
+        self.run_store: RunStore = run_store or InMemoryRunStore()
+        self._run_store_given = run_store is not None
+        self.on_run_store_error = on_run_store_error
+        self.conversation_store = conversation_store
+        self.conversation_lock_ttl_ms = conversation_lock_ttl_ms
+        self._artifacts_dir = artifacts_dir
+        self._chatflows: ChatflowExecutor | None = None
+        self.workflows = WorkflowRegistry(self, workflow_concurrency=workflow_concurrency)
+        self._conversation_resolver = self.workflows.conversations_of
+        self.add_processor(self.workflows.process)
+        self.cron = CronRegistry(self, tz=cron_tz, lease_ms=cron_lease_ms, missed_policy=cron_missed_policy)
+        self.add_lifecycle(self.cron)
 
     # -- configuration -------------------------------------------------------------------
     def configure(self, **values: Any) -> None:
@@ -125,6 +161,10 @@ class Orchestrator:
             return bool(await self.redis.set(self.keys.once(name), self.worker_id, nx=True))
 
         self.dispatcher.once_claim = claim_once
+        if not self._run_store_given:
+            self.run_store = RedisRunStore(self.redis, self.keys)
+        if self.conversation_store is None:
+            self.conversation_store = RedisConversationStore(self.redis, self.keys)
 
     @property
     def redis_url(self) -> str | None:
@@ -175,13 +215,14 @@ class Orchestrator:
 
     # -- processing -----------------------------------------------------------------------
     async def process_event(self, event: Event) -> Outcome:
-        """Run the dispatcher, then every processor (triggered workflows) for one event."""
-        result = await self.dispatcher.dispatch(event)
-        errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
-        if result.errors:
-            self.metrics["dispatch_errors"] += len(result.errors)
-            for e in result.errors:
-                log.warning("subscriber %s failed on %s (%s): %r", e.name, event.type, e.stage, e.error)
+        """Run the dispatcher, then every processor (triggered workflows) for one event.
+        Event types starting with ``tokiwa.`` are reserved and skip the dispatcher."""
+        if event.type.startswith(RESERVED_PREFIX):
+            errors: list[str] = []
+        else:
+            result = await self.dispatcher.dispatch(event)
+            errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
+            self._log_dispatch_errors(event, result)
         for processor in self._processors:
             errors += await processor(event)
         if errors:
@@ -189,6 +230,12 @@ class Orchestrator:
             return Outcome(False, "; ".join(errors)[:4000])
         self.metrics["processed"] += 1
         return Outcome(True)
+
+    def _log_dispatch_errors(self, event: Event, result: Any) -> None:
+        if result.errors:
+            self.metrics["dispatch_errors"] += len(result.errors)
+            for e in result.errors:
+                log.warning("subscriber %s failed on %s (%s): %r", e.name, event.type, e.stage, e.error)
 
     def _require_consumer_mode(self, what: str) -> None:
         if self.mode == "producer":
@@ -251,6 +298,87 @@ class Orchestrator:
             if state["pending"] == 0 and state["lag"] == 0 and not self.consumer.in_flight:
                 return
             await asyncio.sleep(0.05)
+
+    # -- workflows --------------------------------------------------------------------------
+    def register_workflow(self, workflow: Any, trigger: Any = None, **options: Any) -> Workflow:
+        """Register a Workflow (or pyoco-style Flow) with a trigger: ``None`` / ``{"type": "manual"}``
+        or ``{"type": "event", "event_type": str | list | re.Pattern | "*", "filter": fn,
+        "map_input": fn, "map_context": fn, "map_conversation_id": fn}``. Options: input,
+        context, conversation_id, concurrency, fail_fast, timeout, memory. Returns the workflow
+        (its ``id`` is derived from its name, so every host agrees)."""
+        return self.workflows.register(workflow, trigger, **options)
+
+    def unregister_workflow(self, workflow_id_or_name: str) -> bool:
+        return self.workflows.unregister(workflow_id_or_name)
+
+    async def run_workflow(self, workflow: str, input: Any = None, context: Any = None, *,  # noqa: A002
+                           wait: bool = True, timeout: float | None = None,
+                           conversation_id: str | None = None, local: bool | None = None
+                           ) -> WorkflowRunResult | str:
+        """Run a registered workflow and (with ``wait``) return its WorkflowRunResult.
+
+        A producer, or an app whose consumer is running, sends a run request through the
+        stream and a worker runs it; an app in ``all``/``worker`` mode that is not consuming
+        runs it here (``local=True`` forces that). ``wait=False`` returns the run id."""
+        reg = self.workflows.get(workflow)
+        if local is None:
+            local = self.mode != "producer" and self._consume_task is None
+        if not local:
+            await self.connect()
+            return await self.workflows.request(reg.workflow.id, input=input, context=context,
+                                                conversation_id=conversation_id, wait=wait, timeout=timeout)
+        await self.connect()
+        coro = self.workflows.execute(reg, event=None, run_id=str(uuid.uuid4()), input=input,
+                                      context=context, conversation_id=conversation_id)
+        return await asyncio.wait_for(coro, timeout)
+
+    def services_for(self, run_id: str) -> Any:
+        """What a run's nodes get as ``services``: a per-run artifact folder, publish_topic."""
+        from types import SimpleNamespace
+
+        base = self._artifacts_dir or (self.settings.state_dir / "artifacts")
+        return SimpleNamespace(artifacts=FileArtifactStore(base).scoped(run_id), publish_topic=self.publish_topic)
+
+    def chatflows(self) -> ChatflowExecutor:
+        """The conversation executor (locks, order, fenced memory) on this app's Redis."""
+        if self._chatflows is None:
+            if self.redis is None:
+                raise StateError("chatflows need a Redis connection: call connect() or start() first")
+            self._chatflows = ChatflowExecutor(self.redis, self.keys, self.conversation_store, self.runner,
+                                               lock_ttl_ms=self.conversation_lock_ttl_ms)
+        return self._chatflows
+
+    async def publish_topic(self, topic: str, message: Any) -> int:
+        """Publish a Miclow topic message (``tokiwa:topic:{topic}``) that relay tasks on any
+        host subscribed to ``topic`` receive as ``topic:message``."""
+        await self.connect()
+        frame = encode_topic_frame(f"app-{self.worker_id}", socket.gethostname(), "app", str(message))
+        return await self.redis.publish(self.keys.topic(topic), frame)
+
+    # -- cron -------------------------------------------------------------------------------
+    def register_cron_job(self, expr: str, name: str, handler: Callable[..., Any]) -> str:
+        """Run ``handler(job_name, slot)`` on every slot of ``expr`` (5 fields, or 6 with a
+        leading seconds field), on the leader producer only; returns the job id."""
+        return self.cron.add(expr, name, handler, "job")
+
+    def register_cron_event(self, expr: str, event_type: str, name: str, payload: Any = None,
+                            metadata: Mapping[str, Any] | None = None) -> str:
+        """Publish ``event_type`` on every slot of ``expr``."""
+        Event(event_type)  # a blank type fails now, not at 3 a.m.
+        return self.cron.add(expr, name, self.cron.event_handler(event_type, payload, dict(metadata or {})),
+                             "event")
+
+    def register_cron_workflow(self, expr: str, workflow_id: str, name: str, input: Any = None,  # noqa: A002
+                               context: Any = None) -> str:
+        """Start a registered workflow on every slot of ``expr`` (chatflows are refused: they
+        need a conversation id)."""
+        return self.cron.add(expr, name, self.cron.workflow_handler(workflow_id, input, context), "workflow")
+
+    def remove_cron_job(self, job_id_or_name: str) -> bool:
+        return self.cron.remove(job_id_or_name)
+
+    def is_cron_job_scheduled(self, job_id_or_name: str) -> bool:
+        return self.cron.is_scheduled(job_id_or_name)
 
     async def owns(self, event: Event) -> bool:
         """Whether this worker still holds ``event``'s stream entry.

@@ -1,0 +1,143 @@
+"""The Orchestrator's cron side: jobs registered on the app, fired by a LeaderScheduler.
+
+Jobs are validated when they are registered (croniter via :class:`orchestrator.cron.Cron`),
+kept on the app, and handed to a :class:`LeaderScheduler` when the app starts in ``producer``
+or ``all`` mode: every producer campaigns for ``{ns}:leader:cron``, only the leader fires,
+and each (job, slot) fires at most once cluster-wide. Worker mode never runs cron.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .cron import Cron
+from .errors import ConflictError, InvalidArgumentError, NotFoundError
+from .leader import LeaderElector
+from .scheduler import LeaderScheduler
+
+if TYPE_CHECKING:
+    from .app import Orchestrator
+
+log = logging.getLogger("tokiwa.cron")
+
+
+@dataclass(slots=True)
+class CronSpec:
+    id: str
+    expr: str
+    name: str
+    handler: Callable[..., Any]
+    kind: str  # job | event | workflow
+
+
+class CronRegistry:
+    """Cron jobs of one app, and the leader-elected scheduler that fires them."""
+
+    def __init__(self, app: Orchestrator, *, tz: str | None = None, lease_ms: int = 15_000,
+                 missed_policy: str = "latest", missed_window_s: float = 3_600.0,
+                 check_interval_s: float | None = None) -> None:
+        self.app = app
+        self.tz = tz
+        self.lease_ms = lease_ms
+        self.missed_policy = missed_policy
+        self.missed_window_s = missed_window_s
+        self.check_interval_s = check_interval_s
+        self._specs: dict[str, CronSpec] = {}
+        self.scheduler: LeaderScheduler | None = None
+        self.elector: LeaderElector | None = None
+
+    # -- registration -----------------------------------------------------------------------
+    def add(self, expr: str, name: str, handler: Callable[..., Any], kind: str = "job") -> str:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidArgumentError(f"a cron job needs a non-blank name, got {name!r}")
+        if not callable(handler):
+            raise InvalidArgumentError(f"cron job {name!r}: handler must be callable")
+        if name in self._specs:
+            raise ConflictError(f"a cron job named {name!r} is already registered")
+        Cron(expr, self.tz)  # invalid expressions fail here, naming the bad field
+        spec = CronSpec(str(uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:cron:{name}")), expr, name, handler, kind)
+        self._specs[name] = spec
+        if self.scheduler is not None:
+            self.scheduler.add_job(expr, name, handler)
+        return spec.id
+
+    def _find(self, ref: str) -> CronSpec | None:
+        return self._specs.get(ref) or next((s for s in self._specs.values() if s.id == ref), None)
+
+    def remove(self, ref: str) -> bool:
+        spec = self._find(ref)
+        if spec is None:
+            return False
+        del self._specs[spec.name]
+        if self.scheduler is not None:
+            self.scheduler.remove_job(spec.name)
+        return True
+
+    def is_scheduled(self, ref: str) -> bool:
+        return self._find(ref) is not None
+
+    @property
+    def specs(self) -> list[CronSpec]:
+        return list(self._specs.values())
+
+    # -- the three kinds ------------------------------------------------------------------------
+    def event_handler(self, event_type: str, payload: Any, metadata: dict | None) -> Callable[..., Any]:
+        async def fire(job_name: str, slot: Any) -> None:
+            meta = {"source": f"cron:{job_name}", **(metadata or {})}
+            await self.app.publish(event_type, payload, meta)
+        return fire
+
+    def workflow_handler(self, workflow_ref: str, input: Any, context: Any) -> Callable[..., Any]:  # noqa: A002
+        reg = self.app.workflows.get(workflow_ref)  # NotFoundError for unknown ids
+        if reg.workflow.type == "chatflow":
+            raise InvalidArgumentError(
+                f"register_cron_workflow: {reg.workflow.name!r} is a chatflow, which needs a conversation "
+                "id; publish an event from cron (register_cron_event) and map its conversation id instead")
+
+        async def fire(job_name: str, slot: Any) -> None:
+            await self.app.run_workflow(reg.workflow.id, input=input, context=context, wait=False)
+        return fire
+
+    # -- running ---------------------------------------------------------------------------------
+    def build(self) -> LeaderScheduler:
+        """Create the elector and scheduler on the app's Redis (needs ``app.connect()``)."""
+        if self.scheduler is None:
+            app = self.app
+            self.elector = LeaderElector(app.redis, app.keys, "cron", app.worker_id, ttl_ms=self.lease_ms)
+            options: dict[str, Any] = {"tz": self.tz}
+            if self.check_interval_s is not None:
+                options["check_interval_s"] = self.check_interval_s
+            self.scheduler = LeaderScheduler(self.elector, app.redis, app.keys, missed_policy=self.missed_policy,
+                                             missed_window_s=self.missed_window_s, **options)
+            for spec in self._specs.values():
+                self.scheduler.add_job(spec.expr, spec.name, spec.handler)
+        return self.scheduler
+
+    async def start(self) -> None:
+        if self.app.mode == "worker" or not self._specs:
+            return
+        await self.build().start()
+        log.info("cron: %d jobs, campaigning for leadership as %s", len(self._specs), self.app.worker_id)
+
+    async def stop(self) -> None:
+        if self.scheduler is not None and self.scheduler.running:
+            await self.scheduler.stop()
+
+    async def describe(self) -> list[dict[str, Any]]:
+        await self.app.connect()
+        rows = await self.build().describe()
+        kinds = {s.name: s.kind for s in self._specs.values()}
+        for row in rows:
+            row["kind"] = kinds.get(row["name"])
+        return rows
+
+
+def require_known(registry: CronRegistry, ref: str) -> CronSpec:
+    spec = registry._find(ref)
+    if spec is None:
+        raise NotFoundError(f"no cron job {ref!r}")
+    return spec
