@@ -246,7 +246,7 @@ class ProcessManager:
                 if current.alive:
                     raise ConflictError(f"worker {name!r} is already running (pid {current.pid})")
                 shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             started_at = self._wall()
             pid = self._launch(folder, argv, env, cwd)
             meta = {

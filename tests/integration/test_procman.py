@@ -22,7 +22,14 @@ from click.testing import CliRunner
 
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError, StateError
 from orchestrator.keys import Keys
-from workers.manage_cli import cluster_workers, format_duration, logs_command, ps_command, stop_command
+from workers.manage_cli import (
+    cluster_workers,
+    format_duration,
+    logs_command,
+    ps_command,
+    start_command,
+    stop_command,
+)
 from workers.procman import ProcessManager, folder_name, instance_hash
 from workers.proctools import pid_alive
 from workers.supervisor import EXIT_OK, Supervisor, child_run_argv
@@ -253,6 +260,17 @@ def test_ps_shows_local_instances_as_a_table_and_as_json(manager, state_dir):
     as_json = runner.invoke(ps_command, ["--state-dir", str(state_dir), "--json"])
     [record] = json.loads(as_json.output)
     assert record["name"] == "w1" and record["status"] == "alive" and record["pid"] == inst.pid
+
+
+def test_start_without_a_shared_redis_warns_that_the_worker_is_alone(state_dir, monkeypatch):
+    monkeypatch.delenv("TOKIWA_REDIS_URL", raising=False)
+    monkeypatch.delenv("TOKIWA_CONFIG", raising=False)
+    args = ["--name", "w1", "--state-dir", str(state_dir), "--check-s", "0", "--app", "no_such_module:app"]
+    try:
+        result = CliRunner().invoke(start_command, args)
+        assert "warning: no --redis-url or TOKIWA_REDIS_URL" in result.output
+    finally:
+        ProcessManager(state_dir).stop_all(grace_s=1)
 
 
 def test_stop_command_needs_a_name_or_all(state_dir):
