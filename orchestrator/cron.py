@@ -36,8 +36,9 @@ from .errors import CronError
 _SECOND = ("second", 0, 59)
 _FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
            ("day-of-week", 0, 6))
-# how far ahead next_after looks before declaring an expression impossible (30 Feb ...).
-_MAX_YEARS = 8
+# how far ahead next_after looks before declaring an expression impossible (30 Feb ...);
+# 29 February on a given weekday recurs within 28 years.
+_MAX_YEARS = 30
 
 
 def resolve_tz(tz: str | tzinfo | None) -> tzinfo:

@@ -152,3 +152,8 @@ def test_slot_text_is_utc_and_round_trips():
     slot = datetime(2026, 3, 8, 3, 0, tzinfo=NY)
     assert slot_iso(slot) == "2026-03-08T07:00:00Z"
     assert parse_slot(slot_iso(slot)) == slot
+
+
+def test_a_rare_but_possible_date_is_accepted():
+    cron = Cron("0 0 29 2 1", "UTC")  # 29 February falling on a Monday
+    assert cron.next_after(datetime(2000, 1, 1, tzinfo=UTC)) == datetime(2016, 2, 29, tzinfo=UTC)
