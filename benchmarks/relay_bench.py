@@ -123,7 +123,7 @@ class _Bench:
                 raise TimeoutError(f"relay bench: no {topic} within {timeout_s}s")
             msg = self.pubsub.get_message(timeout=0.5)
             if msg and msg["type"] == "pmessage" and msg["channel"].decode() == self.keys.topic(topic):
-                got.append(self.decode(msg["data"])[3])
+                got.extend(self.decode(msg["data"])[3])
         return got
 
     def round(self, mode: str, count: int, interval_ms: float) -> dict[str, Any]:

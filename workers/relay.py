@@ -301,8 +301,9 @@ class Relay:
             except asyncio.QueueFull:
                 self.counters["events_dropped"] += 1
 
-    def _on_remote(self, topic: str, message: str, host: str, task: str) -> None:
-        self.topics.deliver(topic, message)
+    def _on_remote(self, topic: str, messages: list[str], host: str, task: str) -> None:
+        for message in messages:
+            self.topics.deliver(topic, message)
 
     async def publish_topic(self, topic: str, message: str) -> None:
         """Publish ``message`` on ``topic`` from code (a workflow node): local subscribers

@@ -2,7 +2,9 @@
 
 Wire form of one relayed message: ``PUBLISH {ns}:topic:{topic} <frame>`` where ``frame`` is
 msgpack of ``[1, relay_id, host, task, message]`` (format version, the origin relay, its
-host, the publishing task, the message text). A payload that is not such a frame (for
+host, the publishing task, the message text). Under load, consecutive messages of one task
+on one topic share a frame: ``message`` is then the list of their texts, in order (up to
+``FRAME_MAX_CHARS``), so a burst costs one PUBLISH per run. A payload that is not a frame (for
 example ``redis-cli PUBLISH tokiwa:topic:orders hello``) is delivered as the message text
 itself, from origin ``redis``.
 
@@ -37,6 +39,8 @@ log = logging.getLogger("tokiwa.relay")
 FRAME_VERSION = 1
 #: most messages sent in one pipeline by the publisher task.
 PUBLISH_BATCH = 512
+#: a frame that carries several messages stops growing past this many characters.
+FRAME_MAX_CHARS = 64 * 1024
 #: most messages waiting to be published; beyond it they are counted as ``publish_dropped``.
 OUTBOX_MAX = 100_000
 #: pause after a Redis connection error before the listener / publisher try again.
@@ -51,26 +55,43 @@ STOP_STEP_TIMEOUT_S = 2.0
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
-RemoteHandler = Callable[[str, str, str, str], None]  # (topic, message, host, task)
+RemoteHandler = Callable[[str, list[str], str, str], None]  # (topic, messages, host, task)
 
 
-def encode_frame(relay_id: str, host: str, task: str, message: str) -> bytes:
-    """The pub/sub payload of one relayed message."""
+def encode_frame(relay_id: str, host: str, task: str, message: str | list[str]) -> bytes:
+    """The pub/sub payload of one relayed message (or of a run of messages, as a list)."""
     return _packb([FRAME_VERSION, relay_id, host, task, message])
 
 
-def decode_frame(payload: bytes) -> tuple[str, str, str, str]:
-    """``(relay_id, host, task, message)`` of a payload; a foreign payload becomes a message
-    from relay ``""``, host ``redis``, task ``""``."""
+def decode_frame(payload: bytes) -> tuple[str, str, str, list[str]]:
+    """``(relay_id, host, task, messages)`` of a payload; a foreign payload becomes one
+    message from relay ``""``, host ``redis``, task ``""``."""
     try:
         frame = msgpack.unpackb(payload, raw=False)
         if isinstance(frame, list) and len(frame) == 5 and frame[0] == FRAME_VERSION:
             _, relay_id, host, task, message = frame
             if isinstance(message, str):
+                return str(relay_id), str(host), str(task), [message]
+            if isinstance(message, list) and all(isinstance(m, str) for m in message):
                 return str(relay_id), str(host), str(task), message
     except (ValueError, msgpack.UnpackException):
         pass
-    return "", "redis", "", payload.decode("utf-8", errors="replace")
+    return "", "redis", "", [payload.decode("utf-8", errors="replace")]
+
+
+def frames_of(batch: list[tuple[str, str, str]]) -> list[tuple[str, str, list[str]]]:
+    """Group consecutive ``(topic, message, task)`` items of one task and topic into runs
+    ``(topic, task, messages)``, keeping the order, each run below ``FRAME_MAX_CHARS``."""
+    runs: list[tuple[str, str, list[str]]] = []
+    size = 0
+    for topic, message, task in batch:
+        if runs and runs[-1][0] == topic and runs[-1][1] == task and size + len(message) <= FRAME_MAX_CHARS:
+            runs[-1][2].append(message)
+            size += len(message)
+        else:
+            runs.append((topic, task, [message]))
+            size = len(message)
+    return runs
 
 
 async def publish_topic_message(
@@ -169,13 +190,15 @@ class RelayTransport:
 
     async def _send(self, batch: list[tuple[str, str, str]]) -> None:
         relay_id, host, prefix = self.relay_id, self.host, self._prefix
-        if len(batch) == 1:
-            topic, message, task = batch[0]
-            await self.redis.publish(prefix + topic, encode_frame(relay_id, host, task, message))
+        runs = frames_of(batch)
+        if len(runs) == 1:
+            topic, task, messages = runs[0]
+            payload = messages[0] if len(messages) == 1 else messages
+            await self.redis.publish(prefix + topic, encode_frame(relay_id, host, task, payload))
             return
         pipe = self.redis.pipeline(transaction=False)
-        for topic, message, task in batch:
-            pipe.publish(prefix + topic, encode_frame(relay_id, host, task, message))
+        for topic, task, messages in runs:
+            pipe.publish(prefix + topic, encode_frame(relay_id, host, task, messages[0] if len(messages) == 1 else messages))
         await pipe.execute()
 
     # -- incoming ------------------------------------------------------------------------
@@ -190,12 +213,12 @@ class RelayTransport:
                 continue
             if not response or response[0] != b"pmessage":
                 continue
-            relay_id, host, task, message = decode_frame(response[3])
+            relay_id, host, task, messages = decode_frame(response[3])
             if relay_id == own:
                 continue
-            self.received += 1
+            self.received += len(messages)
             try:
-                handle(response[2][prefix_len:].decode("utf-8", errors="replace"), message, host, task)
+                handle(response[2][prefix_len:].decode("utf-8", errors="replace"), messages, host, task)
             except Exception:  # a routing bug must not kill the listener
                 log.exception("relay: failed to route a message from %s", host)
 

@@ -52,9 +52,9 @@ class Tap:
         async for msg in self._pubsub.listen():
             if msg["type"] != "pmessage":
                 continue
-            _, _, task, message = decode_frame(msg["data"])
+            _, _, task, messages = decode_frame(msg["data"])
             async with self._cond:
-                self.items.append((msg["channel"][prefix:].decode(), message, task))
+                self.items.extend((msg["channel"][prefix:].decode(), message, task) for message in messages)
                 self._cond.notify_all()
 
     async def publish_raw(self, topic: str, message: str) -> int:

@@ -15,6 +15,7 @@ from workers.relay_protocol import (
     parse_quoted,
     split_payload,
 )
+from workers.relay_transport import FRAME_MAX_CHARS, decode_frame, encode_frame, frames_of
 
 
 def parse(line: str) -> Output | None:
@@ -187,3 +188,26 @@ def test_line_response_error_goes_on_system_error() -> None:
 def test_function_input_carries_the_caller_in_counted_framing() -> None:
     assert encode_function_input("counted", "main", "in") == b"system.function\n2\nmain\nin\n"
     assert encode_function_input("line", "main", "in") == b"system.function:in\n"
+
+
+# -- Redis wire frames ----------------------------------------------------------------------
+def test_a_frame_round_trips_origin_task_and_message() -> None:
+    assert decode_frame(encode_frame("r1", "host-a", "web", "A-001")) == ("r1", "host-a", "web", ["A-001"])
+
+
+def test_a_frame_may_carry_a_run_of_messages() -> None:
+    assert decode_frame(encode_frame("r1", "h", "web", ["a", "b"]))[3] == ["a", "b"]
+
+
+def test_a_foreign_payload_is_delivered_as_the_message_itself() -> None:
+    assert decode_frame(b"hello from redis-cli") == ("", "redis", "", ["hello from redis-cli"])
+
+
+def test_consecutive_messages_of_one_task_and_topic_share_a_frame_in_order() -> None:
+    batch = [("t", "1", "a"), ("t", "2", "a"), ("u", "3", "a"), ("t", "4", "a"), ("t", "5", "b")]
+    assert frames_of(batch) == [("t", "a", ["1", "2"]), ("u", "a", ["3"]), ("t", "a", ["4"]), ("t", "b", ["5"])]
+
+
+def test_a_frame_stops_growing_at_its_size_limit() -> None:
+    big = "x" * (FRAME_MAX_CHARS // 2 + 1)
+    assert [len(run[2]) for run in frames_of([("t", big, "a")] * 3)] == [1, 1, 1]
