@@ -173,14 +173,30 @@ class Cron:
         raise CronError(f"cron expression {self.expr!r} cannot be scheduled", expr=self.expr)
 
     def slots_between(self, start: datetime, end: datetime, limit: int = 10_000) -> list[datetime]:
-        """Firing times t with ``start < t <= end``, oldest first, at most ``limit`` (the newest)."""
+        """Firing times t with ``start < t <= end``, oldest first: at most ``limit``, the newest.
+
+        Walks backwards from ``end``, so the cost is O(limit), not O(end - start): the
+        latest slot of a per-second job after a day of downtime costs one step, not 86 400.
+        """
+        if end <= start or limit < 1:
+            return []
+        step = 1 if self.has_seconds else 60
+        end_utc = end.astimezone(UTC)
+        floor = end_utc.replace(microsecond=0) - timedelta(seconds=end_utc.second % step)
+        top = (floor + self.resolution).astimezone(self.tz)  # get_prev is strictly before this
+        it = croniter(self.expr, top, day_or=False, second_at_beginning=self.has_seconds,
+                      max_years_between_matches=_MAX_YEARS)
         out: list[datetime] = []
-        t = self.next_after(start)
-        while t <= end:
-            out.append(t)
-            if len(out) > limit:
-                out.pop(0)
-            t = self.next_after(t)
+        while len(out) < limit:
+            try:
+                t = it.get_prev(datetime)
+            except CroniterBadDateError:
+                break
+            if t <= start:
+                break
+            if not (self._hour_fixed and _is_repeat(t)):
+                out.append(t)
+        out.reverse()
         return out
 
 

@@ -314,12 +314,12 @@ class LeaderScheduler(Scheduler):
             return job.cron.slots_between(start, now, limit=_MAX_SLOTS_PER_CHECK)
         if last is None:  # first check of the term, job never fired anywhere
             return job.cron.slots_between(max(since, floor), now, limit=1)
-        missed = job.cron.slots_between(max(last, floor), now, limit=_MAX_SLOTS_PER_CHECK)
-        if self.missed_policy is MissedSlotPolicy.ALL:
-            return missed
+        start = max(last, floor)
         if self.missed_policy is MissedSlotPolicy.LATEST:
-            return missed[-1:]
-        return [s for s in missed if s > term.prev]
+            return job.cron.slots_between(start, now, limit=1)
+        if self.missed_policy is MissedSlotPolicy.NONE:  # only what came due since we last looked
+            start = max(start, term.prev)
+        return job.cron.slots_between(start, now, limit=_MAX_SLOTS_PER_CHECK)
 
     async def _claim(self, job: CronJob, slot: datetime) -> bool:
         if not self.elector.is_leader:

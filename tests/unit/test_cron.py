@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -157,3 +158,24 @@ def test_slot_text_is_utc_and_round_trips():
 def test_a_rare_but_possible_date_is_accepted():
     cron = Cron("0 0 29 2 1", "UTC")  # 29 February falling on a Monday
     assert cron.next_after(datetime(2000, 1, 1, tzinfo=UTC)) == datetime(2016, 2, 29, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("expr", ["30 1 * * *", "0 * * * *", "30 2 * * *", "*/20 * * * *", "*/30 * * * * *"])
+@pytest.mark.parametrize("day", [datetime(2026, 3, 7, 22, tzinfo=NY), datetime(2026, 10, 31, 22, tzinfo=NY)])
+def test_slots_between_agrees_with_next_after_across_dst(expr, day):
+    cron = Cron(expr, NY)
+    end = day + timedelta(hours=8)
+    forward, t = [], cron.next_after(day)
+    while t <= end:
+        forward.append(t)
+        t = cron.next_after(t)
+    assert [s.astimezone(UTC) for s in cron.slots_between(day, end)] == [s.astimezone(UTC) for s in forward]
+
+
+def test_slots_between_keeps_the_newest_slots_without_walking_the_whole_range():
+    cron = Cron("* * * * * *", "UTC")
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    began = time.perf_counter()
+    newest = cron.slots_between(start, start + timedelta(days=1, microseconds=500), limit=2)
+    assert time.perf_counter() - began < 0.5
+    assert newest == [start + timedelta(days=1, seconds=-1), start + timedelta(days=1)]
