@@ -1,0 +1,53 @@
+"""Put the worker process together: a relay inside a worker, bridged to the app's events.
+
+With ``tokiwa-worker run --app … --relay relay.toml`` the relay's children exchange topic
+messages as usual; a child that exits becomes a ``relay.task_exited`` event, and topics that
+match the config's ``publish_events`` patterns become events of the topic's name (payload
+``{"topic", "message"}``), so a relay line can trigger a workflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from orchestrator.app import Orchestrator
+
+from .relay import Relay
+from .relay_config import load_relay_config
+
+log = logging.getLogger("tokiwa.worker")
+
+
+class RelayComponent:
+    """A relay started and stopped with the worker (``serve(..., components=[...])``)."""
+
+    def __init__(self, app: Orchestrator, relay_file: str) -> None:
+        self.app = app
+        self.config = load_relay_config(relay_file)  # a broken file fails before anything starts
+        self.relay: Relay | None = None
+
+    async def _task_exited(self, info: Any) -> None:
+        payload = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
+        await self.app.publish("relay.task_exited", payload, {"source": "relay"})
+
+    async def _topic_event(self, topic: str, message: str) -> None:
+        await self.app.publish(topic, {"topic": topic, "message": message}, {"source": "relay"})
+
+    async def start(self) -> None:
+        await self.app.connect()
+        self.relay = Relay(self.config, redis_url=self.app.redis_url, namespace=self.app.settings.namespace,
+                           on_task_exit=self._task_exited, on_topic_event=self._topic_event)
+        await self.relay.start()
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.relay.snapshot() if self.relay else {}
+
+
+def relay_component(app: Orchestrator, relay_file: str) -> RelayComponent:
+    return RelayComponent(app, relay_file)
