@@ -67,8 +67,8 @@ async def scenario(url: str, forever: bool, logs: Path) -> None:
         await app.publish("order.created", {"ref": f"A-{i:03d}", "items": items})
     shipped = await wait_for(lambda: _full(r.hgetall(f"{NS}:demo:shipped"), 10), 30, "10 shipped orders")
     by_pid: dict[str, int] = {}
-    for ref, value in sorted(shipped.items()):
-        total, pid = value.decode().split(":")
+    for _ref, value in sorted(shipped.items()):
+        _total, pid = value.decode().split(":")
         by_pid[pid] = by_pid.get(pid, 0) + 1
     say(f"   10 orders shipped; the two workers shared them: {by_pid} (pid: orders)")
     runs = await app.run_store.list(workflow="order-flow", limit=100)
