@@ -308,7 +308,8 @@ class Relay:
     async def publish_topic(self, topic: str, message: str) -> None:
         """Publish ``message`` on ``topic`` from code (a workflow node): local subscribers
         get it at once, every other relay through Redis. Does not trigger ``publish_events``
-        (so a workflow cannot re-trigger itself through its own topic)."""
+        (so a workflow cannot re-trigger itself through its own topic). Raises
+        :class:`BrokerError` when Redis cannot be reached (local subscribers already got it)."""
         check_topic(topic)
         if not isinstance(message, str):
             raise InvalidArgumentError(f"a topic message must be a str, got {type(message).__name__}")

@@ -105,6 +105,9 @@ class SystemCommands:
         if spec is None:
             self.reply(child, name, False, f"unknown function {fname}")
             return
+        if not self.relay.running:
+            self.reply(child, name, False, "cancelled: the relay is stopping")
+            return
         self.relay._spawn(self._start_function(child, name, spec, arg))  # noqa: SLF001 - owned by the relay
 
     async def _start_function(self, caller: ChildProcess, name: str, spec: Any, arg: str) -> None:
