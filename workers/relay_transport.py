@@ -33,10 +33,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.errors import BrokerError, InvalidArgumentError
 from orchestrator.keys import Keys
+from orchestrator.topics import FRAME_VERSION  # one wire format for the app and the relay
 
 log = logging.getLogger("tokiwa.relay")
 
-FRAME_VERSION = 1
 #: most messages sent in one pipeline by the publisher task.
 PUBLISH_BATCH = 512
 #: a frame that carries several messages stops growing past this many characters.

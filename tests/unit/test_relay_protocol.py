@@ -211,3 +211,9 @@ def test_consecutive_messages_of_one_task_and_topic_share_a_frame_in_order() -> 
 def test_a_frame_stops_growing_at_its_size_limit() -> None:
     big = "x" * (FRAME_MAX_CHARS // 2 + 1)
     assert [len(run[2]) for run in frames_of([("t", big, "a")] * 3)] == [1, 1, 1]
+
+
+def test_frames_written_by_the_app_side_are_read_by_the_relay() -> None:
+    from orchestrator.topics import encode_topic_frame
+
+    assert decode_frame(encode_topic_frame("app-1", "h", "app", "x")) == ("app-1", "h", "app", ["x"])
