@@ -361,3 +361,14 @@ async def test_a_message_published_without_a_relay_reaches_every_relay(relays, t
     finally:
         await client.aclose()
     assert await tap.echo("ping|") == "ping|from a producer"
+
+
+async def test_an_exited_childs_subscriptions_are_removed(relays, tap, redis_url, namespace) -> None:
+    exits: asyncio.Queue = asyncio.Queue()
+    relay = await one_puppet(relays, tap, redis_url, namespace, on_task_exit=exits.put)
+    await relay.publish_topic("say", "system.subscribe-topic:extra")
+    await tap.echo("system.subscribe-topic|extra")
+    assert {t["name"] for t in relay.status()["topics"]} == {"ping", "say", "extra"}
+    await relay.publish_topic("say", "!exit 0")
+    await asyncio.wait_for(exits.get(), 10)
+    assert relay.status()["topics"] == [] and relay.status()["tasks"][0]["topics"] == []
