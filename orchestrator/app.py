@@ -237,6 +237,13 @@ class Orchestrator:
             for e in result.errors:
                 log.warning("subscriber %s failed on %s (%s): %r", e.name, event.type, e.stage, e.error)
 
+    async def _event_dead(self, event: Event) -> None:
+        """A dead-lettered event gives up its turn in its conversations' order lists."""
+        if event.stream_id is None:
+            return
+        for cid in self.workflows.conversations_of(event):
+            await self.chatflows().abandon(cid, event.stream_id)
+
     def _require_consumer_mode(self, what: str) -> None:
         if self.mode == "producer":
             raise StateError(f"{what} is not available in producer mode.")
@@ -251,7 +258,7 @@ class Orchestrator:
         for component in self._lifecycle:
             await component.start()
         if self.mode != "producer":
-            self.consumer = Consumer(self.broker, self.settings, self.process_event)
+            self.consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
             self._consume_task = asyncio.create_task(self.consumer.run(), name="tokiwa-consumer")
 
     async def stop(self) -> None:
@@ -288,7 +295,7 @@ class Orchestrator:
         if self._consume_task is not None:
             await asyncio.wait_for(self._wait_drained(), timeout)
             return
-        consumer = Consumer(self.broker, self.settings, self.process_event)
+        consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
         self.consumer = consumer
         await asyncio.wait_for(consumer.run(until_drained=True), timeout)
 

@@ -42,6 +42,7 @@ class Outcome:
 
 
 ProcessFn = Callable[[Event], Awaitable[Outcome]]
+DeadFn = Callable[[Event], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -69,10 +70,12 @@ class _InFlight:
 class Consumer:
     """Consumes the events stream for one consumer name until stopped."""
 
-    def __init__(self, broker: StreamBroker, settings: Settings, process: ProcessFn) -> None:
+    def __init__(self, broker: StreamBroker, settings: Settings, process: ProcessFn,
+                 on_dead: DeadFn | None = None) -> None:
         self.broker = broker
         self.settings = settings
         self.process = process
+        self.on_dead = on_dead  # called with the decoded event after it was dead-lettered
         self.stats = Stats()
         self.in_flight: dict[str, _InFlight] = {}
         self._ack_buffer: list[str] = []
@@ -286,8 +289,21 @@ class Consumer:
         if dead_id:
             self.stats.dead += 1
             log.warning("entry %s dead-lettered: %s %s", d.stream_id, reason, error[:200])
+            await self._after_dead(d)
         else:
             self.stats.lost += 1
+
+    async def _after_dead(self, d: Delivery) -> None:
+        if self.on_dead is None:
+            return
+        try:
+            event = decode_fields(d.fields, entry_id=d.stream_id)
+        except EventDecodeError:
+            return
+        try:
+            await self.on_dead(event)
+        except Exception:
+            log.exception("on_dead hook failed for %s", d.stream_id)
 
     # -- acking and renewing ---------------------------------------------------------------
     def _queue_ack(self, stream_id: str) -> None:
