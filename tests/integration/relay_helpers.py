@@ -98,7 +98,8 @@ def make_relay(redis_url: str, namespace: str, tasks: list[dict[str, Any]], **kw
     options = {k: kwargs.pop(k) for k in ("publish_events", "functions", "shutdown_grace_s", "heartbeat_interval_s")
                if k in kwargs}
     config = parse_relay_config({"tasks": tasks, **options})
-    return Relay(config, redis_url=redis_url, namespace=namespace, console=lambda line: None, **kwargs)
+    kwargs.setdefault("console", lambda line: None)
+    return Relay(config, redis_url=redis_url, namespace=namespace, **kwargs)
 
 
 # -- process table (only pids our tests started are ever signalled) ---------------------------

@@ -372,3 +372,13 @@ async def test_an_exited_childs_subscriptions_are_removed(relays, tap, redis_url
     await relay.publish_topic("say", "!exit 0")
     await asyncio.wait_for(exits.get(), 10)
     assert relay.status()["topics"] == [] and relay.status()["tasks"][0]["topics"] == []
+
+
+async def test_view_stdout_prints_plain_lines_with_the_task_name(relays, tap, redis_url, namespace) -> None:
+    shown: list[str] = []
+    relay = make_relay(redis_url, namespace, [puppet("p", topics=["say"], view_stdout=True)], console=shown.append)
+    await start(relays, relay)
+    await tap.echo("ready|")
+    await relay.publish_topic("say", "hello there")
+    await tap.expect(lambda s: s[0] == "p.stdout")
+    assert shown == ["[p stdout] hello there"]

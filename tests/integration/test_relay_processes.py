@@ -35,13 +35,15 @@ def puppet_task(name: str, topics: list[str], reply: str, control: str = "say", 
 class RelayProcess:
     """One ``python -m workers.relay_cli`` process, killed (and its children) at the end."""
 
-    def __init__(self, config: Path, redis_url: str, namespace: str, env: dict[str, str], *, flag: bool = False):
-        args = ["--config", str(config)] if flag else [str(config)]
+    def __init__(self, config: Path, redis_url: str, namespace: str, env: dict[str, str], *, flag: bool = False,
+                 console: bool = False):
+        args = (["--config", str(config)] if flag else [str(config)]) + (["--console"] if console else [])
         self.log = config.with_suffix(".log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.relay_cli", *args, "--redis-url", redis_url, "--namespace", namespace],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE if console else subprocess.DEVNULL,
             )
         self.children: list[int] = []
 
@@ -50,6 +52,8 @@ class RelayProcess:
         return self.children
 
     def cleanup(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
@@ -149,3 +153,17 @@ def test_cli_exits_unavailable_when_redis_is_unreachable(tmp_path) -> None:
     config = relay_toml(tmp_path, "ok", puppet_task("p", ["say"], "echo"))
     result = CliRunner().invoke(relay_command, [str(config), "--redis-url", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 69 and "cannot subscribe" in result.output
+
+
+async def test_console_lines_are_published_on_the_system_topic(
+    tmp_path, redis_url, namespace, subprocess_env, processes
+) -> None:
+    config = relay_toml(tmp_path, "c", puppet_task("p", ["system"], "echo"))
+    async with Tap(redis_url, namespace) as tap:
+        relay = RelayProcess(config, redis_url, namespace, subprocess_env, console=True)
+        processes.append(relay)
+        await ready(tap, "echo")
+        relay.proc.stdin.write(b"  hello relay  \n\n")
+        relay.proc.stdin.flush()
+        assert await tap.echo("system|") == "system|hello relay"
+        assert tap.find(lambda s: s == ("system", "hello relay", "console"))
