@@ -1,0 +1,329 @@
+"""Look into a running cluster through Redis: streams, pending entries, dead letters, leaders,
+locks, workers and runs. Every method returns plain dicts and lists (JSON-ready), so the
+``inspect`` CLI, the HTTP API and scripts all show the same data.
+
+Dead letters can be requeued: :meth:`Inspector.requeue` moves a dead entry's original fields
+(``id``, ``type``, ``body``) back to the events stream as a new entry and deletes it from the
+dead stream, in one Lua script, so two operators requeueing at once never duplicate it. The
+event keeps its event id; it gets a new stream id and a fresh delivery count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+from redis.exceptions import ResponseError
+
+from .errors import EventDecodeError, InvalidArgumentError, NotFoundError
+from .events import decode_fields
+from .keys import Keys
+from .run_result import RUN_STATUSES
+from .stores import RedisRunStore, RunStore
+
+# Fields the broker adds to a dead entry (see StreamBroker.dead_letter); all others are the
+# original entry's and go back to the events stream on requeue.
+DEAD_EXTRAS = ("reason", "error", "deliveries", "failed_at", "stream_id", "consumer", "group")
+STALE_HEARTBEATS = 3  # same rule as orchestrator.runtime: older than 3 intervals = stale
+REQUEUE_BATCH = 100
+
+# KEYS[1] = dead stream, KEYS[2] = events stream
+# ARGV[1..n] = dead entry ids
+# For each id still in the dead stream: XADD its original fields (every field but the
+# dead-letter extras) to the events stream, then XDEL it from the dead stream. Returns one
+# reply per id: the new events stream id, or nil when the id is not (or no longer) there or
+# has no original field to requeue.
+REQUEUE = """
+local extras = {}
+for _, name in ipairs({__EXTRAS__}) do extras[name] = true end
+local out = {}
+for i, id in ipairs(ARGV) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  local new = false
+  if found[1] then
+    local f, fields = found[1][2], {}
+    for j = 1, #f, 2 do
+      if not extras[f[j]] then
+        fields[#fields + 1] = f[j]
+        fields[#fields + 1] = f[j + 1]
+      end
+    end
+    if #fields > 0 then
+      new = redis.call('XADD', KEYS[2], '*', unpack(fields))
+      redis.call('XDEL', KEYS[1], id)
+    end
+  end
+  out[i] = new
+end
+return out
+""".replace("__EXTRAS__", ", ".join(f"'{name}'" for name in DEAD_EXTRAS))
+
+
+def _s(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+
+
+def _check_limit(name: str, value: Any, maximum: int = 10_000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidArgumentError(f"{name} must be an integer from 1 to {maximum}, got {value!r}")
+    return value
+
+
+def _check_stream_id(stream_id: Any) -> str:
+    ms, dash, seq = str(stream_id).partition("-")
+    if not (ms.isdigit() and (not dash or seq.isdigit())):
+        raise InvalidArgumentError(f"not a stream id (like 1700000000000-0): {stream_id!r}")
+    return f"{ms}-{seq or 0}"
+
+
+def run_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record reduced to what a list shows, with pyoco's ``task_summary`` (node name →
+    state, duration_ms, ended_at, attempts)."""
+    nodes = record.get("nodes") or {}
+    return {
+        "run_id": record.get("run_id"), "workflow": record.get("workflow_name"),
+        "workflow_id": record.get("workflow_id"), "workflow_type": record.get("workflow_type"),
+        "status": record.get("status"), "started_at": record.get("started_at"),
+        "finished_at": record.get("finished_at"), "duration_ms": record.get("duration_ms"),
+        "conversation_id": record.get("conversation_id"), "error": record.get("error"),
+        "task_summary": {
+            name: {"state": n.get("status"), "duration_ms": n.get("duration_ms"),
+                   "ended_at": n.get("finished_at"), "attempts": n.get("attempts")}
+            for name, n in nodes.items() if isinstance(n, dict)
+        },
+    }
+
+
+def dead_entry(dead_id: str, fields: dict[bytes, bytes], *, with_body: bool = False) -> dict[str, Any]:
+    """One dead letter as a dict; ``with_body`` decodes the original envelope (payload ...)."""
+    f = {_s(k): v for k, v in fields.items()}
+    deliveries = _s(f.get("deliveries"))
+    failed_at = _s(f.get("failed_at"))
+    out: dict[str, Any] = {
+        "dead_id": dead_id, "stream_id": _s(f.get("stream_id")), "event_id": _s(f.get("id")),
+        "type": _s(f.get("type")), "reason": _s(f.get("reason")), "error": _s(f.get("error")),
+        "deliveries": int(deliveries) if deliveries and str(deliveries).isdigit() else deliveries,
+        "failed_at": float(failed_at) if failed_at else None, "consumer": _s(f.get("consumer")),
+        "group": _s(f.get("group")),
+    }
+    if with_body:
+        original = {k.encode(): v for k, v in f.items() if k not in DEAD_EXTRAS}
+        try:
+            out["event"] = decode_fields(original).to_dict()
+        except EventDecodeError as exc:
+            out["event"] = None
+            out["undecodable"] = f"{exc.reason}: {exc}"
+            out["raw_fields"] = {k.decode(): _s(v) if len(v) < 2000 else f"<{len(v)} bytes>"
+                                 for k, v in original.items()}
+    return out
+
+
+class Inspector:
+    """Read (and for dead letters, repair) one namespace's state in Redis.
+
+    ``redis`` is an asyncio client with bytes responses (``orchestrator.connection.create_redis``).
+    ``run_store`` defaults to a :class:`~orchestrator.stores.RedisRunStore` on the same client.
+    ``clock`` (epoch seconds) is injectable for heartbeat ages."""
+
+    def __init__(self, redis: Any, keys: Keys | None = None, group: str = "workers", *,
+                 run_store: RunStore | None = None, heartbeat_interval_s: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.group = group
+        self.run_store = run_store or RedisRunStore(redis, self.keys)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._clock = clock
+        self._requeue = redis.register_script(REQUEUE)
+
+    @classmethod
+    def from_app(cls, app: Any) -> Inspector:
+        """An inspector on a connected :class:`~orchestrator.Orchestrator`'s Redis and settings."""
+        if app.redis is None:
+            raise InvalidArgumentError("the app is not connected (await app.connect() first)")
+        store = getattr(app, "run_store", None)
+        return cls(app.redis, app.keys, app.settings.group, run_store=store,
+                   heartbeat_interval_s=app.settings.heartbeat_interval_s)
+
+    # -- streams ----------------------------------------------------------------------------
+    async def streams(self) -> list[dict[str, Any]]:
+        """The events and dead streams: length, first/last id, groups with consumers, lag, pending."""
+        return [await self._stream(self.keys.events), await self._stream(self.keys.dead)]
+
+    async def _stream(self, key: str) -> dict[str, Any]:
+        try:
+            info = await self.redis.xinfo_stream(key)
+        except ResponseError:  # no such key
+            return {"stream": key, "exists": False, "length": 0, "first_id": None, "last_id": None, "groups": []}
+        first, last = info.get("first-entry"), info.get("last-entry")
+        groups = []
+        for g in await self.redis.xinfo_groups(key):
+            name = _s(g["name"])
+            consumers = await self.redis.xinfo_consumers(key, name)
+            lag = g.get("lag")
+            groups.append({
+                "name": name, "pending": int(g["pending"]), "lag": None if lag is None else int(lag),
+                "last_delivered": _s(g["last-delivered-id"]), "consumers": [
+                    {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"]),
+                     "inactive_ms": int(c["inactive"]) if c.get("inactive") is not None else None}
+                    for c in consumers],
+            })
+        return {"stream": key, "exists": True, "length": int(info["length"]),
+                "first_id": _s(first[0]) if first else None, "last_id": _s(last[0]) if last else None,
+                "groups": groups}
+
+    # -- pending ----------------------------------------------------------------------------
+    async def pending(self, *, limit: int = 100, consumer: str | None = None) -> dict[str, Any]:
+        """Entries delivered to the group but not acked: count per consumer, and the oldest
+        ``limit`` entries with their consumer, idle time (ms), delivery count and event type."""
+        _check_limit("limit", limit)
+        try:
+            summary = await self.redis.xpending(self.keys.events, self.group)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                return {"group": self.group, "count": 0, "consumers": {}, "entries": []}
+            raise
+        rows = await self.redis.xpending_range(self.keys.events, self.group, "-", "+", limit,
+                                               consumername=consumer)
+        ids = [_s(r["message_id"]) for r in rows]
+        types = await self._types(ids)
+        entries = [{"stream_id": sid, "consumer": _s(r["consumer"]), "idle_ms": int(r["time_since_delivered"]),
+                    "deliveries": int(r["times_delivered"]), "type": types.get(sid)}
+                   for sid, r in zip(ids, rows, strict=True)]
+        consumers = {_s(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+        return {"group": self.group, "count": int(summary["pending"]), "consumers": consumers,
+                "entries": entries}
+
+    async def _types(self, ids: Sequence[str]) -> dict[str, str | None]:
+        if not ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in ids:
+                pipe.xrange(self.keys.events, sid, sid)
+            found = await pipe.execute()
+        out: dict[str, str | None] = {}
+        for sid, entries in zip(ids, found, strict=True):
+            out[sid] = _s(entries[0][1].get(b"type")) if entries else None  # None: trimmed or deleted
+        return out
+
+    # -- dead letters -----------------------------------------------------------------------
+    async def dead_list(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` dead letters, newest first."""
+        _check_limit("limit", limit)
+        entries = await self.redis.xrevrange(self.keys.dead, "+", "-", count=limit)
+        return [dead_entry(_s(eid), fields) for eid, fields in entries]
+
+    async def dead_show(self, dead_id: str) -> dict[str, Any]:
+        """One dead letter with its decoded event (payload, metadata); NotFoundError if absent."""
+        dead_id = _check_stream_id(dead_id)
+        entries = await self.redis.xrange(self.keys.dead, dead_id, dead_id)
+        if not entries:
+            raise NotFoundError(f"no dead letter {dead_id} in {self.keys.dead}")
+        return dead_entry(dead_id, entries[0][1], with_body=True)
+
+    async def requeue(self, dead_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Move dead letters back to the events stream; returns ``{dead_id, stream_id}`` per id
+        (``stream_id`` None when the id was not in the dead stream)."""
+        ids = [_check_stream_id(i) for i in dead_ids]
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(ids), REQUEUE_BATCH):
+            batch = ids[i:i + REQUEUE_BATCH]
+            reply = await self._requeue(keys=[self.keys.dead, self.keys.events], args=batch)
+            out += [{"dead_id": d, "stream_id": _s(n) if n else None} for d, n in zip(batch, reply, strict=True)]
+        return out
+
+    async def requeue_one(self, dead_id: str) -> str:
+        """Requeue one dead letter; returns its new stream id. NotFoundError if absent."""
+        new_id = (await self.requeue([dead_id]))[0]["stream_id"]
+        if new_id is None:
+            raise NotFoundError(f"no requeueable dead letter {dead_id} in {self.keys.dead}")
+        return new_id
+
+    async def requeue_all(self) -> list[dict[str, Any]]:
+        """Requeue every dead letter, oldest first (so their order is kept)."""
+        out: list[dict[str, Any]] = []
+        start = "-"
+        while True:
+            entries = await self.redis.xrange(self.keys.dead, start, "+", count=REQUEUE_BATCH)
+            if not entries:
+                return out
+            batch = [_s(eid) for eid, _ in entries]
+            out += await self.requeue(batch)
+            start = "(" + batch[-1]
+
+    async def purge(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.keys.dead)
+            pipe.delete(self.keys.dead)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    # -- leases -----------------------------------------------------------------------------
+    async def _leases(self, lease_key: Callable[[str], str], epoch_key: Callable[[str], str],
+                      name_field: str) -> list[dict[str, Any]]:
+        """Leases whose key is ``lease_key(name)`` and their ``epoch_key(name)`` counters (an
+        epoch without a lease = nobody holds it now)."""
+        prefix = lease_key("")
+        suffix = epoch_key("")[len(prefix):]  # ":epoch"
+        names: set[str] = set()
+        async for raw in self.redis.scan_iter(match=lease_key("*"), count=500):
+            name = _s(raw)[len(prefix):]
+            names.add(name[: -len(suffix)] if suffix and name.endswith(suffix) else name)
+        rows = []
+        for name in sorted(names):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(lease_key(name))
+                pipe.pttl(lease_key(name))
+                pipe.get(epoch_key(name))
+                holder, ttl, epoch = await pipe.execute()
+            rows.append({name_field: name, "key": lease_key(name), "holder": _s(holder),
+                         "ttl_ms": int(ttl) if ttl is not None and ttl >= 0 else None,
+                         "epoch": int(epoch) if epoch is not None else None})
+        return rows
+
+    async def leaders(self) -> list[dict[str, Any]]:
+        """Leader leases per role: holder id, remaining ttl (ms), fencing epoch."""
+        return await self._leases(self.keys.leader, self.keys.leader_epoch, "role")
+
+    async def locks(self) -> list[dict[str, Any]]:
+        """Conversation locks: holder token, remaining ttl (ms), fencing epoch."""
+        return await self._leases(self.keys.conversation_lock, self.keys.conversation_lock_epoch,
+                                  "conversation_id")
+
+    # -- workers and runs -------------------------------------------------------------------
+    async def workers(self) -> list[dict[str, Any]]:
+        """Worker heartbeats from ``{ns}:workers`` with their age and a ``stale`` flag."""
+        now = self._clock()
+        rows = []
+        for wid, blob in (await self.redis.hgetall(self.keys.workers)).items():
+            try:
+                beat = msgpack.unpackb(blob, raw=False)
+            except Exception:  # noqa: BLE001 - a foreign or corrupt value is shown, not fatal
+                beat = {"error": "undecodable heartbeat"}
+            if not isinstance(beat, dict):
+                beat = {"error": "undecodable heartbeat"}
+            seen = beat.get("last_seen")
+            age = now - seen if isinstance(seen, (int, float)) else None
+            stale = age is None or age > STALE_HEARTBEATS * self.heartbeat_interval_s
+            rows.append({**beat, "id": _s(wid), "age_s": age, "stale": stale})
+        return sorted(rows, key=lambda r: r["id"])
+
+    async def runs(self, *, status: str | None = None, workflow: str | None = None,
+                   limit: int = 50) -> list[dict[str, Any]]:
+        """Run summaries, newest first, filtered by status and workflow (name or id)."""
+        _check_limit("limit", limit)
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidArgumentError(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
+        return [run_summary(r) for r in await self.run_store.list(status=status, workflow=workflow, limit=limit)]
+
+    async def run(self, run_id: str, *, tail: int | None = None) -> dict[str, Any]:
+        """A whole run record with its task summary and log lines (``tail`` = last N);
+        NotFoundError if unknown."""
+        record = await self.run_store.get(run_id)
+        if record is None:
+            raise NotFoundError(f"no run {run_id!r} (unknown, or expired from the run store)")
+        logs = await self.run_store.get_logs(run_id, tail)
+        return {**record, "task_summary": run_summary(record)["task_summary"], "logs": logs}

@@ -1,0 +1,287 @@
+"""``tokiwa-producer inspect …``: look into the cluster (streams, pending, dead letters, leaders,
+locks, workers, runs) and requeue or purge dead letters.
+
+Thin: each command parses its options, calls one :class:`~orchestrator.inspect.Inspector`
+method and prints the result as a readable table, or as JSON with ``--json`` (for scripts:
+the JSON is exactly what the library returns).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import exitcodes
+from .cli import build_app, common_options, run_async, setup_logging
+from .errors import InvalidArgumentError
+from .inspect import Inspector
+
+MAX_CELL = 60
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+# -- rendering --------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        value = f"{value:.1f}"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """Rows as a left-aligned text table; ``columns`` = [(HEADER, key)]."""
+    cells = [[_cell(row.get(key)) for _, key in columns] for row in rows]
+    widths = [max([len(header)] + [len(r[i]) for r in cells]) for i, (header, _) in enumerate(columns)]
+    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def listing(what: str, columns: list[tuple[str, str]]) -> Callable[[list[dict[str, Any]]], str]:
+    """A renderer: a table of ``columns``, or "no WHAT" when there are no rows."""
+    return lambda rows: table(rows, columns) if rows else f"no {what}"
+
+
+def when(epoch: float | None) -> str | None:
+    return None if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Inspector], Awaitable[Any]],
+             as_json: bool, render: Callable[[Any], str]) -> None:
+    """Connect, run one Inspector call, print it, exit with a named code."""
+    setup_logging(settings.pop("log_level", None) or "WARNING")
+    app = build_app(app_spec, mode="producer", **settings)
+
+    async def go() -> int:
+        try:
+            await app.connect()
+            data = await call(Inspector.from_app(app))
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            click.echo(f"error: Redis unreachable: {exc}", err=True)
+            return exitcodes.UNAVAILABLE
+        except InvalidArgumentError as exc:
+            click.echo(f"error: {exc}", err=True)
+            return exitcodes.USAGE
+        finally:
+            await app.close()
+        click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False) if as_json else render(data))
+        return exitcodes.OK
+
+    sys.exit(run_async(go()))
+
+
+def leaf(func: Callable) -> Callable:
+    """The options every inspect command has: --json plus the shared connection options."""
+    return json_option(common_options(func))
+
+
+# -- commands ---------------------------------------------------------------------------------
+@click.group("inspect")
+def inspect_group() -> None:
+    """Look into the cluster through Redis (add --json for scripts)."""
+
+
+def _render_streams(streams: list[dict[str, Any]]) -> str:
+    out = [table(streams, [("STREAM", "stream"), ("LENGTH", "length"), ("FIRST", "first_id"), ("LAST", "last_id")])]
+    for s in streams:
+        for g in s["groups"]:
+            out.append(f"\ngroup {g['name']} on {s['stream']}: pending {g['pending']}, lag {_cell(g['lag'])}, "
+                       f"last delivered {g['last_delivered']}")
+            if g["consumers"]:
+                out.append(table(g["consumers"], [("CONSUMER", "name"), ("PENDING", "pending"),
+                                                  ("IDLE_MS", "idle_ms"), ("INACTIVE_MS", "inactive_ms")]))
+    return "\n".join(out)
+
+
+@inspect_group.command()
+@leaf
+def streams(as_json, app_spec, **settings) -> None:
+    """Stream lengths, groups, consumers, lag and pending counts."""
+    _execute(settings, app_spec, lambda i: i.streams(), as_json, _render_streams)
+
+
+def _render_pending(data: dict[str, Any]) -> str:
+    per = ", ".join(f"{name}: {n}" for name, n in data["consumers"].items()) or "none"
+    head = f"group {data['group']}: {data['count']} pending ({per})"
+    if not data["entries"]:
+        return head
+    return head + "\n" + table(data["entries"], [("STREAM_ID", "stream_id"), ("CONSUMER", "consumer"),
+                                                  ("IDLE_MS", "idle_ms"), ("DELIVERIES", "deliveries"),
+                                                  ("TYPE", "type")])
+
+
+@inspect_group.command()
+@click.option("--limit", default=100, show_default=True, help="Most entries to list (oldest first).")
+@click.option("--consumer", default=None, help="Only this consumer's entries.")
+@leaf
+def pending(limit, consumer, as_json, app_spec, **settings) -> None:
+    """Entries delivered but not acked: per consumer, idle time, deliveries."""
+    _execute(settings, app_spec, lambda i: i.pending(limit=limit, consumer=consumer), as_json, _render_pending)
+
+
+# -- dead letters -----------------------------------------------------------------------------
+DEAD_COLUMNS = [("DEAD_ID", "dead_id"), ("TYPE", "type"), ("REASON", "reason"), ("DELIVERIES", "deliveries"),
+                ("FAILED_AT", "failed"), ("ERROR", "error")]
+
+
+def _render_dead(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no dead letters"
+    return table([{**r, "failed": when(r["failed_at"])} for r in rows], DEAD_COLUMNS)
+
+
+def _render_dead_one(d: dict[str, Any]) -> str:
+    lines = [f"{k}: {_cell(d.get(k)) if k != 'error' else d.get(k)}" for k in
+             ("dead_id", "stream_id", "event_id", "type", "reason", "deliveries", "consumer", "error")]
+    lines.append(f"failed_at: {when(d.get('failed_at'))}")
+    if d.get("event") is not None:
+        lines.append("event: " + json.dumps(d["event"], indent=2, default=str, ensure_ascii=False))
+    else:
+        lines.append(f"event: undecodable ({d.get('undecodable')})")
+    return "\n".join(lines)
+
+
+@inspect_group.group()
+def dead() -> None:
+    """Dead letters: list, show, requeue, purge."""
+
+
+@dead.command("list")
+@click.option("--limit", default=50, show_default=True, help="Most entries to list (newest first).")
+@leaf
+def dead_list(limit, as_json, app_spec, **settings) -> None:
+    """The newest dead letters."""
+    _execute(settings, app_spec, lambda i: i.dead_list(limit=limit), as_json, _render_dead)
+
+
+@dead.command("show")
+@click.argument("dead_id")
+@leaf
+def dead_show(dead_id, as_json, app_spec, **settings) -> None:
+    """One dead letter with its decoded event."""
+    _execute(settings, app_spec, lambda i: i.dead_show(dead_id), as_json, _render_dead_one)
+
+
+def _render_requeued(rows: list[dict[str, Any]]) -> str:
+    done = [r for r in rows if r["stream_id"]]
+    missing = [r["dead_id"] for r in rows if not r["stream_id"]]
+    lines = [f"requeued {len(done)} dead letter(s)"]
+    lines += [f"  {r['dead_id']} -> {r['stream_id']}" for r in done]
+    if missing:
+        lines.append(f"not found: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+@dead.command("requeue")
+@click.argument("dead_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Requeue every dead letter (oldest first).")
+@leaf
+def dead_requeue(dead_ids, all_, as_json, app_spec, **settings) -> None:
+    """Put dead letters back on the events stream (DEAD_ID … or --all)."""
+    if bool(dead_ids) == all_:
+        raise click.UsageError("give DEAD_ID(s) or --all, not both or neither")
+
+    async def call(i: Inspector) -> list[dict[str, Any]]:
+        return await (i.requeue_all() if all_ else i.requeue(list(dead_ids)))
+
+    _execute(settings, app_spec, call, as_json, _render_requeued)
+
+
+@dead.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@leaf
+def dead_purge(yes, as_json, app_spec, **settings) -> None:
+    """Delete every dead letter."""
+    if not yes:
+        click.confirm("Delete every dead letter?", abort=True)
+
+    async def call(i: Inspector) -> dict[str, int]:
+        return {"purged": await i.purge()}
+
+    _execute(settings, app_spec, call, as_json, lambda d: f"purged {d['purged']} dead letter(s)")
+
+
+# -- leases, workers, runs --------------------------------------------------------------------
+@inspect_group.command()
+@leaf
+def leaders(as_json, app_spec, **settings) -> None:
+    """Leader leases: role, holder, ttl, fencing epoch."""
+    cols = [("ROLE", "role"), ("HOLDER", "holder"), ("TTL_MS", "ttl_ms"), ("EPOCH", "epoch")]
+    _execute(settings, app_spec, lambda i: i.leaders(), as_json, listing("leader leases", cols))
+
+
+@inspect_group.command()
+@leaf
+def locks(as_json, app_spec, **settings) -> None:
+    """Conversation locks: conversation, holder token, ttl, fencing epoch."""
+    cols = [("CONVERSATION", "conversation_id"), ("HOLDER", "holder"), ("TTL_MS", "ttl_ms"), ("EPOCH", "epoch")]
+    _execute(settings, app_spec, lambda i: i.locks(), as_json, listing("conversation locks", cols))
+
+
+@inspect_group.command()
+@leaf
+def workers(as_json, app_spec, **settings) -> None:
+    """Worker heartbeats: host, pid, in flight, processed, age, stale."""
+    cols = [("ID", "id"), ("HOST", "host"), ("PID", "pid"), ("MODE", "mode"), ("IN_FLIGHT", "in_flight"),
+            ("PROCESSED", "processed"), ("FAILED", "failed"), ("AGE_S", "age_s"), ("STALE", "stale")]
+    _execute(settings, app_spec, lambda i: i.workers(), as_json, listing("worker heartbeats", cols))
+
+
+@inspect_group.group()
+def runs() -> None:
+    """Workflow runs: list (with filters), show one."""
+
+
+def _render_runs(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no runs"
+    shaped = [{**r, "started": when(r["started_at"]),
+               "nodes": ", ".join(f"{n}={s['state']}" for n, s in r["task_summary"].items())} for r in rows]
+    return table(shaped, [("RUN_ID", "run_id"), ("WORKFLOW", "workflow"), ("STATUS", "status"),
+                          ("STARTED", "started"), ("DURATION_MS", "duration_ms"), ("NODES", "nodes")])
+
+
+def _render_run(r: dict[str, Any]) -> str:
+    lines = [f"run {r['run_id']}  workflow {r.get('workflow_name')}  status {r.get('status')}",
+             f"started {when(r.get('started_at'))}  finished {when(r.get('finished_at'))}  "
+             f"duration_ms {_cell(r.get('duration_ms'))}"]
+    if r.get("error"):
+        lines.append(f"error: {json.dumps(r['error'], default=str)}")
+    rows = [{"node": n, **s} for n, s in r["task_summary"].items()]
+    lines.append(table(rows, [("NODE", "node"), ("STATE", "state"), ("ATTEMPTS", "attempts"),
+                              ("DURATION_MS", "duration_ms")]))
+    if r.get("logs"):
+        lines.append("logs:")
+        lines += [f"  {line}" for line in r["logs"]]
+    return "\n".join(lines)
+
+
+@runs.command("list")
+@click.option("--status", default=None, help="running, succeeded, failed or cancelled.")
+@click.option("--workflow", default=None, help="Workflow name or id.")
+@click.option("--limit", default=50, show_default=True)
+@leaf
+def runs_list(status, workflow, limit, as_json, app_spec, **settings) -> None:
+    """Runs, newest first."""
+    _execute(settings, app_spec, lambda i: i.runs(status=status, workflow=workflow, limit=limit),
+             as_json, _render_runs)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--tail", default=None, type=int, help="Only the last N log lines.")
+@leaf
+def runs_show(run_id, tail, as_json, app_spec, **settings) -> None:
+    """One run: status, nodes, error and log lines."""
+    _execute(settings, app_spec, lambda i: i.run(run_id, tail=tail), as_json, _render_run)
