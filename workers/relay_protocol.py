@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 SYSTEM_PREFIX = "system."
+#: a block (``"t"::`` … ``::"t"``) that grows past this many characters is dropped and reported.
+MAX_BLOCK_CHARS = 8 << 20
 STATUS_COMMAND = "system.status"
 ERROR_TOPIC = "system.error"
 FRAMINGS = ("line", "counted")
@@ -103,12 +105,14 @@ class OutputParser:
     collected; :meth:`finish` flushes a block left open at end of file (as upstream does).
     """
 
-    __slots__ = ("plain_topic", "_block_topic", "_block_lines")
+    __slots__ = ("plain_topic", "max_block_chars", "_block_topic", "_block_lines", "_block_size")
 
-    def __init__(self, plain_topic: str) -> None:
+    def __init__(self, plain_topic: str, max_block_chars: int = MAX_BLOCK_CHARS) -> None:
         self.plain_topic = plain_topic
+        self.max_block_chars = max_block_chars
         self._block_topic: str | None = None
         self._block_lines: list[str] = []
+        self._block_size = 0
 
     def _plain(self, line: str, problem: str | None = None) -> Output:
         return Output("plain", self.plain_topic, line, problem)
@@ -150,8 +154,7 @@ class OutputParser:
         if not topic:
             return self._plain(line, "empty quoted topic")
         if rest == "::":
-            self._block_topic = topic
-            self._block_lines = []
+            self._block_topic, self._block_lines, self._block_size = topic, [], 0
             return None
         rest = rest.lstrip(" ")
         if not rest.startswith(":"):
@@ -165,12 +168,17 @@ class OutputParser:
             if parsed is not None and parsed[1] == "" and parsed[0] == self._block_topic:
                 return self._close_block()
         self._block_lines.append(raw if raw.endswith("\n") else raw + "\n")
+        self._block_size += len(raw)
+        if self._block_size > self.max_block_chars:
+            topic = self._block_topic
+            self._block_topic, self._block_lines, self._block_size = None, [], 0
+            return Output("plain", self.plain_topic, "", f"block {topic!r} longer than {self.max_block_chars} chars dropped")
         return None
 
     def _close_block(self) -> Output:
         topic = self._block_topic or ""
         data = "".join(self._block_lines)
-        self._block_topic, self._block_lines = None, []
+        self._block_topic, self._block_lines, self._block_size = None, [], 0
         if topic[:7].lower() == SYSTEM_PREFIX:
             return Output("command", topic.lower(), data.strip())
         return Output("message", topic, data)

@@ -217,3 +217,12 @@ def test_frames_written_by_the_app_side_are_read_by_the_relay() -> None:
     from orchestrator.topics import encode_topic_frame
 
     assert decode_frame(encode_topic_frame("app-1", "h", "app", "x")) == ("app-1", "h", "app", ["x"])
+
+
+def test_an_over_long_block_is_dropped_and_reported() -> None:
+    parser = OutputParser("t.stdout", max_block_chars=10)
+    parser.feed('"doc"::')
+    assert parser.feed("12345\n") is None
+    out = parser.feed("67890\n")
+    assert out.kind == "plain" and out.data == "" and "longer than 10" in out.problem
+    assert parser.feed("a:b") == Output("message", "a", "b")
