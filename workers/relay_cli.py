@@ -22,11 +22,12 @@ from pathlib import Path
 
 import click
 
-from orchestrator.config import default_state_dir
+from orchestrator.config import Settings, load_settings
+from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError
 from orchestrator.exitcodes import FORCED, OK, UNAVAILABLE, USAGE
 
-from .relay import Relay, check_topic
+from .relay import Relay
 from .relay_config import RelayConfig, load_relay_config
 
 log = logging.getLogger("tokiwa.relay")
@@ -80,13 +81,10 @@ async def serve(config: RelayConfig, *, redis_url: str, namespace: str, console_
     return OK
 
 
-def _redis_url(explicit: str | None) -> tuple[str, object | None]:
-    if explicit:
-        return explicit, None
-    from orchestrator.embedded import EmbeddedRedis
-
-    state = Path(os.environ.get("TOKIWA_STATE_DIR") or default_state_dir()) / "relay-redis"
-    server = EmbeddedRedis(state).start()
+def _redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+    if settings.redis_url:
+        return settings.redis_url, None
+    server = EmbeddedRedis(Path(settings.state_dir) / "relay-redis").start()
     click.echo(f"embedded redis at {server.url}", err=True)
     return server.url, server
 
@@ -94,13 +92,13 @@ def _redis_url(explicit: str | None) -> tuple[str, object | None]:
 @click.command("relay")
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--config", "config_opt", type=click.Path(dir_okay=False), help="Relay TOML file (same as CONFIG).")
-@click.option("--redis-url", envvar="TOKIWA_REDIS_URL", default=None, help="Redis URL; default: an embedded redis-server.")
-@click.option("--namespace", envvar="TOKIWA_NAMESPACE", default="tokiwa", show_default=True)
-@click.option("--log-level", envvar="TOKIWA_LOG_LEVEL", default="INFO", show_default=True)
+@click.option("--redis-url", default=None, help="Redis URL (default: TOKIWA_REDIS_URL, else an embedded redis-server).")
+@click.option("--namespace", default=None, help="Key prefix (default: TOKIWA_NAMESPACE, else tokiwa).")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING ... (default: TOKIWA_LOG_LEVEL, else INFO).")
 @click.option("--console/--no-console", default=False, help="Publish lines typed on stdin on topic 'system'.")
 def relay_command(
-    config_path: str | None, config_opt: str | None, redis_url: str | None, namespace: str,
-    log_level: str, console: bool,
+    config_path: str | None, config_opt: str | None, redis_url: str | None, namespace: str | None,
+    log_level: str | None, console: bool,
 ) -> None:
     """Run the Miclow relay of CONFIG (a Miclow-compatible TOML file) on its own."""
     if config_path and config_opt and Path(config_path) != Path(config_opt):
@@ -108,24 +106,24 @@ def relay_command(
     path = config_path or config_opt
     if not path:
         raise click.UsageError("missing relay config file: tokiwa-worker relay relay.toml")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        check_topic(namespace)
+        settings = load_settings({"redis_url": redis_url, "namespace": namespace, "log_level": log_level})
         config = load_relay_config(path)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(USAGE)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.publish_events:
         log.warning("publish_events is set but a relay alone publishes no events; use tokiwa-worker run --relay")
-    url, server = _redis_url(redis_url)
+    url, server = _redis_url(settings)
     try:
-        code = asyncio.run(serve(config, redis_url=url, namespace=namespace, console_input=console))
+        code = asyncio.run(serve(config, redis_url=url, namespace=settings.namespace, console_input=console))
     except BrokerError as exc:
         click.echo(f"error: {exc}", err=True)
         code = UNAVAILABLE
     finally:
         if server is not None:
-            server.stop()  # type: ignore[attr-defined]
+            server.stop()
     sys.exit(code)
 
 

@@ -167,3 +167,9 @@ async def test_console_lines_are_published_on_the_system_topic(
         relay.proc.stdin.flush()
         assert await tap.echo("system|") == "system|hello relay"
         assert tap.find(lambda s: s == ("system", "hello relay", "console"))
+
+
+def test_cli_rejects_a_namespace_with_whitespace(tmp_path) -> None:
+    config = relay_toml(tmp_path, "ok", puppet_task("p", ["say"], "echo"))
+    result = CliRunner().invoke(relay_command, [str(config), "--namespace", "two words"])
+    assert result.exit_code == USAGE and "namespace" in result.output
