@@ -1,0 +1,232 @@
+"""The HTTP API of a worker or producer: runs, logs, workers, health, readiness, metrics.
+
+Built on aiohttp: it is already a dependency (webhooks use its client), it is asyncio-native
+(the server runs on the app's own event loop, no thread, no second framework), and it is
+small and long maintained. FastAPI (pyoco's choice) would add pydantic routing, starlette
+and uvicorn for six read-only GET routes.
+
+Routes (JSON unless said otherwise):
+
+* ``GET /runs?status=&workflow=&limit=`` - run summaries newest first, each with a
+  ``task_summary``; ``limit`` 1-200 (default 50); a bad value is a 400;
+* ``GET /runs/{id}`` - the whole run record plus ``task_summary`` (404 if unknown);
+* ``GET /runs/{id}/logs?tail=N`` - ``{run_id, run_status, logs}`` (404 if unknown);
+* ``GET /workers`` - worker heartbeats with age and a stale flag;
+* ``GET /healthz`` - 200 while the process serves requests (never needs the token);
+* ``GET /readyz`` - 200 if Redis answers and the consumer group exists, else 503;
+* ``GET /metrics`` - Prometheus text (every process of the host in multiprocess mode).
+
+It binds to 127.0.0.1 unless given another host. With a ``token``, every route but
+``/healthz`` needs ``Authorization: Bearer <token>`` (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import metrics
+from .errors import InvalidArgumentError, NotFoundError
+from .inspect import Inspector
+from .stores import check_run_id
+
+log = logging.getLogger("tokiwa.http")
+
+DEFAULT_PORT = 8000  # pyoco's server port
+MAX_LIMIT = 200
+READY_TIMEOUT_S = 2.0  # /readyz answers 503 rather than hang on a dead Redis
+REFRESH_TIMEOUT_S = 1.0  # a scrape serves stale Redis gauges rather than wait longer
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, default=repr, ensure_ascii=False), status=status,
+                        content_type="application/json")
+
+
+def _int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < lo or (hi is not None and value > hi):
+        bounds = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise InvalidArgumentError(f"{name} must be an integer {bounds}, got {raw!r}")
+    return value
+
+
+class ApiServer:
+    """Serves the HTTP API for ``app`` (an :class:`~orchestrator.Orchestrator`).
+
+    A lifecycle component: ``await start()`` binds (``port=0`` picks a free port, read it
+    back from :attr:`port`), ``await stop()`` closes it; both idempotent. Requests use the
+    app's Redis connection, so start the app (or ``await app.connect()``) first."""
+
+    routes = ("runs", "workers", "healthz", "readyz", "metrics")
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
+                 *, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise InvalidArgumentError(f"port must be an integer from 0 to 65535, got {port!r}")
+        if token is not None and not token.strip():
+            raise InvalidArgumentError("token must not be blank (use None for no token)")
+        self.app = app
+        self.host = host
+        self.port = port
+        self.token = token
+        self.ready_timeout_s = ready_timeout_s
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def build(self) -> web.Application:
+        """The aiohttp application (routes and middlewares), also usable with aiohttp's test tools."""
+        webapp = web.Application(middlewares=[self._errors, self._auth])
+        table = {
+            "runs": [("/runs", self.list_runs), ("/runs/{run_id}", self.get_run),
+                     ("/runs/{run_id}/logs", self.get_logs)],
+            "workers": [("/workers", self.list_workers)],
+            "healthz": [("/healthz", self.healthz)],
+            "readyz": [("/readyz", self.readyz)],
+            "metrics": [("/metrics", self.metrics)],
+        }
+        for name in self.routes:
+            for path, handler in table[name]:
+                webapp.router.add_get(path, handler)
+        return webapp
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        if self.token is None and self.host not in LOOPBACK:
+            log.warning("HTTP API on %s without a token: anyone who can reach the port can read runs",
+                        self.host)
+        runner = web.AppRunner(self.build(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info("%s listening on %s", type(self).__name__, self.url)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- middlewares ------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.token is not None and request.path != "/healthz":
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                response = _json({"error": "unauthorized: send Authorization: Bearer <token>"}, 401)
+                response.headers["WWW-Authenticate"] = 'Bearer realm="tokiwa"'
+                return response
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InvalidArgumentError as exc:
+            return _json({"error": str(exc)}, 400)
+        except NotFoundError as exc:
+            return _json({"error": str(exc)}, 404)
+        except (RedisError, OSError) as exc:
+            log.warning("HTTP %s %s: Redis unavailable: %s", request.method, request.path, exc)
+            return _json({"error": f"Redis unavailable: {type(exc).__name__}"}, 503)
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _inspector(self) -> Inspector:
+        if self.app.redis is None:
+            raise ConnectionError("the app is not connected to Redis")
+        return Inspector.from_app(self.app)
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
+        status = request.query.get("status") or None
+        workflow = request.query.get("workflow") or None
+        return _json(await self._inspector().runs(status=status, workflow=workflow, limit=limit))
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        run_id = check_run_id(request.match_info["run_id"])
+        record = await self._inspector().run(run_id, tail=0)
+        record.pop("logs", None)
+        return _json(record)
+
+    async def get_logs(self, request: web.Request) -> web.Response:
+        run_id = check_run_id(request.match_info["run_id"])
+        tail = _int_param(request, "tail", None, 0, None)
+        run = await self._inspector().run(run_id, tail=tail)
+        return _json({"run_id": run_id, "run_status": run.get("status"), "logs": run["logs"]})
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        return _json(await self._inspector().workers())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problem = await self._readiness_problem()
+        if problem is None:
+            return _json({"status": "ready"})
+        return _json({"status": "not ready", "reason": problem}, 503)
+
+    async def _readiness_problem(self) -> str | None:
+        redis = self.app.redis
+        if redis is None:
+            return "not connected to Redis"
+        keys, group = self.app.keys, self.app.settings.group
+        try:
+            async with asyncio.timeout(self.ready_timeout_s):
+                await redis.ping()
+                groups = await redis.xinfo_groups(keys.events)
+        except TimeoutError:
+            return f"Redis did not answer within {self.ready_timeout_s}s"
+        except RedisError as exc:
+            if "no such key" in str(exc).lower():
+                return f"stream {keys.events} does not exist"
+            return f"Redis unavailable: {type(exc).__name__}: {exc}"
+        names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
+        return None if group in names else f"consumer group {group!r} does not exist on {keys.events}"
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        broker = getattr(self.app, "broker", None)
+        if broker is not None:
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                    await metrics.refresh_gauges(broker)
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.debug("metrics: stream gauges not refreshed: %s", exc)
+        body, content_type = metrics.scrape()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+
+class MetricsServer(ApiServer):
+    """Only ``/metrics`` and ``/healthz`` (for ``--metrics-port``, or the supervisor of
+    ``--processes`` serving the whole host's metrics)."""
+
+    routes = ("healthz", "metrics")
+
+    def __init__(self, app: Any = None, host: str = "127.0.0.1", port: int = 9464, token: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(app, host, port, token, **kwargs)
