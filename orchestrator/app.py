@@ -87,7 +87,7 @@ class Orchestrator:
             **overrides,
         }
         self._explicit = {k: v for k, v in given.items() if v is not None}
-        self.settings = settings or load_settings(self._explicit)
+        self.settings = settings or load_settings(base=self._explicit)
         self.mode: Mode = mode
         self.dispatcher = EventDispatcher()
         self.on_workflow_error = on_workflow_error
@@ -118,10 +118,10 @@ class Orchestrator:
         self.add_lifecycle(self.cron)
 
     # -- configuration -------------------------------------------------------------------
-    def configure(self, **values: Any) -> None:
-        """Re-apply settings (used by the CLIs: flags > env > TOML > the app's own arguments)."""
-        merged = {**self._explicit, **{k: v for k, v in values.items() if v is not None}}
-        self.settings = load_settings(merged)
+    def configure(self, *, config_file: str | None = None, **values: Any) -> None:
+        """Re-apply settings (used by the CLIs): flags (``values``) > ``TOKIWA_*`` env > TOML >
+        the app's own constructor arguments > defaults."""
+        self.settings = load_settings(values, base=self._explicit, config_file=config_file)
 
     @property
     def keys(self) -> Keys:

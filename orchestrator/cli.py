@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,22 @@ def common_options(func):
 def build_app(app_spec: str | None, *, mode: str, **settings: Any) -> Orchestrator:
     """Load ``--app`` (or a bare Orchestrator) and apply CLI settings over it."""
     config_file = settings.pop("config_file", None)
-    if config_file:
-        import os
-        os.environ["TOKIWA_CONFIG"] = str(config_file)
-    app = load_app(app_spec) if app_spec else Orchestrator()
-    app.mode = mode  # type: ignore[assignment]
-    app.configure(**settings)
+    previous = os.environ.get("TOKIWA_CONFIG")
+    try:
+        if config_file:  # an app module may build its Orchestrator at import time
+            os.environ["TOKIWA_CONFIG"] = str(config_file)
+        app = load_app(app_spec) if app_spec else Orchestrator()
+        app.mode = mode  # type: ignore[assignment]
+        app.configure(config_file=config_file, **settings)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exitcodes.USAGE)
+    finally:
+        if config_file:
+            if previous is None:
+                os.environ.pop("TOKIWA_CONFIG", None)
+            else:
+                os.environ["TOKIWA_CONFIG"] = previous
     return app
 
 
@@ -131,6 +142,115 @@ def run(app_spec, **settings) -> None:
     from .runtime import serve
 
     sys.exit(run_async(serve(app, heartbeat=False)))
+
+
+@cli.command()
+@click.argument("workflow")
+@click.option("--input", "input_", default=None, help="Run input as JSON.")
+@click.option("--context", default=None, help="Run context as JSON.")
+@click.option("--conversation-id", default=None, help="Conversation id (chatflows).")
+@click.option("--wait/--no-wait", default=False, help="Wait for the result and print it.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait with --wait.")
+@common_options
+def trigger(workflow, input_, context, conversation_id, wait, timeout, app_spec, **settings) -> None:
+    """Start a registered WORKFLOW (name or id) on a worker, through the stream."""
+    setup_logging(settings.pop("log_level") or "WARNING")
+    if not app_spec:
+        raise click.UsageError("--app is required (the app that registers the workflow)")
+    input_v, context_v = _parse_json(input_, "--input"), _parse_json(context, "--context")
+    app = build_app(app_spec, mode="producer", **settings)
+
+    async def go() -> int:
+        try:
+            result = await app.run_workflow(workflow, input=input_v, context=context_v, wait=wait,
+                                            timeout=timeout, conversation_id=conversation_id)
+        finally:
+            await app.close()
+        if isinstance(result, str):
+            click.echo(json.dumps({"run_id": result, "status": "queued"}))
+            return exitcodes.OK
+        click.echo(json.dumps(result.to_record(), default=str))
+        return exitcodes.OK if result.status == "succeeded" else exitcodes.FAILURE
+
+    sys.exit(run_async(go()))
+
+
+@cli.command("run-file")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--input", "input_", default=None, help="Run input as JSON.")
+@click.option("--plain", is_flag=True, help="Plain trace lines instead of the cute ones (or TOKIWA_CUTE=0).")
+@click.option("--no-trace", is_flag=True, help="No trace lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+def run_file(path, input_, plain, no_trace, as_json) -> None:
+    """Run a declarative workflow file (YAML / TOML / JSON) here, without Redis."""
+    setup_logging("WARNING")
+    from .declarative import run_workflow_file
+    from .runner import Runner
+    from .trace import Tracer
+
+    if plain:
+        Tracer.set_plain()
+    input_v = _parse_json(input_, "--input")
+    runner = Runner() if no_trace else Runner(hooks=Tracer(stream=sys.stderr).hooks())
+
+    async def go() -> int:
+        result = await run_workflow_file(path, input=input_v, runner=runner)
+        if as_json:
+            click.echo(json.dumps(result.to_record(), default=str, indent=2))
+        else:
+            click.echo(f"{result.workflow_name}: {result.status} in {result.duration_ms:.1f} ms")
+            for name, node in result.nodes.items():
+                click.echo(f"  {name}: {node.status}" + (f" ({node.error.get('message')})" if node.error else ""))
+        return exitcodes.OK if result.status == "succeeded" else exitcodes.FAILURE
+
+    sys.exit(run_async(go()))
+
+
+@cli.group()
+def cron() -> None:
+    """Cron jobs of an app."""
+
+
+@cron.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@common_options
+def cron_list(as_json, app_spec, **settings) -> None:
+    """Each job: expression, next fire time, last fired slot, current leader."""
+    setup_logging(settings.pop("log_level") or "WARNING")
+    if not app_spec:
+        raise click.UsageError("--app is required")
+    app = build_app(app_spec, mode="producer", **settings)
+
+    async def go() -> int:
+        try:
+            rows = await app.cron.describe()
+        finally:
+            await app.close()
+        if as_json:
+            click.echo(json.dumps(rows, default=str))
+            return exitcodes.OK
+        headers = ("name", "kind", "expr", "next_fire", "last_fired", "leader")
+        table = [headers] + [tuple(str(r.get(h) or "-") for h in headers) for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+        for row in table:
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        return exitcodes.OK
+
+    sys.exit(run_async(go()))
+
+
+def _attach_optional() -> None:
+    """The inspect group lives in its own module."""
+    try:
+        from .inspect_cli import inspect_group
+    except ImportError as exc:
+        if "inspect_cli" not in str(exc):
+            raise
+        return
+    cli.add_command(inspect_group, "inspect")
+
+
+_attach_optional()
 
 
 def main() -> None:

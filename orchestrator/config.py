@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -117,14 +118,16 @@ def load_settings(
     *,
     config_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build :class:`Settings` with precedence overrides (CLI) > env > TOML > defaults.
+    """Build :class:`Settings` with precedence overrides (CLI flags) > env > TOML > ``base``
+    (the app's own constructor arguments) > defaults.
 
     ``config_file`` defaults to ``$TOKIWA_CONFIG`` when set. ``None`` values in
-    ``overrides`` mean "not given" and do not override anything.
+    ``overrides`` and ``base`` mean "not given" and do not override anything.
     """
     env = os.environ if env is None else env
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {k: v for k, v in (base or {}).items() if v is not None}
     path = config_file or env.get(ENV_PREFIX + "CONFIG")
     if path:
         merged.update(_from_toml(Path(path)))

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# the suite is hermetic: settings from the developer's shell must not leak into tests
+for _name in [n for n in os.environ if n.startswith("TOKIWA_")]:
+    del os.environ[_name]
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedRedis:

@@ -44,25 +44,18 @@ def run(concurrency, relay_file, processes, app_spec, **settings) -> None:
     sys.exit(run_async(serve(app, components=components)))
 
 
-def _attach_optional() -> None:
+def _attach() -> None:
     """Attach commands that live in their own modules (relay, process management)."""
-    try:
-        from .relay_cli import relay_command
+    from .manage_cli import logs_command, ps_command, start_command, stop_command
+    from .relay_cli import relay_command
 
-        cli.add_command(relay_command, "relay")
-    except ImportError:
-        pass
-    try:
-        from .manage_cli import logs_command, ps_command, start_command, stop_command
-
-        for name, command in (("start", start_command), ("ps", ps_command),
-                              ("stop", stop_command), ("logs", logs_command)):
-            cli.add_command(command, name)
-    except ImportError:
-        pass
+    cli.add_command(relay_command, "relay")
+    for name, command in (("start", start_command), ("ps", ps_command),
+                          ("stop", stop_command), ("logs", logs_command)):
+        cli.add_command(command, name)
 
 
-_attach_optional()
+_attach()
 
 
 def main() -> None:

@@ -58,3 +58,12 @@ def test_broken_toml_is_a_clear_error(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_settings(config_file=tmp_path / "nope.toml", env={})
+
+
+def test_the_apps_own_arguments_are_below_env_and_toml(tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text("concurrency = 4\n")
+    s = load_settings({}, base={"concurrency": 8, "namespace": "app-ns"},
+                      env={"TOKIWA_CONFIG": str(toml), "TOKIWA_NAMESPACE": "env-ns"})
+    assert (s.concurrency, s.namespace) == (4, "env-ns")
+    assert load_settings({}, base={"concurrency": 8}, env={}).concurrency == 8
