@@ -63,3 +63,35 @@ def test_panel_ids_are_unique_and_every_query_uses_the_datasource_variable(dashb
 def test_a_misspelled_metric_would_be_caught():
     assert "tokiwa_run_total" not in metrics.metric_names()
     assert "tokiwa_runs_total" in metrics.metric_names()
+
+
+# -- operator docs: a redis-cli recipe for every key ------------------------------------------
+def key_builders() -> list[tuple[str, str]]:
+    """(builder name, key with each argument as NUL) for every Keys member."""
+    import inspect
+
+    from orchestrator.keys import Keys
+
+    keys = Keys("tokiwa")
+    built = []
+    for name, member in vars(Keys).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(member, property):
+            built.append((name, getattr(keys, name)))
+        elif inspect.isfunction(member):
+            params = list(inspect.signature(member).parameters)[1:]
+            built.append((name, getattr(keys, name)(*["\0"] * len(params))))
+    return built
+
+
+def test_the_observability_docs_have_a_redis_cli_recipe_for_every_key():
+    docs = (DASHBOARD.parents[2] / "docs" / "observability.md").read_text(encoding="utf-8")
+    builders = key_builders()
+    assert len(builders) >= 20
+    missing = []
+    for name, key in builders:
+        pattern = re.escape(key).replace("\0", r"(?:<[^>]+>|[\w.*-]+)")  # <placeholder> or an example
+        if not re.search(r"`[A-Z]+[^`]*" + pattern, docs):
+            missing.append((name, key.replace("\0", "<…>")))
+    assert not missing, f"keys without a redis-cli recipe in docs/observability.md: {missing}"
