@@ -531,3 +531,32 @@ def test_honcho_start_runs_the_procfile_and_stops_both_processes_with_exit_0(sub
     output = "".join(lines)
     assert "producer.1 stopped (rc=0)" in output and "worker.1 stopped (rc=0)" in output, output
     assert sync_redis.hlen(Keys(namespace).workers) == 0  # clean exits removed their heartbeats
+
+
+def test_a_detached_run_with_processes_restarts_a_killed_worker_and_stops_them_all(
+        subprocess_env, tmp_path, redis_url, namespace):
+    (tmp_path / "pool_app.py").write_text("from orchestrator import Orchestrator\napp = Orchestrator()\n")
+    redis_args = ["--redis-url", redis_url, "--namespace", namespace]
+
+    def heartbeat_pids() -> set[int]:
+        out = _cli(["ps", "--cluster", "--json", *redis_args], subprocess_env, tmp_path).stdout
+        return {r["pid"] for r in json.loads(out) if r["status"] == "live"}
+
+    try:
+        started = _cli(["start", "--name", "pool", "--app", "pool_app:app", "--processes", "2", *redis_args],
+                       subprocess_env, tmp_path)
+        assert started.returncode == 0, started.stderr
+        supervisor = json.loads(_cli(["ps", "--json"], subprocess_env, tmp_path).stdout)[0]["pid"]
+        wait_until(lambda: len(_children_of(supervisor)) == 2, timeout_s=20, what="two worker processes")
+        first = set(_children_of(supervisor))
+        wait_until(lambda: heartbeat_pids() == first, timeout_s=20, what="both heartbeats")
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(set(_children_of(supervisor)) - first) == 1, timeout_s=20, what="a restart")
+        children = set(_children_of(supervisor))
+        assert victim not in children and len(children) == 2
+        stopped = _cli(["stop", "pool", "--grace-s", "30"], subprocess_env, tmp_path)
+        assert stopped.returncode == 0 and "pool" in stopped.stdout and ": stopped" in stopped.stdout
+        assert not any(pid_alive(p) for p in children | {supervisor})
+    finally:
+        _cli(["stop", "--all", "--grace-s", "1"], subprocess_env, tmp_path)
