@@ -20,8 +20,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import exitcodes
 from .cli import build_app, common_options, run_async, setup_logging
+from .connection import create_redis
 from .errors import InvalidArgumentError
 from .inspect import Inspector
+from .stores import RedisRunStore
 
 MAX_CELL = 60
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -57,6 +59,21 @@ def when(epoch: float | None) -> str | None:
     return None if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
+async def _open(app: Any) -> tuple[Inspector, Callable[[], Awaitable[None]]]:
+    """An Inspector and its closer. With a Redis URL it opens its own client and writes
+    nothing (``app.connect()`` would create the stream and group); without one it starts the
+    embedded server through the app."""
+    url = app.settings.redis_url
+    if url is None:
+        await app.connect()
+        return Inspector.from_app(app), app.close
+    redis = create_redis(url)
+    s = app.settings
+    inspector = Inspector(redis, app.keys, s.group, run_store=RedisRunStore(redis, app.keys),
+                          heartbeat_interval_s=s.heartbeat_interval_s)
+    return inspector, redis.aclose
+
+
 def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Inspector], Awaitable[Any]],
              as_json: bool, render: Callable[[Any], str]) -> None:
     """Connect, run one Inspector call, print it, exit with a named code."""
@@ -64,9 +81,10 @@ def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Ins
     app = build_app(app_spec, mode="producer", **settings)
 
     async def go() -> int:
+        close = app.close
         try:
-            await app.connect()
-            data = await call(Inspector.from_app(app))
+            inspector, close = await _open(app)
+            data = await call(inspector)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             click.echo(f"error: Redis unreachable: {exc}", err=True)
             return exitcodes.UNAVAILABLE
@@ -74,7 +92,7 @@ def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Ins
             click.echo(f"error: {exc}", err=True)
             return exitcodes.USAGE
         finally:
-            await app.close()
+            await close()
         click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False) if as_json else render(data))
         return exitcodes.OK
 

@@ -243,3 +243,25 @@ async def test_a_metrics_server_serves_only_metrics_and_healthz(app, http):
         assert (await get(http, server, "/metrics"))[0] == 200
         assert (await get(http, server, "/healthz"))[0] == 200
         assert (await get(http, server, "/runs"))[0] == 404
+
+
+async def test_a_metrics_server_shows_every_process_of_a_multiprocess_dir(http, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orchestrator import metrics
+
+    folder = metrics.prepare_multiprocess_dir(tmp_path / "prom")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    code = "from orchestrator import metrics; metrics.observe_event('mp.http', 'ok')"
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(folder))
+    server = MetricsServer(None, port=0)
+    async with Served(server):
+        _, text, _ = await get(http, server, "/metrics")
+    assert sample(text, "tokiwa_events_total", type="mp.http", outcome="ok") == 2

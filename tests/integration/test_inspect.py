@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from orchestrator.app import Orchestrator
 from orchestrator.errors import InvalidArgumentError, NotFoundError
+from orchestrator.events import decode_fields
 from orchestrator.inspect import Inspector
 from orchestrator.inspect_cli import inspect_group
 from orchestrator.keys import Keys
@@ -124,22 +125,30 @@ async def test_dead_show_of_an_unknown_id_is_not_found_and_a_malformed_id_is_ref
 async def test_requeue_brings_a_dead_event_back_and_a_fixed_handler_processes_it(app):
     handler = await dead_letters(app, 2)
     inspector = Inspector.from_app(app)
-    oldest = (await inspector.dead_list())[-1]
+    chosen, other = await inspector.dead_list()
+    payload = (await inspector.dead_show(chosen["dead_id"]))["event"]["payload"]
     handler.broken = False
-    new_id = await inspector.requeue_one(oldest["dead_id"])
-    assert new_id > oldest["stream_id"]
+    new_id = await inspector.requeue_one(chosen["dead_id"])
+    assert [e[0].decode() for e in await app.redis.xrange(app.keys.events, new_id, new_id)] == [new_id]
     await app.drain(timeout=10)
-    assert handler.seen == [{"n": 0}]
-    assert [r["type"] for r in await inspector.dead_list()] == ["order.created"]
+    assert handler.seen == [payload]
+    assert [r["dead_id"] for r in await inspector.dead_list()] == [other["dead_id"]]
 
 
 async def test_requeue_all_empties_the_dead_stream_in_original_order(app):
     handler = await dead_letters(app, 3)
     handler.broken = False
-    results = await Inspector.from_app(app).requeue_all()
-    assert len(results) == 3 and all(r["stream_id"] for r in results)
+    inspector = Inspector.from_app(app)
+    oldest_first = [(await inspector.dead_show(r["dead_id"]))["event"]["payload"]
+                    for r in reversed(await inspector.dead_list())]
+    results = await inspector.requeue_all()
+    new_ids = [r["stream_id"] for r in results]
+    requeued = await app.redis.xrange(app.keys.events, new_ids[0], new_ids[-1])
+    assert [e[0].decode() for e in requeued] == new_ids
+    assert [decode_fields(fields).payload for _, fields in requeued] == oldest_first
+    assert await inspector.dead_list() == []
     await app.drain(timeout=10)
-    assert handler.seen == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert sorted(p["n"] for p in handler.seen) == [0, 1, 2]  # processed concurrently: any order
     assert await app.broker.dead_count() == 0
 
 
@@ -271,3 +280,14 @@ def test_cli_refuses_bad_input_with_a_usage_exit_code(redis_url, namespace):
     assert result.exit_code == 2 and "not a stream id" in result.output
     missing = invoke(redis_url, namespace, "runs", "show", "nope")
     assert missing.exit_code == 1 and "no run" in missing.output
+
+
+def test_inspecting_an_unused_namespace_writes_nothing(redis_url, namespace, sync_redis):
+    for command in (["streams"], ["pending"], ["dead", "list"], ["leaders"], ["workers"], ["runs", "list"]):
+        assert invoke(redis_url, namespace, *command, "--json").exit_code == 0, command
+    assert list(sync_redis.scan_iter(match=f"{namespace}:*")) == []
+
+
+def test_an_unreachable_redis_exits_with_unavailable(namespace):
+    result = invoke("redis://127.0.0.1:1/0", namespace, "streams")
+    assert result.exit_code == 69 and "Redis unreachable" in result.output
