@@ -202,21 +202,31 @@ class MetricsHooks(WorkflowHooks):
     bounded by the code, unlike ids of runs)."""
 
     def __init__(self) -> None:
-        self._running: dict[str, str] = {}  # run id -> workflow name, for the matching dec()
+        self._running: dict[str, Any] = {}  # run id -> its in-progress gauge child, for the dec()
+        # labelled children cached per workflow / node: ``labels()`` takes a lock and builds a
+        # tuple on every call, which doubled the cost of the hooks on a tiny run.
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def on_run_start(self, workflow: Any, run_id: str) -> None:
-        name = getattr(workflow, "name", None) or str(workflow)
-        self._running[run_id] = name
-        RUNS_IN_PROGRESS.labels(workflow=name).inc()
+        gauge = self._child(RUNS_IN_PROGRESS, getattr(workflow, "name", None) or str(workflow))
+        self._running[run_id] = gauge
+        gauge.inc()
 
     def on_run_complete(self, result: Any) -> None:
-        name = self._running.pop(result.run_id, None)
-        if name is not None:
-            RUNS_IN_PROGRESS.labels(workflow=name).dec()
-        workflow = result.workflow_name or name or "unknown"
-        RUNS.labels(workflow=workflow, status=result.status).inc()
+        gauge = self._running.pop(result.run_id, None)
+        if gauge is not None:
+            gauge.dec()
+        workflow = result.workflow_name or "unknown"
+        self._child(RUNS, workflow, result.status).inc()
         if result.duration_ms is not None:
-            RUN_DURATION.labels(workflow=workflow).observe(result.duration_ms / 1000.0)
+            self._child(RUN_DURATION, workflow).observe(result.duration_ms / 1000.0)
         for node in result.nodes.values():
             if node.duration_ms is not None:
-                NODE_DURATION.labels(workflow=workflow, node=node.name).observe(node.duration_ms / 1000.0)
+                self._child(NODE_DURATION, workflow, node.name).observe(node.duration_ms / 1000.0)
