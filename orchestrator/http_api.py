@@ -32,7 +32,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import metrics
-from .errors import InvalidArgumentError, NotFoundError
+from .errors import InvalidArgumentError, NotFoundError, StateError
 from .inspect import Inspector
 from .stores import check_run_id
 
@@ -149,14 +149,14 @@ class ApiServer:
             return _json({"error": str(exc)}, 400)
         except NotFoundError as exc:
             return _json({"error": str(exc)}, 404)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, StateError) as exc:
             log.warning("HTTP %s %s: Redis unavailable: %s", request.method, request.path, exc)
-            return _json({"error": f"Redis unavailable: {type(exc).__name__}"}, 503)
+            return _json({"error": f"Redis unavailable: {exc}"}, 503)
 
     # -- handlers ---------------------------------------------------------------------------
     def _inspector(self) -> Inspector:
         if self.app.redis is None:
-            raise ConnectionError("the app is not connected to Redis")
+            raise StateError("the app is not connected to Redis")
         return Inspector.from_app(self.app)
 
     async def list_runs(self, request: web.Request) -> web.Response:

@@ -265,3 +265,12 @@ async def test_a_metrics_server_shows_every_process_of_a_multiprocess_dir(http, 
     async with Served(server):
         _, text, _ = await get(http, server, "/metrics")
     assert sample(text, "tokiwa_events_total", type="mp.http", outcome="ok") == 2
+
+
+async def test_data_routes_are_503_before_the_app_connects(redis_url, namespace, http):
+    application = Orchestrator(redis_url, namespace=namespace)
+    async with serve(application) as server:
+        status, body, _ = await get(http, server, "/runs")
+        ready, _, _ = await get(http, server, "/readyz")
+    assert status == 503 and "not connected" in body
+    assert ready == 503
