@@ -33,6 +33,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import (
+    REGISTRY as DEFAULT_REGISTRY,
+)
 from prometheus_client import multiprocess as _multiprocess
 from redis.exceptions import ResponseError
 
@@ -99,17 +102,23 @@ def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> N
         _multiprocess.mark_process_dead(pid, str(folder))
 
 
-def scrape(path: str | os.PathLike[str] | None = None) -> tuple[bytes, str]:
+def scrape(path: str | os.PathLike[str] | None = None, *, include_default: bool = True) -> tuple[bytes, str]:
     """The Prometheus text of tokiwa's metrics and its content type.
 
     With a multiprocess folder (``path``, else ``PROMETHEUS_MULTIPROC_DIR``) the values of
-    every process that wrote there are merged; otherwise this process's registry is read."""
+    every process that wrote there are merged (tokiwa's and the app's own metrics alike).
+    Otherwise this process's registry is read, followed by prometheus-client's default one
+    (``process_*`` and ``python_*`` metrics, and any metric the app registered there) unless
+    ``include_default`` is False."""
     folder = path or multiprocess_dir()
     if folder:
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry, path=str(folder))
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    body = generate_latest(REGISTRY)
+    if include_default:
+        body += generate_latest(DEFAULT_REGISTRY)
+    return body, CONTENT_TYPE_LATEST
 
 
 def metric_names() -> set[str]:

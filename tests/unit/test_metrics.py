@@ -230,3 +230,13 @@ def test_a_scrape_is_prometheus_text_with_its_content_type():
     body, content_type = metrics.scrape()
     assert content_type.startswith("text/plain; version=")
     assert b"# TYPE tokiwa_runs_total counter" in body
+
+
+def test_a_scrape_also_shows_process_metrics_and_the_apps_own_default_registry():
+    from prometheus_client import Counter
+
+    name = f"app_{uuid.uuid4().hex[:8]}"
+    Counter(name, "an app's own metric").inc()
+    body = metrics.scrape()[0].decode()
+    assert "python_info" in body and f"{name}_total 1.0" in body
+    assert f"{name}_total" not in metrics.scrape(include_default=False)[0].decode()
