@@ -37,6 +37,7 @@ from prometheus_client import (
     REGISTRY as DEFAULT_REGISTRY,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import ResponseError
 
 from .errors import InvalidArgumentError
@@ -65,12 +66,39 @@ EVENTS = Counter("tokiwa_events", "Events processed by workers, by type and outc
                  ["type", "outcome"], registry=REGISTRY)
 DEAD_LETTERS = Counter("tokiwa_dead_letters", "Stream entries moved to the dead-letter stream.",
                        registry=REGISTRY)
-STREAM_LENGTH = Gauge("tokiwa_stream_length", "Entries in a stream (events or dead), read from Redis.",
-                      ["stream"], registry=REGISTRY, multiprocess_mode="mostrecent")
-GROUP_LAG = Gauge("tokiwa_group_lag", "Entries of the events stream not yet delivered to the group.",
-                  ["group"], registry=REGISTRY, multiprocess_mode="mostrecent")
-PENDING_ENTRIES = Gauge("tokiwa_pending_entries", "Entries delivered to the group but not acked yet.",
-                        ["group"], registry=REGISTRY, multiprocess_mode="mostrecent")
+
+
+class ClusterGauges:
+    """Cluster-wide values read from Redis (stream lengths, group lag, pending entries).
+
+    Not process metrics: every process would report the same numbers, so they are not
+    :class:`Gauge` objects (whose multiprocess files would need merging) but a collector that
+    shows what the **scraped** process last read with :func:`refresh_gauges`. In multiprocess
+    mode :func:`scrape` adds it to the merged registry, so the one serving process shows them
+    once, fresh."""
+
+    FAMILIES = (
+        ("tokiwa_stream_length", "Entries in a stream (events or dead), read from Redis.", "stream"),
+        ("tokiwa_group_lag", "Entries of the events stream not yet delivered to the group.", "group"),
+        ("tokiwa_pending_entries", "Entries delivered to the group but not acked yet.", "group"),
+    )
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, float]] = {name: {} for name, _, _ in self.FAMILIES}
+
+    def collect(self):
+        for name, doc, label in self.FAMILIES:
+            family = GaugeMetricFamily(name, doc, labels=[label])
+            for value_label, value in sorted(self.values[name].items()):
+                family.add_metric([value_label], value)
+            yield family
+
+    def describe(self):
+        return [GaugeMetricFamily(name, doc, labels=[label]) for name, doc, label in self.FAMILIES]
+
+
+CLUSTER = ClusterGauges()
+REGISTRY.register(CLUSTER)
 LEADER = Gauge("tokiwa_leader", "1 while this process (or any live process of the host) leads the role.",
                ["role"], registry=REGISTRY, multiprocess_mode="livemax")
 RELAY_OVERFLOW = Counter("tokiwa_relay_overflow", "Relay messages dropped because a child's queue was full.",
@@ -114,6 +142,7 @@ def scrape(path: str | os.PathLike[str] | None = None, *, include_default: bool 
     if folder:
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry, path=str(folder))
+        registry.register(CLUSTER)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     body = generate_latest(REGISTRY)
     if include_default:
@@ -183,21 +212,20 @@ async def refresh_gauges(broker: Any) -> dict[str, int]:
         pipe.xlen(keys.events)
         pipe.xlen(keys.dead)
         events_len, dead_len = await pipe.execute()
-    STREAM_LENGTH.labels(stream="events").set(events_len)
-    STREAM_LENGTH.labels(stream="dead").set(dead_len)
     out = {"events": int(events_len), "dead": int(dead_len)}
     try:
         groups = await redis.xinfo_groups(keys.events)
     except ResponseError:  # no stream yet: no group either
         groups = []
+    lags, pendings = {}, {}
     for group in groups:
         name = _text(group["name"])
         lag = group.get("lag")
-        lag = int(lag) if lag is not None else int(events_len)  # NULL lag: count it all as lag
-        GROUP_LAG.labels(group=name).set(lag)
-        PENDING_ENTRIES.labels(group=name).set(int(group["pending"]))
-        out[f"lag:{name}"] = lag
-        out[f"pending:{name}"] = int(group["pending"])
+        lags[name] = int(lag) if lag is not None else int(events_len)  # NULL lag: count it all as lag
+        pendings[name] = int(group["pending"])
+        out[f"lag:{name}"], out[f"pending:{name}"] = lags[name], pendings[name]
+    CLUSTER.values = {"tokiwa_stream_length": {"events": out["events"], "dead": out["dead"]},
+                      "tokiwa_group_lag": lags, "tokiwa_pending_entries": pendings}
     return out
 
 

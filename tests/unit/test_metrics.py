@@ -240,3 +240,18 @@ def test_a_scrape_also_shows_process_metrics_and_the_apps_own_default_registry()
     body = metrics.scrape()[0].decode()
     assert "python_info" in body and f"{name}_total 1.0" in body
     assert f"{name}_total" not in metrics.scrape(include_default=False)[0].decode()
+
+
+async def test_a_multiprocess_scrape_shows_the_redis_gauges_of_the_serving_process_once(tmp_path):
+    redis = fakeredis.FakeAsyncRedis()
+    broker = FakeBroker(redis, unique("mp"))
+    for n in range(3):
+        await redis.xadd(broker.keys.events, {"n": n})
+    await metrics.refresh_gauges(broker)
+    await redis.aclose()
+    folder = metrics.prepare_multiprocess_dir(tmp_path / "prom")
+    run_child(folder, "follow")
+    text = metrics.scrape(folder)[0]
+    assert value("tokiwa_stream_length", text, stream="events") == 3
+    assert text.decode().count("# TYPE tokiwa_stream_length gauge") == 1
+    assert value("tokiwa_events_total", text, type="mp.event", outcome="ok") == 1
