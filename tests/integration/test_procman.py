@@ -328,6 +328,8 @@ def test_cluster_workers_sorts_by_host_then_id():
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float = 30) -> subprocess.CompletedProcess:
+    # short XREADGROUP blocks: a worker notices SIGTERM within 0.2 s instead of 2 s
+    env = dict(env, TOKIWA_BLOCK_MS="200")
     return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout_s, check=False)
 
