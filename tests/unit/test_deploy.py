@@ -242,7 +242,8 @@ def test_k8s_producer_has_two_replicas_and_workloads_run_real_commands_with_the_
     for name in ("tokiwa-producer", "tokiwa-worker"):
         pod = workloads[name]["spec"]["template"]["spec"]
         [container] = pod["containers"]
-        check_command(container["command"], f"k8s {name}")
+        assert "command" not in container, "command would replace the image's tini ENTRYPOINT; use args"
+        check_command(container["args"], f"k8s {name}")
         assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
         assert pod["terminationGracePeriodSeconds"] > float(config["data"]["TOKIWA_GRACE_PERIOD_S"])
 
