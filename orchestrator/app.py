@@ -18,13 +18,10 @@ from typing import Any, Literal
 
 import msgpack
 
-from .artifacts import FileArtifactStore
 from .broker import StreamBroker
-from .chatflow import ChatflowExecutor
 from .config import Settings, load_settings
 from .connection import create_redis
 from .consumer import Consumer, Outcome
-from .conversations import RedisConversationStore
 from .cron_jobs import CronRegistry
 from .dispatcher import EventDispatcher
 from .embedded import EmbeddedRedis
@@ -110,7 +107,7 @@ class Orchestrator:
         self.conversation_store = conversation_store
         self.conversation_lock_ttl_ms = conversation_lock_ttl_ms
         self._artifacts_dir = artifacts_dir
-        self._chatflows: ChatflowExecutor | None = None
+        self._chatflows: Any = None
         self.workflows = WorkflowRegistry(self, workflow_concurrency=workflow_concurrency)
         self._conversation_resolver = self.workflows.conversations_of
         self.add_processor(self.workflows.process)
@@ -164,6 +161,8 @@ class Orchestrator:
         if not self._run_store_given:
             self.run_store = RedisRunStore(self.redis, self.keys)
         if self.conversation_store is None:
+            from .conversations import RedisConversationStore
+
             self.conversation_store = RedisConversationStore(self.redis, self.keys)
 
     @property
@@ -343,12 +342,17 @@ class Orchestrator:
         """What a run's nodes get as ``services``: a per-run artifact folder, publish_topic."""
         from types import SimpleNamespace
 
+        from .artifacts import FileArtifactStore
+
         base = self._artifacts_dir or (self.settings.state_dir / "artifacts")
         return SimpleNamespace(artifacts=FileArtifactStore(base).scoped(run_id), publish_topic=self.publish_topic)
 
-    def chatflows(self) -> ChatflowExecutor:
-        """The conversation executor (locks, order, fenced memory) on this app's Redis."""
+    def chatflows(self) -> Any:
+        """The conversation executor (locks, order, fenced memory) on this app's Redis
+        (a :class:`orchestrator.chatflow.ChatflowExecutor`)."""
         if self._chatflows is None:
+            from .chatflow import ChatflowExecutor
+
             if self.redis is None:
                 raise StateError("chatflows need a Redis connection: call connect() or start() first")
             self._chatflows = ChatflowExecutor(self.redis, self.keys, self.conversation_store, self.runner,

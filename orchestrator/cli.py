@@ -19,6 +19,7 @@ import click
 from . import exitcodes
 from .app import Orchestrator
 from .errors import ConfigError, TokiwaError
+from .lazycli import LazyGroup
 from .loader import load_app
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,7 +80,7 @@ def run_async(coro) -> int:
     return result if isinstance(result, int) else exitcodes.OK
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.inspect_cli:inspect_group"})
 def cli() -> None:
     """tokiwa producer: publish events and run cron under leader election."""
 
@@ -237,20 +238,6 @@ def cron_list(as_json, app_spec, **settings) -> None:
         return exitcodes.OK
 
     sys.exit(run_async(go()))
-
-
-def _attach_optional() -> None:
-    """The inspect group lives in its own module."""
-    try:
-        from .inspect_cli import inspect_group
-    except ImportError as exc:
-        if "inspect_cli" not in str(exc):
-            raise
-        return
-    cli.add_command(inspect_group, "inspect")
-
-
-_attach_optional()
 
 
 def main() -> None:

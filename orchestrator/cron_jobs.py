@@ -14,13 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cron import Cron
 from .errors import ConflictError, InvalidArgumentError, NotFoundError
-from .leader import LeaderElector
-from .scheduler import LeaderScheduler
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported lazily: an app without cron never loads croniter
     from .app import Orchestrator
+    from .leader import LeaderElector
+    from .scheduler import LeaderScheduler
 
 log = logging.getLogger("tokiwa.cron")
 
@@ -58,6 +57,8 @@ class CronRegistry:
             raise InvalidArgumentError(f"cron job {name!r}: handler must be callable")
         if name in self._specs:
             raise ConflictError(f"a cron job named {name!r} is already registered")
+        from .cron import Cron
+
         Cron(expr, self.tz)  # invalid expressions fail here, naming the bad field
         spec = CronSpec(str(uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:cron:{name}")), expr, name, handler, kind)
         self._specs[name] = spec
@@ -106,6 +107,9 @@ class CronRegistry:
     def build(self) -> LeaderScheduler:
         """Create the elector and scheduler on the app's Redis (needs ``app.connect()``)."""
         if self.scheduler is None:
+            from .leader import LeaderElector
+            from .scheduler import LeaderScheduler
+
             app = self.app
             self.elector = LeaderElector(app.redis, app.keys, "cron", app.worker_id, ttl_ms=self.lease_ms)
             options: dict[str, Any] = {"tz": self.tz}
@@ -124,8 +128,8 @@ class CronRegistry:
         log.info("cron: %d jobs, campaigning for leadership as %s", len(self._specs), self.app.worker_id)
 
     async def stop(self) -> None:
-        if self.scheduler is not None and self.scheduler.running:
-            await self.scheduler.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()  # idempotent
 
     async def describe(self) -> list[dict[str, Any]]:
         await self.app.connect()

@@ -11,10 +11,17 @@ import sys
 import click
 
 from orchestrator.cli import build_app, common_options, run_async, setup_logging
+from orchestrator.lazycli import LazyGroup
 from orchestrator.runtime import serve
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy={
+    "relay": "workers.relay_cli:relay_command",
+    "start": "workers.manage_cli:start_command",
+    "ps": "workers.manage_cli:ps_command",
+    "stop": "workers.manage_cli:stop_command",
+    "logs": "workers.manage_cli:logs_command",
+})
 def cli() -> None:
     """tokiwa worker: consume events, run workflows and relay topics."""
 
@@ -42,20 +49,6 @@ def run(concurrency, relay_file, processes, app_spec, **settings) -> None:
 
         components.append(relay_component(app, relay_file))
     sys.exit(run_async(serve(app, components=components)))
-
-
-def _attach() -> None:
-    """Attach commands that live in their own modules (relay, process management)."""
-    from .manage_cli import logs_command, ps_command, start_command, stop_command
-    from .relay_cli import relay_command
-
-    cli.add_command(relay_command, "relay")
-    for name, command in (("start", start_command), ("ps", ps_command),
-                          ("stop", stop_command), ("logs", logs_command)):
-        cli.add_command(command, name)
-
-
-_attach()
 
 
 def main() -> None:
