@@ -29,13 +29,15 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError, InvalidArgumentError
 from .hooks import WorkflowHooks
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("tokiwa.webhooks")
 
@@ -158,7 +160,7 @@ class WebhookNotifier(WorkflowHooks):
         self._sleep = sleep
         self.max_pending = max_pending
         self._tasks: set[asyncio.Task] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # created on the first delivery
         self.stats = {"sent": 0, "failed": 0, "dropped": 0, "attempts": 0}
 
     @property
@@ -228,6 +230,8 @@ class WebhookNotifier(WorkflowHooks):
 
     async def _post(self, data: bytes, headers: dict[str, str]) -> str | None:
         """One attempt; None on a 2xx answer, else a short description of the problem."""
+        import aiohttp  # imported on the first delivery: a worker without webhooks never pays for it
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
