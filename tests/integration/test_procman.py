@@ -295,6 +295,13 @@ def test_logs_command_prints_err_log_with_err(manager, state_dir):
     assert result.exit_code == 0 and result.output == "oops\n"
 
 
+def test_logs_follow_prints_new_lines_and_returns_when_the_worker_exits(manager, state_dir):
+    script = "import time\nfor i in range(3):\n    time.sleep(0.1)\n    print(f'tick {i}')"
+    manager.start("w1", [sys.executable, "-u", "-c", script])
+    result = CliRunner().invoke(logs_command, ["w1", "-f", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0 and result.output.splitlines()[-1] == "tick 2"
+
+
 def test_ps_cluster_lists_heartbeats_from_redis_with_live_and_stale_status(redis_url, namespace, sync_redis):
     now = time.time()
     beat = {"host": "h1", "pid": 11, "started": now - 60, "in_flight": 2, "processed": 7, "last_seen": now}
