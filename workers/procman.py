@@ -12,13 +12,10 @@ the exact name: stable across runs, Python versions and hosts, unlike luhproc's 
 
 Where luhproc is loose, this module is strict (see docs/operations.md):
 
-- the process is really detached: a short-lived launcher starts it in a new session (its own
-  process group), stdin from /dev/null, so it outlives the caller and is never its zombie;
-- "alive" means the pid exists, is not a zombie, and (on Linux) has the start time recorded at
-  launch, so a recycled pid is never mistaken for our worker and never signalled;
-- a stale ``pid`` file (process gone) never blocks ``start`` and is cleaned by ``stop``;
-- ``stop`` sends SIGTERM to the whole process group, waits a grace period, then SIGKILLs
-  the group, and removes the folder.
+- really detached: a short-lived launcher starts it in a new session, stdin from /dev/null;
+- "alive" = the pid exists, is no zombie and (Linux) has the start time recorded at launch:
+  a recycled pid is never signalled; a stale ``pid`` file never blocks ``start``;
+- ``stop``: SIGTERM to the process group, a grace period, SIGKILL, then the folder goes.
 """
 
 from __future__ import annotations
