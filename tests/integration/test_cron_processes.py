@@ -1,0 +1,151 @@
+"""Cron through ``tokiwa-producer run`` as real processes: leader election across three
+producers, SIGKILL of the leader, at most one fire per slot; ``tokiwa-producer cron list``;
+cron workflows refuse chatflows. The apps are in tests/integration/apps/chat.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+
+import pytest
+import redis
+
+from orchestrator.cron import parse_slot
+from orchestrator.errors import InvalidArgumentError, NotFoundError
+from orchestrator.events import decode_fields
+from orchestrator.keys import Keys
+
+from .apps.chat import WORKFLOW, build_app
+from .procs import ROOT, stop, wait_until, worker_env
+
+TICKER = "tests.integration.apps.chat:ticker"
+LEASE_MS = 1500
+
+
+def start_producer(env: dict[str, str], log_path) -> subprocess.Popen:
+    """Start ``tokiwa-producer run --app <ticker>`` as a real process, output to ``log_path``."""
+    log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--app", TICKER],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def leader_of(client: redis.Redis, namespace: str) -> str | None:
+    value = client.get(Keys(namespace).leader("cron"))
+    return value.decode() if value else None
+
+
+def pid_in(holder: str, procs: list[subprocess.Popen]) -> subprocess.Popen:
+    """The process whose id (``host-pid-xxxxxx``) is ``holder``."""
+    return next(p for p in procs if f"-{p.pid}-" in holder)
+
+
+def fired_markers(client: redis.Redis, namespace: str, job: str) -> list[int]:
+    """Slots (epoch seconds) that have a ``{ns}:cron:{job}:{slot}`` marker, sorted."""
+    prefix = f"{namespace}:cron:{job}:"
+    slots = [k.decode()[len(prefix):] for k in client.scan_iter(f"{prefix}*")]
+    return sorted(int(parse_slot(s).timestamp()) for s in slots if s != "last")
+
+
+def beat_events(client: redis.Redis, namespace: str) -> int:
+    entries = client.xrange(Keys(namespace).events)
+    return sum(1 for _, fields in entries if decode_fields(fields).type == "cron.beat")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_three_producers_fire_each_slot_once_across_a_sigkill_of_the_leader(
+        redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    env = worker_env(subprocess_env, redis_url, namespace, TEST_CRON_LEASE_MS=LEASE_MS, TEST_CRON_POLICY="all")
+    procs = [start_producer(env, tmp_path / f"p{i}.log") for i in range(3)]
+    try:
+        first = ""
+        wait_until(lambda: bool(leader_of(sync_redis, namespace)), 20, message="a leader")
+        first = leader_of(sync_redis, namespace) or ""
+        wait_until(lambda: sync_redis.llen(f"{namespace}:test:fires") >= 3, 10, message="3 fires")
+        victim = pid_in(first, procs)
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait(5)
+        wait_until(lambda: (leader_of(sync_redis, namespace) or first) != first, 10, interval=0.01,
+                   message="a new leader")
+        takeover_s = time.monotonic() - killed_at
+        second = pid_in(leader_of(sync_redis, namespace) or "", procs)
+        wait_until(lambda: any(f"|{second.pid}".encode() in f
+                               for f in sync_redis.lrange(f"{namespace}:test:fires", -3, -1)), 10,
+                   message="the new leader fires")
+        time.sleep(2)
+        survivors = [p for p in procs if p is not victim]
+        for p in survivors:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(15) for p in survivors]
+    finally:
+        for p in procs:
+            stop(p)
+    fires = [f.decode().split("|") for f in sync_redis.lrange(f"{namespace}:test:fires", 0, -1)]
+    slots = [int(parse_slot(slot).timestamp()) for slot, _ in fires]
+    markers = fired_markers(sync_redis, namespace, "tick")
+    buckets = [sync_redis.smembers(k) for k in sync_redis.scan_iter(f"{namespace}:test:leaders:*")]
+    print(f"{len(slots)} slots fired by {len({pid for _, pid in fires})} leaders; "
+          f"new leader after {takeover_s:.2f} s")
+    assert len(slots) == len(set(slots)), "a slot fired twice"
+    assert set(slots) <= set(markers)
+    assert len(set(markers) - set(slots)) <= 1, "only the killed leader's last claimed slot may be unfired"
+    assert markers == list(range(markers[0], markers[-1] + 1)), "policy 'all': no slot skipped"
+    assert {int(pid) for _, pid in fires} >= {victim.pid, second.pid}
+    assert buckets and max(len(b) for b in buckets) == 1, "two producers led at the same time"
+    assert takeover_s < LEASE_MS / 1000 + 1.0
+    beat_markers = fired_markers(sync_redis, namespace, "beat")
+    assert len(beat_markers) - 1 <= beat_events(sync_redis, namespace) <= len(beat_markers)
+    assert codes == [0, 0]
+    assert leader_of(sync_redis, namespace) is None, "the last leader released on SIGTERM"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cron_list_prints_expression_next_fire_last_fired_slot_and_leader(
+        redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    env = worker_env(subprocess_env, redis_url, namespace, TEST_CRON_LEASE_MS=LEASE_MS)
+    producer = start_producer(env, tmp_path / "p.log")
+    try:
+        wait_until(lambda: sync_redis.exists(Keys(namespace).cron_last("tick")), 20, message="a fire")
+        listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "cron", "list", "--app", TICKER, "--json"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        table = subprocess.run([sys.executable, "-m", "orchestrator.cli", "cron", "list", "--app", TICKER],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        leader = leader_of(sync_redis, namespace)
+        last_tick = sync_redis.get(Keys(namespace).cron_last("tick")).decode()
+    finally:
+        stop(producer)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert set(rows) == {"tick", "beat"}
+    tick = rows["tick"]
+    assert tick["expr"] == "* * * * * *"
+    assert tick["kind"] == "job" and rows["beat"]["kind"] == "event"
+    assert tick["leader"] == leader and f"-{producer.pid}-" in leader
+    assert parse_slot(tick["last_fired"]) <= parse_slot(last_tick)  # fired on, since listed
+    next_fire = datetime.fromisoformat(str(tick["next_fire"]))
+    assert timedelta(0) < next_fire - parse_slot(tick["last_fired"]) <= timedelta(seconds=30)
+    assert table.returncode == 0, table.stderr
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["name", "kind", "expr", "next_fire", "last_fired", "leader"]
+    assert any(line.startswith("tick") and leader in line and "* * * * * *" in line for line in lines)
+
+
+def test_a_cron_workflow_of_a_chatflow_is_refused_because_it_has_no_conversation_id():
+    app = build_app("producer")
+    with pytest.raises(InvalidArgumentError, match="chatflow"):
+        app.register_cron_workflow("*/5 * * * *", WORKFLOW, name="nightly-chat")
+    assert not app.is_cron_job_scheduled("nightly-chat")
+
+
+def test_a_cron_workflow_of_an_unknown_workflow_is_refused():
+    app = build_app("producer")
+    with pytest.raises(NotFoundError, match="no-such-flow"):
+        app.register_cron_workflow("*/5 * * * *", "no-such-flow", name="nightly")
+    assert not app.is_cron_job_scheduled("nightly")
+
