@@ -52,11 +52,11 @@ async def raw_baseline(url: str, n: int) -> dict:
     return {"publish_per_s": n / (t1 - t0), "process_per_s": n / (t2 - t1), "entry_bytes": len(fields["body"])}
 
 
-def start_worker(url: str, namespace: str, concurrency: int) -> subprocess.Popen:
+def start_worker(url: str, namespace: str, concurrency: int, app: str = "benchmarks.apps:noop") -> subprocess.Popen:
     env = dict(os.environ, TOKIWA_REDIS_URL=url, TOKIWA_NAMESPACE=namespace, PYTHONPATH=str(ROOT),
                TOKIWA_LOG_LEVEL="WARNING")
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "run", "--app", "benchmarks.apps:noop",
+        [sys.executable, "-m", "workers.cli", "run", "--app", app,
          "--concurrency", str(concurrency), "--log-level", "WARNING"],
         cwd=ROOT, env=env,
     )

@@ -62,7 +62,7 @@ class Orchestrator:
         settings: Settings | None = None,
         on_workflow_error: Callable[..., Any] | None = None,
         source: str | None = None,
-        workflow_concurrency: int = 2,
+        workflow_concurrency: int | None = None,
         run_store: RunStore | None = None,
         on_run_store_error: Callable[..., Any] | None = None,
         conversation_store: Any = None,

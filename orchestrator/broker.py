@@ -226,6 +226,20 @@ class StreamBroker:
         reply = await self.redis.xpending_range(self.stream, self.group, stream_id, stream_id, 1)
         return bool(reply) and _s(reply[0]["consumer"]) == self.consumer
 
+    async def pending_ids(self, limit: int = 100_000) -> set[str]:
+        """Every entry id pending for this consumer."""
+        reply = await self.redis.xpending_range(self.stream, self.group, "-", "+", limit, self.consumer)
+        return {_s(r["message_id"]) for r in reply}
+
+    async def owned(self, stream_ids: Sequence[str]) -> set[str]:
+        """The subset of ``stream_ids`` this consumer still holds (one XPENDING range call)."""
+        if not stream_ids:
+            return set()
+        lo, hi = id_bounds(stream_ids)
+        reply = await self.redis.xpending_range(self.stream, self.group, lo, hi, 1_000_000, self.consumer)
+        wanted = set(stream_ids)
+        return {sid for sid in (_s(r["message_id"]) for r in reply) if sid in wanted}
+
     async def trim(self) -> int:
         """Trim to ~``stream_maxlen`` but never past an entry some group still needs."""
         return int(await self._trim(keys=[self.stream], args=[self.settings.stream_maxlen, TRIM_MAX_DROP]))

@@ -58,6 +58,12 @@ class Stats:
     reconnects: int = 0
 
 
+def _being_cancelled() -> bool:
+    """Whether the current task itself was cancelled (not only an awaited child)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class _InFlight:
     __slots__ = ("delivery", "task", "lost")
 
@@ -83,6 +89,7 @@ class Consumer:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[_InFlight] = asyncio.Queue()
+        self._read_task: asyncio.Task | None = None
         self._closing = False
         self._last_reclaim = 0.0
         self._last_trim = 0.0
@@ -105,9 +112,13 @@ class Consumer:
             await self._finish(helpers, slots)
 
     def request_stop(self) -> None:
-        """Stop fetching; in-flight work finishes (see :meth:`run`). Safe to call twice."""
+        """Stop fetching; in-flight work finishes (see :meth:`run`). Safe to call twice.
+        A blocked XREADGROUP is cancelled at once (entries it may have been handed are
+        handed back by :meth:`run`'s shutdown)."""
         self._stopping.set()
         self._slot_freed.set()
+        if self._read_task is not None and not self._read_task.done():
+            self._read_task.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -119,10 +130,10 @@ class Consumer:
             self._slot_freed.clear()
             try:
                 await asyncio.wait_for(self._slot_freed.wait(), deadline - time.monotonic())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         self._closing = True
-        leftovers = [sid for sid, f in self.in_flight.items() if not f.lost]
+        leftovers = {sid for sid, f in self.in_flight.items() if not f.lost}
         for task in slots:
             task.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
@@ -131,13 +142,15 @@ class Consumer:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
         await self._flush_acks_safely()
-        if leftovers:
-            try:
-                await self.broker.hand_back(leftovers)
-                log.info("handed back %d unfinished entries", len(leftovers))
-            except REDIS_ERRORS as exc:
-                log.warning("could not hand back %d entries (they return after the lease): %s",
-                            len(leftovers), exc)
+        try:
+            # everything still pending for us: unfinished work, and entries a cancelled read
+            # was handed but never saw
+            mine = leftovers | await self.broker.pending_ids()
+            if mine:
+                await self.broker.hand_back(sorted(mine))
+                log.info("handed back %d unfinished entries", len(mine))
+        except REDIS_ERRORS as exc:
+            log.warning("could not hand back unfinished entries (they return after the lease): %s", exc)
 
     # -- reading --------------------------------------------------------------------------
     async def _read_loop(self, until_drained: bool) -> None:
@@ -182,7 +195,15 @@ class Consumer:
             self.stats.trimmed += await self.broker.trim()
         if free > 0:
             block = 50 if (until_drained or got) else self.settings.block_ms
-            deliveries = await self.broker.read(free, block)
+            self._read_task = asyncio.create_task(self.broker.read(free, block))
+            try:
+                deliveries = await self._read_task
+            except asyncio.CancelledError:
+                if self._stopping.is_set() and not _being_cancelled():
+                    return got > 0
+                raise
+            finally:
+                self._read_task = None
             self.stats.fetched += len(deliveries)
             for d in deliveries:
                 self._start(d)

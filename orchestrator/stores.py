@@ -126,6 +126,11 @@ class RunStore:
         """Insert or replace the record of ``record["run_id"]``."""
         raise NotImplementedError
 
+    async def save_many(self, records: list[dict[str, Any]]) -> None:
+        """Save several records; stores that can batch (Redis) override this."""
+        for record in records:
+            await self.save(record)
+
     async def get(self, run_id: str) -> dict[str, Any] | None:
         """The record of ``run_id``, or None when unknown (or expired)."""
         raise NotImplementedError
@@ -383,6 +388,24 @@ class RedisRunStore(RunStore):
             pipe.zremrangebyscore(self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
             pipe.zadd(self.keys.runs, {run_id: float(record["started_at"])})
             pipe.expire(self.keys.run_logs(run_id), self._ttl_s)
+            await pipe.execute()
+
+    async def save_many(self, records: list[dict[str, Any]]) -> None:
+        """Save several records in one round trip (the worker group-commits concurrent runs)."""
+        if not records:
+            return
+        for record in records:
+            check_record(record)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
+            for record in records:
+                run_id = record["run_id"]
+                key = self.keys.run(run_id)
+                pipe.delete(key)
+                pipe.hset(key, mapping=_hash_fields(record))
+                pipe.expire(key, self._ttl_s)
+                pipe.zadd(self.keys.runs, {run_id: float(record["started_at"])})
+                pipe.expire(self.keys.run_logs(run_id), self._ttl_s)
             await pipe.execute()
 
     async def get(self, run_id: str) -> dict[str, Any] | None:

@@ -64,16 +64,99 @@ def run_id_for(event: Event, workflow: Workflow) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:{event.id}:{workflow.id}"))
 
 
+class RunRecorder:
+    """Group commit of run records: callers wait for their record to be saved (so an event is
+    acked only after its run is on record), while one flusher saves everything that queued up
+    meanwhile in one ownership check and one ``save_many``."""
+
+    def __init__(self, app: Orchestrator) -> None:
+        self.app = app
+        self._queue: list[tuple[WorkflowRunResult, Event | None, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def record(self, result: WorkflowRunResult, event: Event | None) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((result, event, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _owned(self, batch: list) -> set[str]:
+        app = self.app
+        ids = [e.stream_id for _, e, _ in batch if e is not None and e.stream_id]
+        if not ids or app.consumer is None:
+            return set(ids)
+        lost = {sid for sid, entry in app.consumer.in_flight.items() if entry.lost}
+        return await app.broker.owned([i for i in ids if i not in lost])
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                owned = await self._owned(batch)
+                keep = []
+                for result, event, future in batch:
+                    if event is not None and event.stream_id and event.stream_id not in owned:
+                        log.warning("run %s finished after its event was reclaimed elsewhere; not recording it",
+                                    result.run_id)
+                        future.set_result(None)
+                    else:
+                        keep.append((result, future))
+                await self._save(keep)
+            except Exception as exc:  # ownership query failed (Redis down): fail the callers
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    async def _save(self, items: list[tuple[WorkflowRunResult, asyncio.Future]]) -> None:
+        store = self.app.run_store
+        records = [result.to_record() for result, _ in items]
+        try:
+            await store.save_many(records)
+            for result, _ in items:
+                if getattr(result, "logs", None):
+                    await store.append_logs(result.run_id, [_log_line(x) for x in result.logs])
+        except Exception as exc:
+            for (result, future), record in zip(items, records, strict=True):
+                await self._store_failed(exc, result, record, future)
+            return
+        for _, future in items:
+            future.set_result(None)
+
+    async def _store_failed(self, exc: Exception, result: WorkflowRunResult, record: dict,
+                            future: asyncio.Future) -> None:
+        hook = self.app.on_run_store_error
+        if hook is None:
+            log.error("run store failed to save run %s (%s, status %s): %r", result.run_id,
+                      result.workflow_name, result.status, exc)
+            future.set_exception(exc)
+            return
+        try:
+            value = hook(exc, record)
+            if asyncio.iscoroutine(value):
+                await value
+        except Exception:
+            log.exception("on_run_store_error hook failed")
+        future.set_result(None)
+
+
+def _log_line(entry: Any) -> str:
+    if isinstance(entry, dict):
+        return f"{entry.get('timestamp', '')} {entry.get('node', '')} {entry.get('level', '')} {entry.get('message', '')}"
+    return str(entry)
+
+
 class WorkflowRegistry:
     """Registered workflows of one Orchestrator and everything that runs them."""
 
-    def __init__(self, app: Orchestrator, *, workflow_concurrency: int = 2) -> None:
-        if workflow_concurrency < 1:
+    def __init__(self, app: Orchestrator, *, workflow_concurrency: int | None = None) -> None:
+        if workflow_concurrency is not None and workflow_concurrency < 1:
             raise InvalidArgumentError(f"workflow_concurrency must be >= 1, got {workflow_concurrency}")
         self.app = app
         self.workflow_concurrency = workflow_concurrency
         self._by_id: dict[str, Registration] = {}
         self._semaphore: asyncio.Semaphore | None = None
+        self._recorder = RunRecorder(app)
 
     # -- registration -----------------------------------------------------------------------
     def register(self, workflow: Any, trigger: Any = None, **options: Any) -> Workflow:
@@ -136,8 +219,8 @@ class WorkflowRegistry:
         regs = self.matching(event)
         if not regs:
             return []
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.workflow_concurrency)
+        if self._semaphore is None:  # default: as many triggered runs as the worker has slots
+            self._semaphore = asyncio.Semaphore(self.workflow_concurrency or self.app.settings.concurrency)
         results = await asyncio.gather(*(self._triggered(reg, event) for reg in regs))
         return [err for errs in results for err in errs]
 
@@ -180,29 +263,9 @@ class WorkflowRegistry:
         return result
 
     async def _record(self, result: WorkflowRunResult, event: Event | None) -> None:
-        app = self.app
-        if event is not None and event.stream_id and app.consumer is not None and not await app.owns(event):
-            log.warning("run %s finished after its event was reclaimed elsewhere; not recording it",
-                        result.run_id)
-            return
-        record = result.to_record()
-        try:
-            await app.run_store.save(record)
-            logs = getattr(result, "logs", None)
-            if logs:
-                await app.run_store.append_logs(result.run_id, list(logs))
-        except Exception as exc:
-            hook = app.on_run_store_error
-            if hook is None:
-                log.error("run store failed to save run %s (%s, status %s): %r", result.run_id,
-                          result.workflow_name, result.status, exc)
-                raise
-            try:
-                value = hook(exc, record)
-                if asyncio.iscoroutine(value):
-                    await value
-            except Exception:
-                log.exception("on_run_store_error hook failed")
+        """Save the run record, unless its event was reclaimed by another worker meanwhile.
+        Concurrent runs are group-committed: one ownership query and one pipelined save."""
+        await self._recorder.record(result, event)
 
     async def _workflow_error(self, exc: Exception, reg: Registration, event: Event) -> None:
         log.warning("workflow %s failed to run for %s: %r", reg.workflow.name, event.type, exc)

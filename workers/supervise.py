@@ -23,5 +23,9 @@ def supervise_cli(argv: Sequence[str], processes: int) -> int:
     env = dict(os.environ)
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tokiwa-metrics-")
-    supervisor = Supervisor(lambda slot: child_run_argv(run_args), processes=processes, env=env)
+    from orchestrator.config import load_settings
+
+    grace = load_settings({}).grace_period_s
+    supervisor = Supervisor(lambda slot: child_run_argv(run_args), processes=processes, env=env,
+                            grace_period_s=grace + 5)
     return supervisor.run_sync()
