@@ -43,6 +43,22 @@ Mode = Literal["all", "producer", "worker"]
 EventProcessor = Callable[[Event], Awaitable[list[str]]]
 
 
+class _RunServices:
+    """``services`` of one run: ``artifacts`` is built only if a node touches it."""
+
+    __slots__ = ("_app", "_run_id", "_artifacts", "publish_topic")
+
+    def __init__(self, app: Orchestrator, run_id: str) -> None:
+        self._app, self._run_id, self._artifacts = app, run_id, None
+        self.publish_topic = app.publish_topic
+
+    @property
+    def artifacts(self) -> Any:
+        if self._artifacts is None:
+            self._artifacts = self._app.artifact_store().scoped(self._run_id)
+        return self._artifacts
+
+
 class Orchestrator:
     """Publish events, consume them on workers, run subscribers and triggered workflows.
 
@@ -107,6 +123,7 @@ class Orchestrator:
         self.conversation_store = conversation_store
         self.conversation_lock_ttl_ms = conversation_lock_ttl_ms
         self._artifacts_dir = artifacts_dir
+        self._artifact_store: Any = None
         self._chatflows: Any = None
         self.workflows = WorkflowRegistry(self, workflow_concurrency=workflow_concurrency)
         self._conversation_resolver = self.workflows.conversations_of
@@ -339,13 +356,18 @@ class Orchestrator:
         return await asyncio.wait_for(coro, timeout)
 
     def services_for(self, run_id: str) -> Any:
-        """What a run's nodes get as ``services``: a per-run artifact folder, publish_topic."""
-        from types import SimpleNamespace
+        """What a run's nodes get as ``services``: a per-run artifact folder (created on first
+        use), publish_topic."""
+        return _RunServices(self, run_id)
 
-        from .artifacts import FileArtifactStore
+    def artifact_store(self) -> Any:
+        """The app's artifact store (a FileArtifactStore under ``artifacts_dir`` or
+        ``{state_dir}/artifacts``), built once."""
+        if self._artifact_store is None:
+            from .artifacts import FileArtifactStore
 
-        base = self._artifacts_dir or (self.settings.state_dir / "artifacts")
-        return SimpleNamespace(artifacts=FileArtifactStore(base).scoped(run_id), publish_topic=self.publish_topic)
+            self._artifact_store = FileArtifactStore(self._artifacts_dir or (self.settings.state_dir / "artifacts"))
+        return self._artifact_store
 
     def chatflows(self) -> Any:
         """The conversation executor (locks, order, fenced memory) on this app's Redis

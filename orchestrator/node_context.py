@@ -170,7 +170,7 @@ class RunShared:
     """Everything the nodes of one run share (one object per run, not per node)."""
 
     __slots__ = ("workflow", "graph", "input", "context", "event", "conversation_id",
-                 "results", "memory", "signal", "artifacts", "services", "clock", "result", "loop")
+                 "results", "memory", "signal", "_artifacts", "services", "clock", "result", "loop")
 
     def __init__(self, *, workflow: Workflow, graph: Graph, input: Any, context: Any,
                  event: Any, conversation_id: str | None, memory: dict, signal: AbortSignal,
@@ -179,9 +179,17 @@ class RunShared:
         self.workflow, self.graph = workflow, graph
         self.input, self.context, self.event = input, context, event
         self.conversation_id, self.memory, self.signal = conversation_id, memory, signal
-        self.artifacts, self.services, self.clock, self.result = artifacts, services, clock, result
+        self._artifacts, self.services, self.clock, self.result = artifacts, services, clock, result
         self.loop = loop
         self.results: dict[str, Any] = result.results
+
+    @property
+    def artifacts(self) -> Any:
+        """The run's artifact store: ``services.artifacts`` or an in-memory one, made on first
+        use (most runs never store an artifact)."""
+        if self._artifacts is None:
+            self._artifacts = getattr(self.services, "artifacts", None) or InMemoryArtifacts()
+        return self._artifacts
 
 
 class NodeContext:

@@ -38,7 +38,7 @@ from typing import Any
 from . import errors
 from .errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
 from .hooks import WorkflowHooks, call_hooks, collect_hooks
-from .node_context import AbortSignal, InMemoryArtifacts, NodeContext, RunShared
+from .node_context import AbortSignal, NodeContext, RunShared
 from .retry import NO_RETRY, RetryPolicy
 from .run_result import NodeResult, RunRecorder, WorkflowRunResult
 from .workflow import Graph, Node, Workflow
@@ -137,7 +137,7 @@ class _Run:
         self.node_results = [NodeResult(node_id=n.id, name=n.name) for n in graph.nodes]
         self.result.nodes = {nr.name: nr for nr in self.node_results}
         self.signal = AbortSignal()
-        artifacts = getattr(services, "artifacts", None) or InMemoryArtifacts()
+        artifacts = None  # RunShared builds it on first use
         self.shared = RunShared(workflow=workflow, graph=graph, input=input, context=context, event=event,
                                 conversation_id=conversation_id, memory=memory, signal=self.signal,
                                 artifacts=artifacts, services=services, clock=self.clock,

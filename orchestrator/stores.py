@@ -336,6 +336,22 @@ def _hash_fields(record: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# KEYS[1] = run hash, KEYS[2] = runs index zset, KEYS[3] = run logs list
+# ARGV[1] = ttl s, ARGV[2] = started_at, ARGV[3] = run id, ARGV[4..] = hash field/value pairs
+# Replaces the run hash (a re-save drops fields the new record lacks), indexes it, and sets
+# the retention on the hash and its logs. Returns 1.
+SAVE_RUN = """
+redis.call('DEL', KEYS[1])
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return 1
+"""
+
+
 class RedisRunStore(RunStore):
     """Runs in Redis, readable with ``redis-cli``:
 
@@ -368,6 +384,7 @@ class RedisRunStore(RunStore):
                                        "(records are msgpack bytes)")
         self.redis = redis_client
         self.keys = keys or Keys()
+        self._save_script: Any = None
         self.retention_s = retention_s
         self.max_log_lines = _check_max_lines(max_log_lines)
         self._clock = clock
@@ -391,21 +408,23 @@ class RedisRunStore(RunStore):
             await pipe.execute()
 
     async def save_many(self, records: list[dict[str, Any]]) -> None:
-        """Save several records in one round trip (the worker group-commits concurrent runs)."""
+        """Save several records in one round trip (the worker group-commits concurrent runs):
+        one SAVE_RUN script call per record, so the client packs one command, not five."""
         if not records:
             return
         for record in records:
             check_record(record)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        if self._save_script is None:
+            self._save_script = self.redis.register_script(SAVE_RUN)
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zremrangebyscore(self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
             for record in records:
                 run_id = record["run_id"]
-                key = self.keys.run(run_id)
-                pipe.delete(key)
-                pipe.hset(key, mapping=_hash_fields(record))
-                pipe.expire(key, self._ttl_s)
-                pipe.zadd(self.keys.runs, {run_id: float(record["started_at"])})
-                pipe.expire(self.keys.run_logs(run_id), self._ttl_s)
+                args: list[Any] = [self._ttl_s, float(record["started_at"]), run_id]
+                for name, value in _hash_fields(record).items():
+                    args += [name, value]
+                await self._save_script(keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id)],
+                                        args=args, client=pipe)
             await pipe.execute()
 
     async def get(self, run_id: str) -> dict[str, Any] | None:
