@@ -214,7 +214,7 @@ async def test_the_server_binds_loopback_by_default_and_stops_idempotently(app):
 
 
 # -- metrics --------------------------------------------------------------------------------------
-async def test_metrics_appear_and_move_after_runs_and_events(app, http):
+async def test_metrics_appear_and_move_after_publishes_and_runs(app, http):
     name = f"metrics-{uuid.uuid4().hex[:8]}"
     app.register_workflow(Workflow(name, [Node("step", lambda ctx: 1)]),
                           trigger={"type": "event", "event_type": name})
