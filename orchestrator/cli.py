@@ -70,7 +70,7 @@ def build_app(app_spec: str | None, *, mode: str, **settings: Any) -> Orchestrat
 def run_async(coro) -> int:
     """Run a coroutine; turn tokiwa errors into a message and an exit code."""
     try:
-        result = asyncio.run(coro)
+        result = _event_loop_runner()(coro)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         return exitcodes.USAGE
@@ -78,6 +78,19 @@ def run_async(coro) -> int:
         click.echo(f"error: {exc}", err=True)
         return exitcodes.FAILURE
     return result if isinstance(result, int) else exitcodes.OK
+
+
+def _event_loop_runner():
+    """``asyncio.run``, or ``uvloop.run`` when uvloop is installed (``pip install
+    'tokiwa[uvloop]'``) and ``TOKIWA_LOOP`` is not ``asyncio``."""
+    if os.environ.get("TOKIWA_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.run
+        except ImportError:
+            pass
+    return asyncio.run
 
 
 @click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.inspect_cli:inspect_group"})
