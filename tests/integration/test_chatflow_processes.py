@@ -174,6 +174,94 @@ def test_kill_9_of_a_worker_holding_a_conversation_lock_applies_each_delta_exact
           f"(lock had {lock_ttl_left_ms} ms left)")
 
 
+@pytest.mark.timeout(60)
+def test_a_frozen_lock_holder_resumed_after_another_took_over_never_changes_memory(
+        redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    """SIGSTOP a worker inside a chatflow run until its lock and its entry expired and the other
+    worker redid the event; after SIGCONT the stale run is refused by fencing or cancelled as
+    lost, and the memory holds every delta exactly once."""
+    cid, count = "conv-frozen", 6
+    env = worker_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
+                     TEST_LOCK_TTL_MS=1500, TEST_WORKFLOW_CONCURRENCY=16, TEST_SLEEP_MS=400)
+    workers = {w.pid: w for w in (start_worker(env, tmp_path / f"{i}.log", app=APP) for i in range(2))}
+    try:
+        wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
+        publish_turns(redis_url, namespace, [cid], range(count))
+        wait_until(lambda: _victim_entry(sync_redis, namespace, cid, "while its node runs") is not None, 30,
+                   interval=0.01, message="a run past the first two")
+        seq, pid = _victim_entry(sync_redis, namespace, cid, "while its node runs")  # type: ignore[misc]
+        os.kill(pid, signal.SIGSTOP)
+        survivor = next(p for p in workers if p != pid)
+        wait_until(lambda: any(r["seq"] == seq and r["pid"] == survivor for r in runs_of(sync_redis, namespace, cid)),
+                   20, message="the survivor redid the frozen run")
+        os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: all_done(sync_redis, namespace, [cid], count), 30, message="every event done")
+        log = tmp_path / f"{list(workers).index(pid)}.log"
+        wait_until(lambda: "memory refused" in log.read_text() or "lost entry" in log.read_text(), 10,
+                   message="the resumed worker gave up its stale run")
+    finally:
+        codes = {p: stop(w) for p, w in workers.items()}
+    memory = memory_of(redis_url, namespace, cid)
+    assert memory["seq"] == list(range(count)), "the stale holder changed memory"
+    assert memory["sum"] == sum(delta(cid, s) for s in range(count))
+    assert set(codes.values()) == {0}
+
+
+def run_remote(redis_url: str, namespace: str, cid: str, seq: int, n: int) -> dict:
+    """``run_workflow`` of the chatflow through the stream (a run request is not an event of the
+    conversation's order list, so it does not wait for a turn); returns the run record."""
+
+    async def go() -> dict:
+        producer = build_app("producer", redis_url=redis_url, namespace=namespace)
+        try:
+            result = await producer.run_workflow("chat-turns", input={"conversation": cid, "seq": seq, "n": n},
+                                                 conversation_id=cid, timeout=20)
+            return result.to_record()
+        finally:
+            await producer.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.timeout(60)
+def test_a_stale_lock_holder_is_refused_when_it_writes_memory_after_another_holder_wrote(
+        redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    """The holder is frozen (SIGSTOP) past its 1 s lock lease but not past its entry's lease
+    (30 s), so it still owns its event when it resumes; meanwhile another worker ran the
+    chatflow for the same conversation (``run_workflow``) under a newer fencing token."""
+    cid = "conv-stale"
+    common = {"visibility_timeout_ms": 30_000, "TEST_LOCK_TTL_MS": 1000}
+    # concurrency 1: a busy holder has no free slot, so no XREADGROUP of its own is blocked on the
+    # server while it is frozen (a blocked read would take the run request and keep it frozen)
+    holder = start_worker(worker_env(subprocess_env, redis_url, namespace, TEST_SLEEP_MS=5000, concurrency=1,
+                                     **common),
+                          tmp_path / "holder.log", app=APP)
+    other = None
+    try:
+        wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 1, 20, message="the holder up")
+        publish_turns(redis_url, namespace, [cid], range(1))
+        wait_until(lambda: entries(sync_redis, namespace, "started", cid) == [(0, holder.pid)], 10,
+                   message="the holder runs event 0")
+        other = start_worker(worker_env(subprocess_env, redis_url, namespace, **common), tmp_path / "other.log",
+                             app=APP)
+        wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="the other worker up")
+        os.kill(holder.pid, signal.SIGSTOP)
+        record = run_remote(redis_url, namespace, cid, seq=100, n=1000)
+        os.kill(holder.pid, signal.SIGCONT)
+        wait_until(lambda: "memory refused" in (tmp_path / "holder.log").read_text(), 15,
+                   message="the stale holder's write refused")
+        wait_until(lambda: pending(sync_redis, namespace) == 0, 10, message="nothing pending")
+    finally:
+        codes = [stop(w) for w in (holder, other) if w is not None]
+    holder_log = (tmp_path / "holder.log").read_text()
+    assert record["status"] == "succeeded"
+    assert "lost entry" not in holder_log, "the holder kept its event (the scenario needs that)"
+    assert "is stale" in holder_log
+    # the stale run's write ({"seq": [0], "sum": 11}) did not land over the newer holder's
+    assert memory_of(redis_url, namespace, cid) == {"seq": [100], "sum": 1000}
+    assert codes == [0, 0]
+
+
 def consumer_pending(client: redis.Redis, namespace: str, pid: int) -> int:
     summary = client.xpending(f"{namespace}:events", "workers")
     return sum(int(c["pending"]) for c in summary["consumers"] or [] if f"-{pid}-" in c["name"].decode())
