@@ -16,14 +16,14 @@ processes believe they lead, in the set ``{ns}:test:leaders:<decisecond>``.
 
 Environment (read when the app is built, i.e. at import time in a worker process):
 
-TEST_SLEEP_MS            the chatflow node sleeps this long                    default 0
-TEST_SAVE_SLEEP_MS       after memory was saved (lock still held, event not
-                         acked), the run sleeps this long and pushes
-                         ``<seq>|<pid>`` to ``{ns}:test:saved:{cid}`` first     default 0
-TEST_LOCK_TTL_MS         conversation lock lease (``conversation_lock_ttl_ms``) default 30000
-TEST_WORKFLOW_CONCURRENCY triggered runs at once (``workflow_concurrency``)     default 2
-TEST_CRON_LEASE_MS       cron leader lease (``cron_lease_ms``)                  default 15000
-TEST_CRON_POLICY         missed-slot policy of the ticker                      default latest
+TEST_SLEEP_MS              the chatflow node sleeps this long (ms)               default 0
+TEST_SAVE_SLEEP_MS         after memory was saved (lock still held, event not
+                           acked), the run pushes ``<seq>|<pid>`` to
+                           ``{ns}:test:saved:{cid}`` and sleeps this long (ms)   default 0
+TEST_LOCK_TTL_MS           conversation lock lease (``conversation_lock_ttl_ms``) default 30000
+TEST_WORKFLOW_CONCURRENCY  triggered runs at once (``workflow_concurrency``)     default 2
+TEST_CRON_LEASE_MS         cron leader lease (``cron_lease_ms``)                  default 15000
+TEST_CRON_POLICY           missed-slot policy of the ticker                      default latest
 """
 
 from __future__ import annotations
