@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -21,6 +22,26 @@ from .procs import start_worker, stop, wait_until, worker_env
 pytestmark = pytest.mark.slow
 
 APP = "tests.integration.apps.chat:app"
+STOP_S = 8  # SIGTERM -> exit; workers get a 2 s grace period, so a stuck test still cleans up in time
+
+
+def chat_env(base: dict[str, str], redis_url: str, namespace: str, **settings: object) -> dict[str, str]:
+    return worker_env(base, redis_url, namespace, grace_period_s=2, **settings)
+
+
+def stop_all(procs) -> list[int | None]:
+    """SIGTERM every process this test started (at once), then wait; SIGKILL after STOP_S."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(STOP_S))
+        except subprocess.TimeoutExpired:
+            codes.append(stop(proc, signal.SIGKILL, timeout=5))
+    return codes
 
 
 def delta(cid: str, seq: int) -> int:
@@ -81,21 +102,21 @@ def all_done(client: redis.Redis, namespace: str, conversations: list[str], per_
     return min(counts) >= per_conversation and pending(client, namespace) == 0
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(100)
 def test_three_workers_run_5_conversations_of_200_events_serialized_in_order_folding_every_event(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     conversations = [f"conv-{i}" for i in range(5)]
-    env = worker_env(subprocess_env, redis_url, namespace, concurrency=16)
+    env = chat_env(subprocess_env, redis_url, namespace, concurrency=16)
     workers = [start_worker(env, tmp_path / f"w{i}.log", app=APP) for i in range(3)]
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 3, 20, message="3 workers up")
         started = time.monotonic()
         publish_turns(redis_url, namespace, conversations, range(200))
-        wait_until(lambda: all_done(sync_redis, namespace, conversations, 200), 60, interval=0.1,
+        wait_until(lambda: all_done(sync_redis, namespace, conversations, 200), 50, interval=0.1,
                    message="1000 chatflow runs")
         elapsed = time.monotonic() - started
     finally:
-        codes = [stop(w) for w in workers]
+        codes = stop_all(workers)
     pids = set()
     for cid in conversations:
         runs = runs_of(sync_redis, namespace, cid)
@@ -131,7 +152,7 @@ def _victim_entry(client: redis.Redis, namespace: str, cid: str, point: str) -> 
     return None if seq in finished else (seq, pid)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_9_of_a_worker_holding_a_conversation_lock_applies_each_delta_exactly_once(
         point, redis_url, namespace, sync_redis, subprocess_env, tmp_path):
@@ -139,13 +160,13 @@ def test_kill_9_of_a_worker_holding_a_conversation_lock_applies_each_delta_exact
     lock_key = Keys(namespace).conversation_lock(cid)
     # TEST_WORKFLOW_CONCURRENCY: more permits than in-flight events, so that the redelivered
     # event is not starved behind later ones (see the xfail test below for that bug)
-    env = worker_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
+    env = chat_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
                      TEST_LOCK_TTL_MS=ttl_ms, TEST_WORKFLOW_CONCURRENCY=16, **KILL_POINTS[point])
     workers = {w.pid: w for w in (start_worker(env, tmp_path / f"w{i}.log", app=APP) for i in range(2))}
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
         publish_turns(redis_url, namespace, [cid], range(count))
-        wait_until(lambda: _victim_entry(sync_redis, namespace, cid, point) is not None, 30,
+        wait_until(lambda: _victim_entry(sync_redis, namespace, cid, point) is not None, 15,
                    interval=0.01, message=f"a worker {point}")
         seq, pid = _victim_entry(sync_redis, namespace, cid, point)  # type: ignore[misc]
         os.kill(workers[pid].pid, signal.SIGKILL)
@@ -153,10 +174,10 @@ def test_kill_9_of_a_worker_holding_a_conversation_lock_applies_each_delta_exact
         workers[pid].wait(5)
         lock_ttl_left_ms = sync_redis.pttl(lock_key)
         epoch_at_kill = int(sync_redis.get(Keys(namespace).conversation_lock_epoch(cid)))
-        wait_until(lambda: all_done(sync_redis, namespace, [cid], count), 40, interval=0.05,
+        wait_until(lambda: all_done(sync_redis, namespace, [cid], count), 25, interval=0.05,
                    message="every event done after the kill")
     finally:
-        codes = {p: stop(w) for p, w in workers.items()}
+        codes = dict(zip(workers, stop_all(list(workers.values())), strict=True))
     survivor = next(p for p in workers if p != pid)
     runs = runs_of(sync_redis, namespace, cid)
     redo = [r for r in runs if r["seq"] == seq and r["pid"] == survivor]
@@ -174,20 +195,20 @@ def test_kill_9_of_a_worker_holding_a_conversation_lock_applies_each_delta_exact
           f"(lock had {lock_ttl_left_ms} ms left)")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_a_frozen_lock_holder_resumed_after_another_took_over_never_changes_memory(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     """SIGSTOP a worker inside a chatflow run until its lock and its entry expired and the other
     worker redid the event; after SIGCONT the stale run is refused by fencing or cancelled as
     lost, and the memory holds every delta exactly once."""
     cid, count = "conv-frozen", 6
-    env = worker_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
+    env = chat_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
                      TEST_LOCK_TTL_MS=1500, TEST_WORKFLOW_CONCURRENCY=16, TEST_SLEEP_MS=400)
     workers = {w.pid: w for w in (start_worker(env, tmp_path / f"{i}.log", app=APP) for i in range(2))}
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
         publish_turns(redis_url, namespace, [cid], range(count))
-        wait_until(lambda: _victim_entry(sync_redis, namespace, cid, "while its node runs") is not None, 30,
+        wait_until(lambda: _victim_entry(sync_redis, namespace, cid, "while its node runs") is not None, 15,
                    interval=0.01, message="a run past the first two")
         seq, pid = _victim_entry(sync_redis, namespace, cid, "while its node runs")  # type: ignore[misc]
         os.kill(pid, signal.SIGSTOP)
@@ -195,12 +216,12 @@ def test_a_frozen_lock_holder_resumed_after_another_took_over_never_changes_memo
         wait_until(lambda: any(r["seq"] == seq and r["pid"] == survivor for r in runs_of(sync_redis, namespace, cid)),
                    20, message="the survivor redid the frozen run")
         os.kill(pid, signal.SIGCONT)
-        wait_until(lambda: all_done(sync_redis, namespace, [cid], count), 30, message="every event done")
+        wait_until(lambda: all_done(sync_redis, namespace, [cid], count), 20, message="every event done")
         log = tmp_path / f"{list(workers).index(pid)}.log"
         wait_until(lambda: "memory refused" in log.read_text() or "lost entry" in log.read_text(), 10,
                    message="the resumed worker gave up its stale run")
     finally:
-        codes = {p: stop(w) for p, w in workers.items()}
+        codes = dict(zip(workers, stop_all(list(workers.values())), strict=True))
     memory = memory_of(redis_url, namespace, cid)
     assert memory["seq"] == list(range(count)), "the stale holder changed memory"
     assert memory["sum"] == sum(delta(cid, s) for s in range(count))
@@ -223,7 +244,7 @@ def run_remote(redis_url: str, namespace: str, cid: str, seq: int, n: int) -> di
     return asyncio.run(go())
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_a_stale_lock_holder_is_refused_when_it_writes_memory_after_another_holder_wrote(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     """The holder is frozen (SIGSTOP) past its 1 s lock lease but not past its entry's lease
@@ -233,7 +254,7 @@ def test_a_stale_lock_holder_is_refused_when_it_writes_memory_after_another_hold
     common = {"visibility_timeout_ms": 30_000, "TEST_LOCK_TTL_MS": 1000}
     # concurrency 1: a busy holder has no free slot, so no XREADGROUP of its own is blocked on the
     # server while it is frozen (a blocked read would take the run request and keep it frozen)
-    holder = start_worker(worker_env(subprocess_env, redis_url, namespace, TEST_SLEEP_MS=5000, concurrency=1,
+    holder = start_worker(chat_env(subprocess_env, redis_url, namespace, TEST_SLEEP_MS=5000, concurrency=1,
                                      **common),
                           tmp_path / "holder.log", app=APP)
     other = None
@@ -242,7 +263,7 @@ def test_a_stale_lock_holder_is_refused_when_it_writes_memory_after_another_hold
         publish_turns(redis_url, namespace, [cid], range(1))
         wait_until(lambda: entries(sync_redis, namespace, "started", cid) == [(0, holder.pid)], 10,
                    message="the holder runs event 0")
-        other = start_worker(worker_env(subprocess_env, redis_url, namespace, **common), tmp_path / "other.log",
+        other = start_worker(chat_env(subprocess_env, redis_url, namespace, **common), tmp_path / "other.log",
                              app=APP)
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="the other worker up")
         os.kill(holder.pid, signal.SIGSTOP)
@@ -252,7 +273,7 @@ def test_a_stale_lock_holder_is_refused_when_it_writes_memory_after_another_hold
                    message="the stale holder's write refused")
         wait_until(lambda: pending(sync_redis, namespace) == 0, 10, message="nothing pending")
     finally:
-        codes = [stop(w) for w in (holder, other) if w is not None]
+        codes = stop_all([w for w in (holder, other) if w is not None])
     holder_log = (tmp_path / "holder.log").read_text()
     assert record["status"] == "succeeded"
     assert "lost entry" not in holder_log, "the holder kept its event (the scenario needs that)"
@@ -274,10 +295,10 @@ def run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, s
     must reclaim 0-3 and run all eight in order within a few seconds (lock TTL 1.5 s,
     visibility 1 s). Raises AssertionError when it does not finish within 8 s."""
     cid = "conv-hol"
-    common = {"visibility_timeout_ms": 1000, "grace_period_s": 1, "TEST_LOCK_TTL_MS": 1500,
+    common = {"visibility_timeout_ms": 1000, "TEST_LOCK_TTL_MS": 1500,
               "TEST_WORKFLOW_CONCURRENCY": workflow_concurrency}
-    victim_env = worker_env(subprocess_env, redis_url, namespace, concurrency=4, TEST_SLEEP_MS=60_000, **common)
-    survivor_env = worker_env(subprocess_env, redis_url, namespace, concurrency=survivor_concurrency, **common)
+    victim_env = chat_env(subprocess_env, redis_url, namespace, concurrency=4, TEST_SLEEP_MS=60_000, **common)
+    survivor_env = chat_env(subprocess_env, redis_url, namespace, concurrency=survivor_concurrency, **common)
     victim = start_worker(victim_env, tmp_path / "victim.log", app=APP)
     survivor = None
     try:
@@ -295,16 +316,14 @@ def run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, s
         wait_until(lambda: all_done(sync_redis, namespace, [cid], 8), 8, interval=0.05,
                    message="all 8 events after the kill (a stall means the head is starved)")
     finally:
-        stop(victim)
-        if survivor is not None:
-            stop(survivor)
+        stop_all([w for w in (victim, survivor) if w is not None])
     runs = runs_of(sync_redis, namespace, cid)
     assert [r["seq"] for r in runs] == list(range(8))
     assert memory_of(redis_url, namespace, cid)["seq"] == list(range(8))
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "orchestrator/workflows.py: one app-wide Semaphore(workflow_concurrency=2) is held while a chatflow "
     "waits for its conversation turn; later events of the conversation hold both permits, so the "
     "redelivered head waits for a permit until order_wait_timeout_s (120 s), then runs out of order"))
@@ -314,8 +333,8 @@ def test_a_redelivered_head_is_not_starved_by_later_events_of_its_conversation_h
                                              survivor_concurrency=16, workflow_concurrency=2)
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "orchestrator/consumer.py _read_once: reclaim (XAUTOCLAIM) runs only with a free slot; when every "
     "slot holds an event waiting for its conversation turn, the dead worker's head is never reclaimed "
     "until order_wait_timeout_s (120 s)"))
@@ -325,7 +344,7 @@ def test_a_worker_whose_slots_all_wait_for_a_turn_still_reclaims_the_head_from_a
                                              survivor_concurrency=4, workflow_concurrency=16)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_a_redelivered_head_runs_before_the_later_events_a_live_worker_already_holds(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     """The same scenario with free slots and permits to spare: recovery keeps the order."""

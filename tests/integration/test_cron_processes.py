@@ -84,7 +84,7 @@ def test_three_producers_fire_each_slot_once_across_a_sigkill_of_the_leader(
         codes = [p.wait(15) for p in survivors]
     finally:
         for p in procs:
-            stop(p)
+            stop(p, timeout=10)
     fires = [f.decode().split("|") for f in sync_redis.lrange(f"{namespace}:test:fires", 0, -1)]
     slots = [int(parse_slot(slot).timestamp()) for slot, _ in fires]
     markers = fired_markers(sync_redis, namespace, "tick")
@@ -119,7 +119,7 @@ def test_cron_list_prints_expression_next_fire_last_fired_slot_and_leader(
         leader = leader_of(sync_redis, namespace)
         last_tick = sync_redis.get(Keys(namespace).cron_last("tick")).decode()
     finally:
-        stop(producer)
+        stop(producer, timeout=10)
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert set(rows) == {"tick", "beat"}
