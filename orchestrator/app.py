@@ -96,6 +96,9 @@ class Orchestrator(WorkflowsAndCronMixin):
         self._lifecycle: list[Any] = []  # objects with async start()/stop() run with the app
         self._consume_task: asyncio.Task | None = None
         self._started = False
+        self._observability_on = False
+        #: ``fn(event_type, outcome)`` with outcome ok / failed / dead (metrics install one)
+        self.event_observer: Callable[[str, str], None] | None = None
         self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
         # workflows (issue 3), chatflows and cron (issue 4)
         self.runner = runner or Runner()
@@ -253,10 +256,17 @@ class Orchestrator(WorkflowsAndCronMixin):
             return
         await self.connect()
         self._started = True
+        if not self._observability_on:
+            from .observability import enable
+
+            self._observability_on = True
+            for component in enable(self):
+                self.add_lifecycle(component)
         for component in self._lifecycle:
             await component.start()
         if self.mode != "producer":
             self.consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
+            self.consumer.observe = self.event_observer
             self._consume_task = asyncio.create_task(self.consumer.run(), name="tokiwa-consumer")
 
     async def stop(self) -> None:

@@ -60,6 +60,13 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     state_dir: Path = Field(default_factory=default_state_dir)
     log_level: str = "INFO"
+    # observability (docs/observability.md): off unless a port is set
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    api_port: int | None = Field(default=None, ge=0, le=65535)
+    api_host: str = "127.0.0.1"
+    # bearer token the HTTP API (and /metrics) requires when set
+    api_token: str | None = None
 
     @field_validator("namespace", "group")
     @classmethod

@@ -82,6 +82,7 @@ class Consumer:
         self.settings = settings
         self.process = process
         self.on_dead = on_dead  # called with the decoded event after it was dead-lettered
+        self.observe: Callable[[str, str], None] | None = None  # (event type, ok|failed|dead)
         self.stats = Stats()
         self.in_flight: dict[str, _InFlight] = {}
         self._ack_buffer: list[str] = []
@@ -268,6 +269,8 @@ class Consumer:
                 return
             event.deliveries = d.deliveries
             outcome = await self._process(event)
+            if self.observe is not None:
+                self.observe(event.type, "ok" if outcome.ok else "failed")
             if entry.lost:
                 log.warning("entry %s was reclaimed by another worker while we ran it; not acking",
                             d.stream_id)
@@ -309,6 +312,9 @@ class Consumer:
             return
         if dead_id:
             self.stats.dead += 1
+            if self.observe is not None:
+                raw_type = d.fields.get(b"type", b"unknown")
+                self.observe(raw_type.decode("utf-8", "replace") if isinstance(raw_type, bytes) else "unknown", "dead")
             log.warning("entry %s dead-lettered: %s %s", d.stream_id, reason, error[:200])
             await self._after_dead(d)
         else:

@@ -48,6 +48,8 @@ class CronRegistry:
         self._specs: dict[str, CronSpec] = {}
         self.scheduler: LeaderScheduler | None = None
         self.elector: LeaderElector | None = None
+        #: called with True / False when this process gains / loses cron leadership
+        self.on_leadership: Callable[[bool], Any] | None = None
 
     # -- registration -----------------------------------------------------------------------
     def add(self, expr: str, name: str, handler: Callable[..., Any], kind: str = "job") -> str:
@@ -111,7 +113,9 @@ class CronRegistry:
             from .scheduler import LeaderScheduler
 
             app = self.app
-            self.elector = LeaderElector(app.redis, app.keys, "cron", app.worker_id, ttl_ms=self.lease_ms)
+            self.elector = LeaderElector(app.redis, app.keys, "cron", app.worker_id, ttl_ms=self.lease_ms,
+                                         on_elected=lambda *_: self._leadership(True),
+                                         on_demoted=lambda *_: self._leadership(False))
             options: dict[str, Any] = {"tz": self.tz}
             if self.check_interval_s is not None:
                 options["check_interval_s"] = self.check_interval_s
@@ -120,6 +124,11 @@ class CronRegistry:
             for spec in self._specs.values():
                 self.scheduler.add_job(spec.expr, spec.name, spec.handler)
         return self.scheduler
+
+    def _leadership(self, leading: bool) -> None:
+        log.info("cron leadership %s (%s)", "gained" if leading else "lost", self.app.worker_id)
+        if self.on_leadership is not None:
+            self.on_leadership(leading)
 
     async def start(self) -> None:
         if self.app.mode == "worker" or not self._specs:

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from orchestrator.cli import build_app, common_options, run_async, setup_logging
+from orchestrator.cli import build_app, common_options, observability_options, run_async, setup_logging
 from orchestrator.lazycli import LazyGroup
 from orchestrator.runtime import serve
 
@@ -32,16 +32,21 @@ def cli() -> None:
               help="Also run a Miclow relay from this TOML file.")
 @click.option("--processes", "-p", type=int, default=1, show_default=True,
               help="Supervise P worker processes on this host.")
+@observability_options
 @common_options
 def run(concurrency, relay_file, processes, app_spec, **settings) -> None:
     """Consume events until SIGTERM / Ctrl+C (graceful), a second signal exits at once."""
     setup_logging(settings.pop("log_level"))
     if not app_spec:
         raise click.UsageError("--app is required")
+    if processes > 1 and settings.get("api_port") is not None:
+        raise click.UsageError("--api-port serves one process: run the API from the producer or a "
+                               "single worker, not with --processes")
     if processes > 1:
         from .supervise import supervise_cli
 
-        sys.exit(supervise_cli(sys.argv, processes))
+        sys.exit(supervise_cli(sys.argv, processes, metrics_port=settings.get("metrics_port"),
+                               metrics_host=settings.get("metrics_host") or "127.0.0.1"))
     app = build_app(app_spec, mode="worker", concurrency=concurrency, **settings)
     components = []
     if relay_file:

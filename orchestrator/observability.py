@@ -1,0 +1,65 @@
+"""Turn on metrics, the HTTP API and webhooks for an app, only when they are configured.
+
+``Orchestrator.start()`` calls :func:`enable`. With no ``metrics_port`` / ``api_port``, no
+``PROMETHEUS_MULTIPROC_DIR`` and no ``TOKIWA_WEBHOOK_URL``, nothing is imported: an idle
+worker does not pay for prometheus-client or aiohttp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import Orchestrator
+
+log = logging.getLogger("tokiwa.observability")
+
+
+def metrics_wanted(app: Orchestrator) -> bool:
+    s = app.settings
+    return s.metrics_port is not None or s.api_port is not None or bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def _add_runner_hooks(app: Orchestrator, hooks: Any) -> None:
+    current = app.runner.hooks
+    current = [] if current is None else list(current) if isinstance(current, (list, tuple)) else [current]
+    app.runner.hooks = [*current, hooks]
+
+
+def _event_observer(metrics: Any):
+    def observe(event_type: str, outcome: str) -> None:
+        metrics.observe_event(event_type, outcome)
+        if outcome == "dead":
+            metrics.observe_dead()
+    return observe
+
+
+def enable(app: Orchestrator) -> list[Any]:
+    """Install hooks and return the lifecycle components (servers, notifier) to start."""
+    components: list[Any] = []
+    s = app.settings
+    if metrics_wanted(app):
+        from . import metrics
+
+        _add_runner_hooks(app, metrics.MetricsHooks())
+        app.event_observer = _event_observer(metrics)
+        app.cron.on_leadership = lambda leading: metrics.set_leader("cron", leading)
+        if s.metrics_port is not None:
+            from .http_api import MetricsServer
+
+            components.append(MetricsServer(app, s.metrics_host, s.metrics_port, s.api_token))
+    if s.api_port is not None:
+        from .http_api import ApiServer
+
+        components.append(ApiServer(app, s.api_host, s.api_port, s.api_token))
+    if os.environ.get("TOKIWA_WEBHOOK_URL"):
+        from .webhooks import WebhookNotifier
+
+        notifier = WebhookNotifier()
+        _add_runner_hooks(app, notifier)
+        components.append(notifier)
+    for component in components:
+        log.info("observability: %s", type(component).__name__)
+    return components
