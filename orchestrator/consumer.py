@@ -91,6 +91,10 @@ class Consumer:
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[_InFlight] = asyncio.Queue()
         self._read_task: asyncio.Task | None = None
+        #: extra slots only reclaimed entries may fill: older work of a dead worker can always
+        #: be rescued, even when every regular slot waits (say, for a conversation's turn that
+        #: belongs to exactly that entry)
+        self.reserve = settings.concurrency // 4 + 1
         self._closing = False
         self._last_reclaim = 0.0
         self._last_trim = 0.0
@@ -106,7 +110,7 @@ class Consumer:
             asyncio.create_task(self._renew_loop(), name="tokiwa-renewer"),
         ]
         slots = [asyncio.create_task(self._slot(), name=f"tokiwa-slot-{i}")
-                 for i in range(self.settings.concurrency)]
+                 for i in range(self.settings.concurrency + self.reserve)]
         try:
             await self._read_loop(until_drained)
         finally:
@@ -181,16 +185,19 @@ class Consumer:
 
     async def _read_once(self, until_drained: bool) -> bool:
         free = self.settings.concurrency - len(self.in_flight)
-        if free <= 0:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
-            return True
         now = time.monotonic()
         got = 0
         if now - self._last_reclaim >= self.settings.renew_interval_s:
             self._last_reclaim = now
-            got += await self._reclaim(free)
+            got += await self._reclaim(free + self.reserve)
             free = self.settings.concurrency - len(self.in_flight)
+        if free <= 0:
+            self._slot_freed.clear()
+            try:  # wake up for the next reclaim round even if no slot frees up
+                await asyncio.wait_for(self._slot_freed.wait(), self.settings.renew_interval_s)
+            except TimeoutError:
+                pass
+            return True
         if now - self._last_trim >= TRIM_INTERVAL_S:
             self._last_trim = now
             self.stats.trimmed += await self.broker.trim()

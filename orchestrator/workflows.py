@@ -227,14 +227,20 @@ class WorkflowRegistry:
     async def _triggered(self, reg: Registration, event: Event) -> list[str]:
         opts = reg.options
         trig = reg.trigger
+        run = self.execute(
+            reg, event=event, run_id=run_id_for(event, reg.workflow),
+            input=mapped(trig.map_input, event, opts.get("input", event.payload)),
+            context=mapped(trig.map_context, event, opts.get("context")),
+            conversation_id=mapped(trig.map_conversation_id, event, opts.get("conversation_id")),
+        )
         try:
-            async with self._semaphore:  # type: ignore[union-attr]
-                result = await self.execute(
-                    reg, event=event, run_id=run_id_for(event, reg.workflow),
-                    input=mapped(trig.map_input, event, opts.get("input", event.payload)),
-                    context=mapped(trig.map_context, event, opts.get("context")),
-                    conversation_id=mapped(trig.map_conversation_id, event, opts.get("conversation_id")),
-                )
+            if reg.workflow.type == "chatflow":
+                # no permit: a chatflow may wait for its conversation's turn, and a permit held
+                # while waiting could starve the very event whose turn it is
+                result = await run
+            else:
+                async with self._semaphore:  # type: ignore[union-attr]
+                    result = await run
         except asyncio.CancelledError:
             raise
         except Exception as exc:
