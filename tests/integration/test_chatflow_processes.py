@@ -158,10 +158,8 @@ def test_kill_9_of_a_worker_holding_a_conversation_lock_applies_each_delta_exact
         point, redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     cid, count, ttl_ms = "conv-kill", 8, 1500
     lock_key = Keys(namespace).conversation_lock(cid)
-    # TEST_WORKFLOW_CONCURRENCY: more permits than in-flight events, so that the redelivered
-    # event is not starved behind later ones (a chatflow waiting for its turn holds no permit)
     env = chat_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
-                     TEST_LOCK_TTL_MS=ttl_ms, TEST_WORKFLOW_CONCURRENCY=16, **KILL_POINTS[point])
+                     TEST_LOCK_TTL_MS=ttl_ms, **KILL_POINTS[point])
     workers = {w.pid: w for w in (start_worker(env, tmp_path / f"w{i}.log", app=APP) for i in range(2))}
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
@@ -203,7 +201,7 @@ def test_a_frozen_lock_holder_resumed_after_another_took_over_never_changes_memo
     lost, and the memory holds every delta exactly once."""
     cid, count = "conv-frozen", 6
     env = chat_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
-                     TEST_LOCK_TTL_MS=1500, TEST_WORKFLOW_CONCURRENCY=16, TEST_SLEEP_MS=400)
+                     TEST_LOCK_TTL_MS=1500, TEST_SLEEP_MS=400)
     workers = {w.pid: w for w in (start_worker(env, tmp_path / f"{i}.log", app=APP) for i in range(2))}
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
@@ -235,7 +233,7 @@ def test_sigterm_of_a_worker_mid_conversation_hands_its_events_back_with_their_t
     back within its grace period, keeping their place in the conversation's order."""
     cid, count = "conv-term", 16
     env = chat_env(subprocess_env, redis_url, namespace, concurrency=16, visibility_timeout_ms=1000,
-                   TEST_SLEEP_MS=150, TEST_WORKFLOW_CONCURRENCY=16)
+                   TEST_SLEEP_MS=150)
     workers = [start_worker(env, tmp_path / f"w{i}.log", app=APP) for i in range(2)]
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
@@ -319,14 +317,13 @@ def consumer_pending(client: redis.Redis, namespace: str, pid: int) -> int:
 
 
 def run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, subprocess_env, tmp_path, *,
-                                             survivor_concurrency: int, workflow_concurrency: int) -> None:
+                                             survivor_concurrency: int) -> None:
     """The victim (4 slots) takes events 0-3 of one conversation and hangs in event 0; the
     survivor then takes events 4-7, which wait for their turn. SIGKILL the victim: the survivor
     must reclaim 0-3 and run all eight in order within a few seconds (lock TTL 1.5 s,
     visibility 1 s). Raises AssertionError when it does not finish within 6 s."""
     cid = "conv-hol"
-    common = {"visibility_timeout_ms": 1000, "TEST_LOCK_TTL_MS": 1500,
-              "TEST_WORKFLOW_CONCURRENCY": workflow_concurrency}
+    common = {"visibility_timeout_ms": 1000, "TEST_LOCK_TTL_MS": 1500}
     victim_env = chat_env(subprocess_env, redis_url, namespace, concurrency=4, TEST_SLEEP_MS=60_000, **common)
     survivor_env = chat_env(subprocess_env, redis_url, namespace, concurrency=survivor_concurrency, **common)
     victim = start_worker(victim_env, tmp_path / "victim.log", app=APP)
@@ -353,22 +350,18 @@ def run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, s
 
 
 @pytest.mark.timeout(90)
-def test_a_redelivered_head_is_not_starved_by_later_events_of_its_conversation_holding_the_workflow_permits(
+def test_a_redelivered_head_is_not_starved_by_later_events_of_its_conversation(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    """Regression: chatflows waiting for their turn once held the app's workflow permits (2),
+    so the reclaimed head waited behind them for the 120 s order timeout."""
     run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
-                                             survivor_concurrency=16, workflow_concurrency=2)
+                                             survivor_concurrency=16)
 
 
 @pytest.mark.timeout(90)
 def test_a_worker_whose_slots_all_wait_for_a_turn_still_reclaims_the_head_from_a_dead_worker(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    """Regression: reclaim once ran only with a free slot, so a survivor whose 4 slots all waited
+    for the dead worker's head never took it over."""
     run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
-                                             survivor_concurrency=4, workflow_concurrency=16)
-
-
-@pytest.mark.timeout(90)
-def test_a_redelivered_head_runs_before_the_later_events_a_live_worker_already_holds(
-        redis_url, namespace, sync_redis, subprocess_env, tmp_path):
-    """The same scenario with free slots and permits to spare: recovery keeps the order."""
-    run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
-                                             survivor_concurrency=16, workflow_concurrency=16)
+                                             survivor_concurrency=4)

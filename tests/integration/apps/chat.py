@@ -21,7 +21,6 @@ TEST_SAVE_SLEEP_MS         after memory was saved (lock still held, event not
                            acked), the run pushes ``<seq>|<pid>`` to
                            ``{ns}:test:saved:{cid}`` and sleeps this long (ms)   default 0
 TEST_LOCK_TTL_MS           conversation lock lease (``conversation_lock_ttl_ms``) default 30000
-TEST_WORKFLOW_CONCURRENCY  triggered runs at once (``workflow_concurrency``)     default 2
 TEST_CRON_LEASE_MS         cron leader lease (``cron_lease_ms``)                  default 15000
 TEST_CRON_POLICY           missed-slot policy of the ticker                      default latest
 """
@@ -84,8 +83,7 @@ class SlowSaveStore(ConversationStore):
 def build_app(mode: str = "worker", **options: Any) -> Orchestrator:
     """The chatflow app in ``mode``; ``options`` go to the Orchestrator (redis_url, namespace ...)."""
     save_sleep_s = _env_ms("TEST_SAVE_SLEEP_MS", 0) / 1000
-    app = Orchestrator(mode=mode, conversation_lock_ttl_ms=_env_ms("TEST_LOCK_TTL_MS", 30_000),
-                       workflow_concurrency=int(os.environ.get("TEST_WORKFLOW_CONCURRENCY", "2")), **options)
+    app = Orchestrator(mode=mode, conversation_lock_ttl_ms=_env_ms("TEST_LOCK_TTL_MS", 30_000), **options)
     if save_sleep_s:
         app.conversation_store = SlowSaveStore(app, save_sleep_s)
     sleep_s = _env_ms("TEST_SLEEP_MS", 0) / 1000
