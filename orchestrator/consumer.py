@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -89,7 +90,10 @@ class Consumer:
         self._ack_wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._queue: asyncio.Queue[_InFlight] = asyncio.Queue()
+        # ready entries and idle slots; see _slot() for the lazy wake-up
+        self._ready: deque[_InFlight] = deque()
+        self._idle: deque[asyncio.Future] = deque()
+        self._wake_scheduled = False
         self._read_task: asyncio.Task | None = None
         #: extra slots only reclaimed entries may fill: older work of a dead worker can always
         #: be rescued, even when every regular slot waits (say, for a conversation's turn that
@@ -243,14 +247,38 @@ class Consumer:
     def _start(self, delivery: Delivery) -> None:
         entry = _InFlight(delivery)
         self.in_flight[delivery.stream_id] = entry
-        self._queue.put_nowait(entry)
+        self._ready.append(entry)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Schedule the wake-up of one idle slot. It runs only when the current task yields, so
+        a slot whose handlers finish without suspending processes a whole batch back to back
+        (no task switch per event), and concurrency grows exactly when handlers block."""
+        if not self._wake_scheduled and self._ready and self._idle:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake_one)
+
+    def _wake_one(self) -> None:
+        self._wake_scheduled = False
+        while self._ready and self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _slot(self) -> None:
-        """One of ``concurrency`` long-lived tasks; each handles one entry at a time (no task
-        is created per event)."""
+        """One of the long-lived slot tasks; each handles one entry at a time (no task is
+        created per event)."""
         me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while True:
-            entry = await self._queue.get()
+            if not self._ready:
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            entry = self._ready.popleft()
+            self._kick()  # more ready work: another slot takes it if we block
             if entry.lost:
                 self.in_flight.pop(entry.delivery.stream_id, None)
                 self._slot_freed.set()
