@@ -218,14 +218,16 @@ class Orchestrator(WorkflowsAndCronMixin):
     async def process_event(self, event: Event) -> Outcome:
         """Run the dispatcher, then every processor (triggered workflows) for one event.
         Event types starting with ``tokiwa.`` are reserved and skip the dispatcher."""
-        if event.type.startswith(RESERVED_PREFIX):
-            errors: list[str] = []
-        else:
+        errors: list[str] = []
+        if not event.type.startswith(RESERVED_PREFIX):
             result = await self.dispatcher.dispatch(event)
-            errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
-            self._log_dispatch_errors(event, result)
+            if result.errors:
+                errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
+                self._log_dispatch_errors(event, result)
         for processor in self._processors:
-            errors += await processor(event)
+            found = await processor(event)
+            if found:
+                errors = errors + found
         if errors:
             self.metrics["failed"] += 1
             return Outcome(False, "; ".join(errors)[:4000])

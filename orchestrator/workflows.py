@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokiwa.workflows")
 
 RUN_REQUEST = "tokiwa.workflow.run"
+_NO_ERRORS: list[str] = []  # shared, never mutated by callers (they concatenate)
 RESULT_TTL_S = 3600  # a run_workflow answer waits this long for its caller
 _RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory"}
 
@@ -214,6 +215,8 @@ class WorkflowRegistry:
     # -- running -----------------------------------------------------------------------------
     async def process(self, event: Event) -> list[str]:
         """The Orchestrator's processor: serve run requests, run triggered workflows."""
+        if not self._by_id:
+            return _NO_ERRORS
         if event.type == RUN_REQUEST:
             return await self._serve_request(event)
         regs = self.matching(event)
