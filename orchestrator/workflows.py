@@ -215,10 +215,10 @@ class WorkflowRegistry:
     # -- running -----------------------------------------------------------------------------
     async def process(self, event: Event) -> list[str]:
         """The Orchestrator's processor: serve run requests, run triggered workflows."""
+        if event.type == RUN_REQUEST:  # answered even by a worker that knows no workflows
+            return await self._serve_request(event)
         if not self._by_id:
             return _NO_ERRORS
-        if event.type == RUN_REQUEST:
-            return await self._serve_request(event)
         regs = self.matching(event)
         if not regs:
             return []
