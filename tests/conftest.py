@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from orchestrator.embedded import EmbeddedRedis
+from orchestrator.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -50,6 +52,19 @@ def sync_redis(redis_url: str):
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+async def aredis(redis_url: str):
+    """An asyncio client (bytes responses) on the session's redis-server."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    return Keys(namespace)
 
 
 @pytest.fixture

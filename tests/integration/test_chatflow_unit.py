@@ -6,28 +6,14 @@ import asyncio
 import time
 
 import pytest
-import redis.asyncio as aioredis
 
 from orchestrator.chatflow import ChatflowExecutor
 from orchestrator.conversations import RedisConversationStore
 from orchestrator.errors import InvalidArgumentError, LockError
 from orchestrator.events import Event
-from orchestrator.keys import Keys
 from orchestrator.locks import conversation_lock
 from orchestrator.runner import Runner
 from orchestrator.workflow import Node, Workflow
-
-
-@pytest.fixture
-async def aredis(redis_url):
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def keys(namespace):
-    return Keys(namespace)
 
 
 @pytest.fixture

@@ -24,18 +24,6 @@ PROC = Path(__file__).parent / "procs" / "leader_scheduler.py"
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-async def aredis(redis_url):
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def keys(namespace):
-    return Keys(namespace)
-
-
 def elector(aredis, keys, **options):
     options.setdefault("ttl_ms", 1_000)
     return LeaderElector(aredis, keys, "cron", **options)

@@ -5,23 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 
 from orchestrator.errors import InvalidArgumentError, LockError
-from orchestrator.keys import Keys
 from orchestrator.locks import conversation_lock
-
-
-@pytest.fixture
-async def aredis(redis_url):
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def keys(namespace):
-    return Keys(namespace)
 
 
 def lock(aredis, keys, cid="c1", **options):
