@@ -97,6 +97,8 @@ class Orchestrator(WorkflowsAndCronMixin):
         self._consume_task: asyncio.Task | None = None
         self._started = False
         self._observability_on = False
+        #: name -> fn() giving more ``snapshot()`` sections (the relay adds its counters)
+        self.extra_snapshots: dict[str, Callable[[], Any]] = {}
         #: ``fn(event_type, outcome)`` with outcome ok / failed / dead (metrics install one)
         self.event_observer: Callable[[str, str], None] | None = None
         self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
@@ -356,6 +358,7 @@ class Orchestrator(WorkflowsAndCronMixin):
             },
             "workers": workers,
             "timestamp": time.time(),
+            **{name: fn() for name, fn in self.extra_snapshots.items()},
         }
 
     async def workers(self) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,7 @@ match the config's ``publish_events`` patterns become events of the topic's name
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -19,6 +20,8 @@ from .relay_config import load_relay_config
 
 log = logging.getLogger("tokiwa.worker")
 
+OVERFLOW_POLL_S = 5.0  # how often a relay's overflow count is copied into Prometheus
+
 
 class RelayComponent:
     """A relay started and stopped with the worker (``serve(..., components=[...])``)."""
@@ -27,6 +30,7 @@ class RelayComponent:
         self.app = app
         self.config = load_relay_config(relay_file)  # a broken file fails before anything starts
         self.relay: Relay | None = None
+        self._overflow_task: asyncio.Task | None = None
 
     async def _task_exited(self, info: Any) -> None:
         payload = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
@@ -40,8 +44,25 @@ class RelayComponent:
         self.relay = Relay(self.config, redis_url=self.app.redis_url, namespace=self.app.settings.namespace,
                            on_task_exit=self._task_exited, on_topic_event=self._topic_event)
         await self.relay.start()
+        self.app.extra_snapshots["relay"] = lambda: self.snapshot().get("counters", {})
+        if self.app.event_observer is not None:  # metrics are on: export the overflow count
+            self._overflow_task = asyncio.create_task(self._export_overflow())
+
+    async def _export_overflow(self) -> None:
+        from orchestrator import metrics
+
+        reported = 0
+        while True:
+            await asyncio.sleep(OVERFLOW_POLL_S)
+            total = int(self.snapshot().get("counters", {}).get("overflow", 0) or 0)
+            if total > reported:
+                metrics.observe_relay_overflow(total - reported)
+                reported = total
 
     async def stop(self) -> None:
+        if self._overflow_task is not None:
+            self._overflow_task.cancel()
+            await asyncio.gather(self._overflow_task, return_exceptions=True)
         if self.relay is not None:
             await self.relay.stop()
 
