@@ -121,7 +121,9 @@ class EmbeddedRedis:
                     sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
                     sock.recv(64)
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                reply = sock.recv(64)
+                # +PONG, or an auth error from a server whose default user is off: it is up
+                return reply.startswith((b"+PONG", b"-NOAUTH", b"-WRONGPASS"))
         except OSError:
             return False
 

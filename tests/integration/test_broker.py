@@ -299,3 +299,22 @@ async def test_consumer_survives_a_processor_that_raises(redis_url, namespace):
     await asyncio.wait_for(consumer.run(until_drained=True), 10)
     await redis.aclose()
     assert sorted(seen) == [0, 1, 2] and consumer.stats.failed == 1 and consumer.stats.processed == 2
+
+
+async def test_acl_user_in_the_url(tmp_path):
+    from orchestrator.embedded import EmbeddedRedis
+
+    acl = ["--user", "default", "off", "--user", "alice", "on", ">alice-pw", "~*", "&*", "+@all"]
+    with EmbeddedRedis(tmp_path / "acl", extra_args=acl) as server:
+        url = server.url.replace("redis://", "redis://alice:alice-pw@")
+        app = Orchestrator(url, namespace="acl")
+        seen = []
+        app.dispatcher.subscribe("x", lambda e: seen.append(e.payload))
+        await app.publish("x", "as alice")
+        await app.drain(timeout=10)
+        await app.close()
+        anonymous = Orchestrator(server.url, namespace="acl")
+        with pytest.raises(Exception, match="(?i)auth|NOAUTH|permission"):
+            await anonymous.publish("x", 1)
+        await anonymous.close()
+        assert seen == ["as alice"]
