@@ -5,14 +5,14 @@ and the conversation lock's acquire/release round trip.
   producer-mode app while 2 worker processes are frozen (SIGSTOP), then timed from SIGCONT
   until every run finished. Each run waits for its conversation's turn, takes the conversation
   lock, loads memory, runs one node, saves the memory delta (fenced), records the run and
-  releases. Measured twice: with the default ``workflow_concurrency`` (2 triggered runs at
-  once per worker) and with ``workflow_concurrency`` equal to the worker's ``concurrency``.
+  releases. (Chatflow runs take no ``workflow_concurrency`` permit: the worker's
+  ``concurrency`` bounds them.)
 - ``one_conversation``: the same for a single conversation (strictly serial runs): the cost
   of one turn hand-over, in ms.
 - ``lock``: ``RedisLock`` acquire + release (2 Lua scripts, plus starting and stopping the
   renewal task) in µs, next to a bare ``SET NX PX`` + ``DEL`` baseline.
 
-Workers load ``benchmarks.chatflow_bench:bench_app`` (an app factory; env ``BENCH_WORKFLOW_CONCURRENCY``).
+Workers load ``benchmarks.chatflow_bench:bench_app`` (an app factory).
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ CONCURRENCY = 32
 
 def bench_app(mode: str = "worker", **options: Any) -> Orchestrator:
     """The benchmark chatflow app: each run counts its turn in memory and INCRs a done counter."""
-    concurrency = int(os.environ.get("BENCH_WORKFLOW_CONCURRENCY", "2"))
-    app = Orchestrator(mode=mode, workflow_concurrency=concurrency, **options)
+    app = Orchestrator(mode=mode, **options)
 
     async def turn(ctx) -> int:
         ctx.update_memory({"turns": ctx.memory.get("turns", 0) + 1, "last": ctx.input["seq"]})
@@ -57,9 +56,8 @@ def bench_app(mode: str = "worker", **options: Any) -> Orchestrator:
     return app
 
 
-def _start_worker(url: str, namespace: str, workflow_concurrency: int) -> subprocess.Popen:
-    env = dict(os.environ, TOKIWA_REDIS_URL=url, TOKIWA_NAMESPACE=namespace, PYTHONPATH=str(ROOT),
-               BENCH_WORKFLOW_CONCURRENCY=str(workflow_concurrency))
+def _start_worker(url: str, namespace: str) -> subprocess.Popen:
+    env = dict(os.environ, TOKIWA_REDIS_URL=url, TOKIWA_NAMESPACE=namespace, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "run", "--app", "benchmarks.chatflow_bench:bench_app",
          "--concurrency", str(CONCURRENCY), "--log-level", "WARNING"], cwd=ROOT, env=env)
@@ -85,12 +83,12 @@ async def _publish(url: str, namespace: str, conversations: int, per_conversatio
         await producer.close()
 
 
-def chatflow_throughput(url: str, conversations: int, per_conversation: int, workflow_concurrency: int) -> dict:
+def chatflow_throughput(url: str, conversations: int, per_conversation: int) -> dict:
     """Events/s of ``WORKERS`` worker processes over ``conversations`` interleaved conversations."""
     namespace = f"chatbench{int(time.time() * 1000)}"
     total = conversations * per_conversation
     sync = redis.Redis.from_url(url)
-    workers = [_start_worker(url, namespace, workflow_concurrency) for _ in range(WORKERS)]
+    workers = [_start_worker(url, namespace) for _ in range(WORKERS)]
     try:
         _wait(lambda: sync.hlen(f"{namespace}:workers") == WORKERS, 30, "workers did not start")
         for w in workers:
@@ -111,7 +109,7 @@ def chatflow_throughput(url: str, conversations: int, per_conversation: int, wor
         sync.close()
     return {"events": total, "conversations": conversations, "seconds": elapsed, "events_per_s": total / elapsed,
             "ms_per_turn_per_conversation": elapsed / per_conversation * 1000, "runs_counted": turns[0],
-            "workflow_concurrency": workflow_concurrency}
+            "workers": WORKERS, "concurrency": CONCURRENCY}
 
 
 async def lock_round_trip(url: str, n: int = 2000) -> dict:
@@ -149,9 +147,8 @@ async def lock_round_trip(url: str, n: int = 2000) -> dict:
 def run(url: str, per_conversation: int = 30) -> dict:
     """The suite ``benchmarks/run.py`` calls (``make bench``)."""
     return {
-        "chatflow": chatflow_throughput(url, 100, per_conversation, workflow_concurrency=2),
-        "chatflow_wc32": chatflow_throughput(url, 100, per_conversation, workflow_concurrency=CONCURRENCY),
-        "one_conversation": chatflow_throughput(url, 1, 200, workflow_concurrency=2),
+        "chatflow": chatflow_throughput(url, 100, per_conversation),
+        "one_conversation": chatflow_throughput(url, 1, 200),
         "lock": asyncio.run(lock_round_trip(url)),
     }
 

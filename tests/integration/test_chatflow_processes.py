@@ -89,6 +89,12 @@ def entries(client: redis.Redis, namespace: str, name: str, cid: str) -> list[tu
     return [tuple(int(x) for x in r.decode().split("|")) for r in raw]  # type: ignore[misc]
 
 
+def describe(runs: list[dict]) -> str:
+    """``seq@pid:start-end`` per run (times relative to the first start), for failure messages."""
+    t0 = runs[0]["start"] if runs else 0.0
+    return ", ".join(f"{r['seq']}@{r['pid']}:{r['start'] - t0:.3f}-{r['end'] - t0:.3f}" for r in runs)
+
+
 def overlaps(runs: list[dict]) -> list[tuple[int, int]]:
     return [(a["seq"], b["seq"]) for a, b in zip(runs, runs[1:], strict=False) if b["start"] < a["end"]]
 
@@ -238,8 +244,8 @@ def test_sigterm_of_a_worker_mid_conversation_hands_its_events_back_with_their_t
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 2, 20, message="2 workers up")
         publish_turns(redis_url, namespace, [cid], range(count))
-        wait_until(lambda: len(entries(sync_redis, namespace, "started", cid)) >= 4, 15, message="4 runs")
-        stopping = workers[entries(sync_redis, namespace, "started", cid)[-1][1] == workers[1].pid]
+        wait_until(lambda: len(entries(sync_redis, namespace, "started", cid)) >= 3, 15, message="3 runs")
+        stopping = max(workers, key=lambda w: consumer_pending(sync_redis, namespace, w.pid))
         held = consumer_pending(sync_redis, namespace, stopping.pid)
         stopping.send_signal(signal.SIGTERM)
         code = stopping.wait(STOP_S)
@@ -247,11 +253,16 @@ def test_sigterm_of_a_worker_mid_conversation_hands_its_events_back_with_their_t
     finally:
         codes = stop_all(workers)
     runs = runs_of(sync_redis, namespace, cid)
-    print(f"SIGTERM: the stopping worker held {held} events of the conversation")
+    first = [r for i, r in enumerate(runs) if r["seq"] not in {x["seq"] for x in runs[:i]}]
+    repeated = len(runs) - len(first)
+    print(f"SIGTERM: the stopping worker held {held} events; {repeated} runs repeated after the hand-back")
     assert held >= 2, "the stopping worker held a running event and waiting ones"
     assert code == 0
     assert overlaps(runs) == []
-    assert [r["seq"] for r in runs] == list(range(count)), "order kept across the hand-back"
+    assert [r["seq"] for r in first] == list(range(count)), f"order lost in the hand-back: {describe(runs)}"
+    # at least once: a run finished but not acked when the grace period ended runs again;
+    # its delta is not applied twice
+    assert repeated <= held
     assert memory_of(redis_url, namespace, cid)["seq"] == list(range(count))
     assert codes[workers.index(stopping) - 1] == 0
 
