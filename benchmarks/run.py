@@ -9,7 +9,7 @@ import json
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator.embedded import EmbeddedRedis
@@ -63,7 +63,7 @@ def main() -> None:
         shown = f"{value:,.3f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown:>14}")
     RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
         path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {RESULTS / (stamp + '.json')}")
