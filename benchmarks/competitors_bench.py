@@ -29,6 +29,7 @@ from pathlib import Path
 import redis
 
 from orchestrator.embedded import EmbeddedRedis
+from orchestrator.errors import InvalidArgumentError, StateError
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,15 +128,18 @@ def _produce(url: str, framework: str, n: int, batch: bool = False, timeout: flo
     argv = [PY, "-m", "benchmarks.competitor_apps.produce", framework, str(n)] + (["--batch"] if batch else [])
     done = subprocess.run(argv, cwd=ROOT, env=_env(url), capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"{framework} producer failed: {done.stderr[-2000:]}")  # noqa: TRY003
+        raise StateError(f"{framework} producer failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _wait_count(client: redis.Redis, target: int, timeout: float) -> bool:
+def _wait_count(client: redis.Redis, target: int, timeout: float, proc: subprocess.Popen) -> bool:
+    """True once the counter reaches ``target``; False at the deadline; StateError if the worker died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if int(client.get(COUNTER) or 0) >= target:
             return True
+        if proc.poll() is not None:
+            raise StateError(f"worker exited with code {proc.returncode} (log above)")
         time.sleep(0.005)
     return False
 
@@ -149,8 +153,8 @@ def measure(url: str, setting: Setting, n: int, timeout: float = 120) -> dict:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _produce(url, setting.framework, 1)  # warm-up: 2 tasks (1 untimed + 1 timed)
-        if not _wait_count(client, 2, 60):
-            raise RuntimeError(f"{setting.framework} worker never processed the warm-up")  # noqa: TRY003
+        if not _wait_count(client, 2, 60, proc):
+            raise StateError(f"{setting.framework} worker never processed the warm-up (log above)")
         time.sleep(0.5)
         pids = _group_pids(proc.pid)
         rss = {pid: _rss_mb(pid) for pid in pids}
@@ -158,7 +162,7 @@ def measure(url: str, setting: Setting, n: int, timeout: float = 120) -> dict:
         sent = _produce(url, setting.framework, n)
         t0 = time.perf_counter()
         os.killpg(proc.pid, signal.SIGCONT)
-        finished = _wait_count(client, 2 + sent["sent"], timeout)
+        finished = _wait_count(client, 2 + sent["sent"], timeout, proc)
         elapsed = time.perf_counter() - t0
         count = int(client.get(COUNTER) or 0) - 2
         return {
@@ -209,7 +213,7 @@ def run(redis_url: str, n: int = 20_000, repeats: int = 3, alt_repeats: int = 1,
         settings: list[Setting] | None = None) -> dict:
     """Every setting ``repeats`` (comparable) or ``alt_repeats`` (others) times; medians per setting."""
     if n < 1 or repeats < 1 or alt_repeats < 1:
-        raise ValueError("n, repeats and alt_repeats must be >= 1")  # noqa: TRY003
+        raise InvalidArgumentError(f"n, repeats and alt_repeats must be >= 1, got {n}, {repeats}, {alt_repeats}")
     results = []
     for setting in settings or SETTINGS:
         runs = []
@@ -264,11 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--only", help="comma-separated frameworks")
     args = parser.parse_args(argv)
-    n = args.n or (5_000 if args.quick else 20_000)
-    repeats = args.repeats or (2 if args.quick else 3)
+    n = args.n if args.n is not None else (5_000 if args.quick else 20_000)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
+    if n < 1 or repeats < 1:
+        parser.error("--n and --repeats must be >= 1")
     settings = SETTINGS
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = wanted - {s.framework for s in SETTINGS}
+        if unknown:
+            parser.error(f"unknown framework(s) {sorted(unknown)}; choose from tokiwa, celery, dramatiq, huey")
         settings = [s for s in SETTINGS if s.framework in wanted]
     with tempfile.TemporaryDirectory() as state, EmbeddedRedis(state) as server:
         report = run(server.url, n=n, repeats=repeats, settings=settings)
