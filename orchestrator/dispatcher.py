@@ -124,7 +124,7 @@ class EventDispatcher:
             filter=filter,
             once=once,
             is_async=inspect.iscoroutinefunction(handler)
-            or inspect.iscoroutinefunction(getattr(type(handler), "__call__", None)),  # async callable objects
+            or inspect.iscoroutinefunction(getattr(type(handler), "__call__", None)),  # noqa: B004 - async callable objects
             takes_context=_positional_arity(handler) >= 2,
         )
         self._by_type.setdefault(event_type, []).append(sub)

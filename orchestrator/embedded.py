@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import ConfigError, BrokerError
+from .errors import BrokerError, ConfigError
 
 
 def find_redis_server() -> str:
@@ -93,7 +93,7 @@ class EmbeddedRedis:
             argv += ["--requirepass", self.password]
         return argv + self.extra_args
 
-    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         if self.process and self.process.poll() is None:
             return self
@@ -150,7 +150,7 @@ class EmbeddedRedis:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import msgpack
 
