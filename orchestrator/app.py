@@ -96,6 +96,7 @@ class Orchestrator(WorkflowsAndCronMixin):
         self._lifecycle: list[Any] = []  # objects with async start()/stop() run with the app
         self._consume_task: asyncio.Task | None = None
         self._started = False
+        self._sync_publisher: Any = None
         self._observability_on = False
         #: name -> fn() giving more ``snapshot()`` sections (the relay adds its counters)
         self.extra_snapshots: dict[str, Callable[[], Any]] = {}
@@ -174,7 +175,10 @@ class Orchestrator(WorkflowsAndCronMixin):
         return self._embedded.url if self._embedded else self.settings.redis_url
 
     async def close(self) -> None:
-        """Close the Redis connection and stop an embedded server. Idempotent."""
+        """Close the Redis connections and stop an embedded server. Idempotent."""
+        if self._sync_publisher is not None:
+            self._sync_publisher.close()
+            self._sync_publisher = None
         if self.redis is not None:
             await self.redis.aclose()
         self.redis = None
@@ -205,6 +209,29 @@ class Orchestrator(WorkflowsAndCronMixin):
         ids = await self.broker.publish_many(events, conversation_ids=convs if any(convs) else None)
         self.metrics["published"] += len(ids)
         return ids
+
+    def publish_sync(self, type: str, payload: Any = None,  # noqa: A002
+                     metadata: Mapping[str, Any] | None = None) -> Event:
+        """``publish`` for synchronous code (web views, scripts): same wire form and checks,
+        redis-py's sync client. Needs ``redis_url``. Thread-safe."""
+        event = Event(type, payload, self._with_source(metadata))
+        self._sync().publish(event, self._conversations_of(event))
+        self.metrics["published"] += 1
+        return event
+
+    def publish_many_sync(self, events: Iterable[Event]) -> list[str]:
+        """``publish_many`` for synchronous code: one pipelined round trip."""
+        events = list(events)
+        ids = self._sync().publish_many(events, [self._conversations_of(e) for e in events])
+        self.metrics["published"] += len(ids)
+        return ids
+
+    def _sync(self) -> Any:
+        if self._sync_publisher is None:
+            from .sync_publish import SyncPublisher
+
+            self._sync_publisher = SyncPublisher(self.settings)
+        return self._sync_publisher
 
     def _with_source(self, metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         if self.source and (metadata is None or not metadata.get("source")):

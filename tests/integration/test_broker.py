@@ -318,3 +318,32 @@ async def test_acl_user_in_the_url(tmp_path):
             await anonymous.publish("x", 1)
         await anonymous.close()
         assert seen == ["as alice"]
+
+
+async def test_publish_sync_from_plain_code_is_consumed_like_publish(redis_url, namespace, sync_redis):
+    from orchestrator import Node, Workflow
+
+    app = Orchestrator(redis_url, namespace=namespace)
+    seen = []
+    app.dispatcher.subscribe("sync.event", lambda e: seen.append((e.payload, e.tags)))
+    chat = Workflow(name="chat", type="chatflow", nodes=[Node(name="n", handler=lambda c: None)])
+    app.register_workflow(chat, trigger={"type": "event", "event_type": "chat.msg",
+                                         "map_conversation_id": lambda e: e.payload["c"]})
+    event = app.publish_sync("sync.event", {"n": 1}, {"tags": ["sync"]})
+    ids = app.publish_many_sync([Event("sync.event", {"n": i}) for i in range(2, 5)])
+    chat_event = app.publish_sync("chat.msg", {"c": "conv-1"})
+    # the chatflow's conversation order list got the id atomically with the XADD
+    assert sync_redis.lrange(f"{namespace}:conv:conv-1:order", 0, -1) == [chat_event.stream_id.encode()]
+    assert event.stream_id and len(ids) == 3
+    await app.drain(timeout=10)
+    await app.close()
+    assert sorted(p["n"] for p, _ in seen) == [1, 2, 3, 4] and seen[0][1] == ["sync"]
+    assert sync_redis.llen(f"{namespace}:conv:conv-1:order") == 0  # its turn was taken and released
+
+
+def test_publish_sync_needs_a_redis_url(namespace):
+    from orchestrator import StateError
+
+    app = Orchestrator(namespace=namespace)
+    with pytest.raises(StateError, match="redis_url"):
+        app.publish_sync("x", 1)
