@@ -62,6 +62,9 @@ class ChatflowExecutor:
                              "wait_timeout_s": lock_wait_timeout_s}
         check_lease(lock_ttl_ms, lock_renew_ms)  # bad lease settings fail now, not per run
         self.order_wait_timeout_s = order_wait_timeout_s
+        # conversation -> event set when a turn ends in this process, and its waiter count
+        self._turn_events: dict[str, asyncio.Event] = {}
+        self._turn_waiters: dict[str, int] = {}
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
 
     async def run(self, workflow: Any, *, conversation_id: str | None, event: Any = None,
@@ -156,9 +159,34 @@ class ChatflowExecutor:
                 log.warning("conversation %r: %s waited %.0f s behind %d earlier events; running anyway",
                             conversation_id, stream_id, self.order_wait_timeout_s, int(pos))
                 return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, self.poll_max_s)
+            if await self._turn_changed(conversation_id, delay):
+                delay = self.poll_min_s  # a turn ended here: look again at once
+            else:
+                delay = min(delay * 1.5, self.poll_max_s)
+
+    async def _turn_changed(self, conversation_id: str, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, waking early when a turn of this conversation ends in this
+        process (the next event is usually waiting here too). Polling covers other hosts."""
+        changed = self._turn_events.get(conversation_id)
+        if changed is None:
+            changed = self._turn_events[conversation_id] = asyncio.Event()
+        self._turn_waiters[conversation_id] = self._turn_waiters.get(conversation_id, 0) + 1
+        try:
+            await asyncio.wait_for(changed.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            left = self._turn_waiters[conversation_id] - 1
+            if left:
+                self._turn_waiters[conversation_id] = left
+            else:  # nobody waits on this conversation here: forget it (bounded memory)
+                del self._turn_waiters[conversation_id]
+                self._turn_events.pop(conversation_id, None)
 
     async def abandon(self, conversation_id: str, stream_id: str) -> None:
         """Give up the turn of ``stream_id`` (done, or dead-lettered) so the next event runs."""
         await self.redis.lrem(self.keys.conversation_order(conversation_id), 1, stream_id)
+        changed = self._turn_events.pop(conversation_id, None)
+        if changed is not None:  # wake this process's waiters; later ones get a fresh event
+            changed.set()
