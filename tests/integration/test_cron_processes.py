@@ -56,11 +56,12 @@ def beat_events(client: redis.Redis, namespace: str) -> int:
 
 
 def run_leader_kill(redis_url, namespace, sync_redis, subprocess_env, tmp_path, *, policy: str,
-                    lease_ms: int) -> tuple[list[int], float]:
+                    lease_ms: int) -> tuple[list[int], list[tuple[int, int]], int]:
     """Three ``tokiwa-producer run`` processes; SIGKILL the leader after 3 fires; SIGTERM the rest
     2 s after the next leader fired. Checks what holds under every policy (no slot fires twice,
     one leader at a time, takeover within the lease, a clean release) and returns the fired
-    slots (epoch seconds, from the ``{ns}:cron:tick:*`` markers) and the takeover time."""
+    slots (epoch seconds, from the ``{ns}:cron:tick:*`` markers), the recorded fires as
+    ``(slot, pid)`` by slot, and the killed leader's pid."""
     env = worker_env(subprocess_env, redis_url, namespace, TEST_CRON_LEASE_MS=lease_ms, TEST_CRON_POLICY=policy)
     procs = [start_producer(env, tmp_path / f"p{i}.log") for i in range(3)]
     try:
@@ -101,15 +102,15 @@ def run_leader_kill(redis_url, namespace, sync_redis, subprocess_env, tmp_path, 
     assert len(beat_markers) - 1 <= beat_events(sync_redis, namespace) <= len(beat_markers)
     assert codes == [0, 0]
     assert leader_of(sync_redis, namespace) is None, "the last leader released on SIGTERM"
-    return markers, takeover_s
+    return markers, sorted((slot, int(pid)) for slot, (_, pid) in zip(slots, fires, strict=True)), victim.pid
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_three_producers_with_policy_all_fire_every_slot_once_across_a_sigkill_of_the_leader(
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
-    markers, _ = run_leader_kill(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
-                                 policy="all", lease_ms=1500)
+    markers, _, _ = run_leader_kill(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
+                                    policy="all", lease_ms=1500)
     assert markers == list(range(markers[0], markers[-1] + 1)), "a slot was skipped"
 
 
@@ -120,13 +121,13 @@ def test_three_producers_with_policy_latest_skip_only_the_slots_missed_before_th
     """A 3 s lease is renewed every 1 s, so it outlives the kill by >= 2 s: by the election at
     least two slots came due since the last fire, and the new leader fires only the latest."""
     lease_ms = 3000
-    markers, _ = run_leader_kill(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
-                                 policy="latest", lease_ms=lease_ms)
-    gaps = [b - a for a, b in zip(markers, markers[1:], strict=False)]
-    holes = [g for g in gaps if g != 1]
-    assert len(holes) == 1, f"one hole, at the takeover: gaps {gaps}"
-    assert 2 <= holes[0] <= lease_ms / 1000 + 2
-    print(f"policy latest: {holes[0] - 1} missed slot(s) not fired")
+    _, fires, victim = run_leader_kill(redis_url, namespace, sync_redis, subprocess_env, tmp_path,
+                                       policy="latest", lease_ms=lease_ms)
+    steps = [(b[0] - a[0], a[1], b[1]) for a, b in zip(fires, fires[1:], strict=False)]
+    assert all(gap == 1 for gap, before, after in steps if before == after), f"a hole inside a term: {steps}"
+    takeover = [gap for gap, before, after in steps if before == victim and after != victim]
+    assert len(takeover) == 1 and 2 <= takeover[0] <= lease_ms / 1000 + 2, f"the takeover: {steps}"
+    print(f"policy latest: {takeover[0] - 1} missed slot(s) not fired at the takeover")
 
 
 @pytest.mark.slow
