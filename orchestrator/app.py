@@ -154,7 +154,9 @@ class Orchestrator(WorkflowsAndCronMixin):
             await asyncio.to_thread(self._embedded.start)
             url = self._embedded.url
             log.info("started embedded redis-server at %s", url)
-        self.redis = create_redis(url, block_ms=self.settings.block_ms)
+        # every slot may hold a connection (plus reads, acks, renewals, heartbeats)
+        self.redis = create_redis(url, block_ms=self.settings.block_ms,
+                                  max_connections=max(100, 2 * self.settings.concurrency + 32))
         consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
         self.broker = StreamBroker(self.redis, self.settings, consumer)
         await self.broker.ensure_group()
@@ -259,7 +261,8 @@ class Orchestrator(WorkflowsAndCronMixin):
                 errors = errors + found
         if errors:
             self.metrics["failed"] += 1
-            return Outcome(False, "; ".join(errors)[:4000])
+            retry = any(e.startswith("retry:") for e in errors)
+            return Outcome(False, "; ".join(errors)[:4000], retry=retry)
         self.metrics["processed"] += 1
         return Outcome(True)
 

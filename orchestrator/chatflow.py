@@ -172,7 +172,8 @@ class ChatflowExecutor:
             changed = self._turn_events[conversation_id] = asyncio.Event()
         self._turn_waiters[conversation_id] = self._turn_waiters.get(conversation_id, 0) + 1
         try:
-            await asyncio.wait_for(changed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: 3.11's can lose a cancellation
+                await changed.wait()
             return True
         except TimeoutError:
             return False

@@ -40,6 +40,8 @@ class Outcome:
 
     ok: bool
     error: str = ""
+    #: redeliver even under ack_policy "always" (a chatflow fenced out by a newer lock holder)
+    retry: bool = False
 
 
 ProcessFn = Callable[[Event], Awaitable[Outcome]]
@@ -333,7 +335,7 @@ class Consumer:
         self.stats.failed += 1
         if d.deliveries >= self.settings.max_deliveries:
             await self._dead_letter(d, "max_deliveries", outcome.error)
-        elif self.settings.ack_policy == "always":
+        elif self.settings.ack_policy == "always" and not outcome.retry:
             self._queue_ack(d.stream_id)
         else:
             log.info("event %s failed (delivery %d/%d); left pending for redelivery",

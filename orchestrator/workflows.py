@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ log = logging.getLogger("tokiwa.workflows")
 RUN_REQUEST = "tokiwa.workflow.run"
 _NO_ERRORS: list[str] = []  # shared, never mutated by callers (they concatenate)
 RESULT_TTL_S = 3600  # a run_workflow answer waits this long for its caller
+WAIT_SLICE_S = 1.0  # a waiting run_workflow BLPOPs in slices this long (below the socket timeout)
 _RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory"}
 
 
@@ -139,6 +141,14 @@ class RunRecorder:
         except Exception:
             log.exception("on_run_store_error hook failed")
         future.set_result(None)
+
+
+RETRY_MARK = "retry:"  # an error string starting with this asks the consumer to redeliver
+
+
+def _fenced(result: WorkflowRunResult) -> bool:
+    error = getattr(result, "error", None)
+    return isinstance(error, dict) and error.get("name") == "FencingError"
 
 
 def _log_line(entry: Any) -> str:
@@ -250,6 +260,8 @@ class WorkflowRegistry:
             await self._workflow_error(exc, reg, event)
             return [f"workflow {reg.workflow.name}: {type(exc).__name__}: {exc}"]
         if result.status != "succeeded":
+            if _fenced(result):  # a newer lock holder exists: redo this event, do not ack it
+                return [f"{RETRY_MARK}workflow {reg.workflow.name}: memory write fenced out"]
             return [f"workflow {reg.workflow.name} {result.status}"]
         return []
 
@@ -301,10 +313,14 @@ class WorkflowRegistry:
         if not wait:
             return run_id
         keys = self.app.keys
-        block_s = 0 if timeout is None else max(timeout, 0.001)
-        reply = await self.app.redis.blpop([keys.run_result_notify(run_id)], timeout=block_s)
-        if reply is None:
-            raise TimeoutError(f"workflow {reg.workflow.name!r} run {run_id} did not finish within {timeout}s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # short BLPOPs: one long block would outlast the connection's socket timeout
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+            if left <= 0:
+                raise TimeoutError(f"workflow {reg.workflow.name!r} run {run_id} did not finish within {timeout}s")
+            reply = await self.app.redis.blpop([keys.run_result_notify(run_id)], timeout=max(left, 0.01))
+            if reply is not None:
+                break
         answer = msgpack.unpackb(await self.app.redis.get(keys.run_result(run_id)), raw=False)
         if "error" in answer:
             err = answer["error"]

@@ -155,3 +155,47 @@ async def test_worker_that_cannot_run_a_request_answers_with_an_error(redis_url,
     await worker.stop()
     await worker.close()
     await producer.close()
+
+
+async def test_a_chatflow_fenced_out_is_redelivered_even_with_ack_policy_always(redis_url, namespace):
+    from orchestrator.keys import Keys
+
+    app = Orchestrator(redis_url, namespace=namespace, ack_policy="always", visibility_timeout_ms=300,
+                       renew_interval_ms=100)
+    runs = []
+
+    async def turn(ctx):
+        runs.append(ctx.event.deliveries)
+        if ctx.event.deliveries == 1:  # another holder took the lock meanwhile (epoch moved on)
+            await app.redis.incr(Keys(namespace).conversation_lock_epoch("c1"))
+        ctx.update_memory({"count": ctx.memory.get("count", 0) + 1})
+
+    app.register_workflow(Workflow(name="chat", type="chatflow", nodes=[Node(name="t", handler=turn)]),
+                          trigger={"type": "event", "event_type": "msg",
+                                   "map_conversation_id": lambda e: e.payload["c"]})
+    await app.publish("msg", {"c": "c1"})
+    await app.drain(timeout=20)
+    memory = await app.conversation_store.get("c1")
+    snap = await app.snapshot()
+    await app.close()
+    assert runs == [1, 2]                      # fenced out once, then redone
+    assert memory == {"count": 1}              # the delta applied exactly once
+    assert snap["dead"] == 0 and snap["pending"] == 0
+
+
+async def test_run_workflow_waits_longer_than_the_socket_timeout(redis_url, namespace):
+    # block_ms=10 makes the connection's socket timeout ~5 s; the run takes 6 s
+    app = Orchestrator(redis_url, namespace=namespace, block_ms=10)
+
+    async def slow(ctx):
+        await asyncio.sleep(6)
+        return "done"
+
+    app.register_workflow(Workflow(name="slow", nodes=[Node(name="s", handler=slow)]))
+    await app.start()
+    try:
+        result = await app.run_workflow("slow", timeout=30)
+    finally:
+        await app.stop()
+        await app.close()
+    assert result.status == "succeeded" and result.output_of("s") == "done"
