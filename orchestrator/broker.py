@@ -54,6 +54,22 @@ def id_bounds(stream_ids: Sequence[str]) -> tuple[str, str]:
     return f"{lo[0]}-{lo[1]}", f"{hi[0]}-{hi[1]}"
 
 
+def checked_fields(event: Event, max_bytes: int) -> dict:
+    """The stream fields of ``event``; InvalidArgumentError if its body exceeds ``max_bytes``."""
+    fields = encode_fields(event)
+    if len(fields["body"]) > max_bytes:
+        raise InvalidArgumentError(
+            f"event {event.type!r} is {len(fields['body'])} bytes encoded, over max_event_bytes={max_bytes}"
+        )
+    return fields
+
+
+def ordered_publish(keys: Keys, fields: dict, conversation_ids: Sequence[str]) -> tuple[list, list]:
+    """KEYS and ARGV of :data:`scripts.PUBLISH_ORDERED` for one entry."""
+    script_keys = [keys.events, *(keys.conversation_order(c) for c in conversation_ids)]
+    return script_keys, [x for kv in fields.items() for x in kv]
+
+
 # ids per ACK_OWNED / RENEW_OWNED call (bounds Lua's unpack and the script's run time)
 OWNED_BATCH = 1000
 
@@ -90,24 +106,12 @@ class StreamBroker:
             raise BrokerError(f"cannot create group {self.group!r} on {self.stream}: {exc}") from exc
 
     # -- publish --------------------------------------------------------------------------
-    def _checked_fields(self, event: Event) -> dict:
-        fields = encode_fields(event)
-        if len(fields["body"]) > self.settings.max_event_bytes:
-            raise InvalidArgumentError(
-                f"event {event.type!r} is {len(fields['body'])} bytes encoded, "
-                f"over max_event_bytes={self.settings.max_event_bytes}"
-            )
-        return fields
-
     async def publish(self, event: Event, *, conversation_ids: Sequence[str] = ()) -> str:
         """XADD one event; returns its stream id. With ``conversation_ids`` the id is also
         appended to each conversation's order list in the same atomic step."""
-        fields = self._checked_fields(event)
+        fields = checked_fields(event, self.settings.max_event_bytes)
         if conversation_ids:
-            keys = [self.stream, *(self.keys.conversation_order(c) for c in conversation_ids)]
-            args = ["0"]
-            for name, value in fields.items():
-                args += [name, value]
+            keys, args = ordered_publish(self.keys, fields, conversation_ids)
             stream_id = _s(await self._publish_ordered(keys=keys, args=args))
         else:
             stream_id = _s(await self.redis.xadd(self.stream, fields))
@@ -123,11 +127,10 @@ class StreamBroker:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for i, event in enumerate(events):
-            fields = self._checked_fields(event)
+            fields = checked_fields(event, self.settings.max_event_bytes)
             convs = conversation_ids[i] if conversation_ids else ()
             if convs:
-                keys = [self.stream, *(self.keys.conversation_order(c) for c in convs)]
-                args = ["0"] + [x for kv in fields.items() for x in kv]
+                keys, args = ordered_publish(self.keys, fields, convs)
                 await self._publish_ordered(keys=keys, args=args, client=pipe)
             else:
                 pipe.xadd(self.stream, fields)

@@ -117,14 +117,11 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', cut)
 """
 
 # KEYS[1] = events stream, KEYS[2..n] = conversation order lists
-# ARGV[1] = approximate maxlen or '0' for none... (unused: trimming is TRIM_SAFE's job),
-# ARGV[2..] = field/value pairs
+# ARGV[1..] = the entry's field/value pairs
 # XADDs the entry and RPUSHes its id to every conversation order list, atomically, so the
 # order lists follow stream order. Returns the entry id.
 PUBLISH_ORDERED = """
-local fields = {}
-for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV))
 for i = 2, #KEYS do redis.call('RPUSH', KEYS[i], id) end
 return id
 """

@@ -15,9 +15,10 @@ from typing import Any
 import redis
 
 from . import scripts
+from .broker import checked_fields, ordered_publish
 from .config import Settings
-from .errors import InvalidArgumentError, StateError
-from .events import Event, encode_fields
+from .errors import StateError
+from .events import Event
 from .keys import Keys
 
 
@@ -46,18 +47,10 @@ class SyncPublisher:
                     raise
             self._group_ready = True
 
-    def _fields(self, event: Event) -> dict:
-        fields = encode_fields(event)
-        if len(fields["body"]) > self.settings.max_event_bytes:
-            raise InvalidArgumentError(f"event {event.type!r} is {len(fields['body'])} bytes encoded, "
-                                       f"over max_event_bytes={self.settings.max_event_bytes}")
-        return fields
-
     def _add(self, client: Any, event: Event, conversation_ids: Sequence[str]) -> Any:
-        fields = self._fields(event)
+        fields = checked_fields(event, self.settings.max_event_bytes)
         if conversation_ids:
-            keys = [self.keys.events, *(self.keys.conversation_order(c) for c in conversation_ids)]
-            args = ["0"] + [x for kv in fields.items() for x in kv]
+            keys, args = ordered_publish(self.keys, fields, conversation_ids)
             return self._ordered(keys=keys, args=args, client=client)
         return client.xadd(self.keys.events, fields)
 
