@@ -28,7 +28,6 @@ import json
 import re
 import tomllib
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from .artifacts import FileArtifactStore
 from .config import default_state_dir
 from .errors import CyclicDependencyError, NotFoundError, StepExecutionError, WorkflowFileError
 from .retry import RetryPolicy
-from .run_result import WorkflowRunResult
+from .run_result import WorkflowRunResult, format_log  # format_log: re-exported
 from .runner import Runner
 from .steps import StepContext, call_maybe_async, get_step_type
 from .stores import RunStore
@@ -442,9 +441,3 @@ async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any
         await store.save(result.to_record())
         await store.append_logs(result.run_id, [format_log(entry) for entry in result.logs])
     return result
-
-
-def format_log(entry: dict[str, Any]) -> str:
-    """One run log entry as a text line: ``2026-01-02T03:04:05.678Z INFO [node] message``."""
-    stamp = datetime.fromtimestamp(entry.get("timestamp", 0), tz=UTC).isoformat(timespec="milliseconds")
-    return f"{stamp.replace('+00:00', 'Z')} {entry.get('level', 'INFO')} [{entry.get('node', '-')}] {entry.get('message', '')}"

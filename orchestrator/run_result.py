@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import describe_error
@@ -187,3 +188,9 @@ class RunRecorder:
     def skipped(self, nr: NodeResult, reason: str) -> None:
         self._finish(nr, "skipped", None)
         self.event("node_skipped", nr, 0)["reason"] = reason
+
+
+def format_log(entry: dict[str, Any]) -> str:
+    """One run log entry as a text line: ``2026-01-02T03:04:05.678Z INFO [node] message``."""
+    stamp = datetime.fromtimestamp(entry.get("timestamp", 0), tz=UTC).isoformat(timespec="milliseconds")
+    return f"{stamp.replace('+00:00', 'Z')} {entry.get('level', 'INFO')} [{entry.get('node', '-')}] {entry.get('message', '')}"

@@ -20,7 +20,7 @@ import msgpack
 
 from .errors import ConflictError, InvalidArgumentError, NotFoundError, TokiwaError, describe_error
 from .events import Event
-from .run_result import WorkflowRunResult
+from .run_result import WorkflowRunResult, format_log
 from .triggers import Trigger, mapped, parse_trigger
 from .workflow import Workflow, workflow_id_for
 
@@ -118,7 +118,7 @@ class RunRecorder:
             await store.save_many(records)
             for result, _ in items:
                 if getattr(result, "logs", None):
-                    await store.append_logs(result.run_id, [_log_line(x) for x in result.logs])
+                    await store.append_logs(result.run_id, [format_log(x) for x in result.logs])
         except Exception as exc:
             for (result, future), record in zip(items, records, strict=True):
                 await self._store_failed(exc, result, record, future)
@@ -149,12 +149,6 @@ RETRY_MARK = "retry:"  # an error string starting with this asks the consumer to
 def _fenced(result: WorkflowRunResult) -> bool:
     error = getattr(result, "error", None)
     return isinstance(error, dict) and error.get("name") == "FencingError"
-
-
-def _log_line(entry: Any) -> str:
-    if isinstance(entry, dict):
-        return f"{entry.get('timestamp', '')} {entry.get('node', '')} {entry.get('level', '')} {entry.get('message', '')}"
-    return str(entry)
 
 
 class WorkflowRegistry:
