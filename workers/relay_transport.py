@@ -33,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.errors import BrokerError, InvalidArgumentError
 from orchestrator.keys import Keys
-from orchestrator.topics import FRAME_VERSION  # one wire format for the app and the relay
+from orchestrator.topics import FRAME_VERSION, encode_topic_frame  # one wire format for app and relay
 
 log = logging.getLogger("tokiwa.relay")
 
@@ -58,9 +58,7 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 RemoteHandler = Callable[[str, list[str], str, str], None]  # (topic, messages, host, task)
 
 
-def encode_frame(relay_id: str, host: str, task: str, message: str | list[str]) -> bytes:
-    """The pub/sub payload of one relayed message (or of a run of messages, as a list)."""
-    return _packb([FRAME_VERSION, relay_id, host, task, message])
+encode_frame = encode_topic_frame  # the app and the relay write one wire format
 
 
 def decode_frame(payload: bytes) -> tuple[str, str, str, list[str]]:
