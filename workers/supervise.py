@@ -15,19 +15,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from .supervisor import Supervisor, child_run_argv
-
-
-def _strip_option(args: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
+from .supervisor import Supervisor, child_run_argv, without_option
 
 
 def supervise_cli(argv: Sequence[str], processes: int, *, metrics_port: int | None = None,
@@ -37,7 +25,7 @@ def supervise_cli(argv: Sequence[str], processes: int, *, metrics_port: int | No
 
     args = list(argv)
     run_args = args[args.index("run") + 1:] if "run" in args else args[1:]
-    run_args = _strip_option(run_args, "--metrics-port")
+    run_args = without_option(run_args, "--metrics-port")
     settings = load_settings({})
     env = dict(os.environ)
     metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")

@@ -69,21 +69,28 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
     return preexec
 
 
-def child_run_argv(run_args: Sequence[str], *, python: str = sys.executable) -> list[str]:
-    """The command line of one supervised worker: ``python -m workers.cli run`` with
-    ``run_args`` minus ``--processes`` / ``-p`` and its value (in any of its click spellings:
-    ``--processes 4``, ``--processes=4``, ``-p 4``, ``-p4``), so a child never supervises."""
-    args = list(run_args)
+def without_option(args: Sequence[str], name: str, short: str | None = None) -> list[str]:
+    """``args`` minus option ``name`` (or ``short``) and its value, in any of click's
+    spellings: ``--name V``, ``--name=V``, ``-s V``, ``-sV`` (a numeric ``V``)."""
     kept: list[str] = []
     skip_next = False
     for arg in args:
         if skip_next:
             skip_next = False
-        elif arg in ("--processes", "-p"):
+        elif arg == name or (short is not None and arg == short):
             skip_next = True
-        elif not arg.startswith("--processes=") and not (arg.startswith("-p") and arg[2:].isdigit()):
+        elif arg.startswith(name + "=") or (short is not None and arg.startswith(short)
+                                           and arg[len(short):].isdigit()):
+            continue
+        else:
             kept.append(arg)
-    return [python, "-m", "workers.cli", "run", *kept]
+    return kept
+
+
+def child_run_argv(run_args: Sequence[str], *, python: str = sys.executable) -> list[str]:
+    """The command line of one supervised worker: ``python -m workers.cli run`` with
+    ``run_args`` minus ``--processes`` / ``-p`` and its value, so a child never supervises."""
+    return [python, "-m", "workers.cli", "run", *without_option(run_args, "--processes", "-p")]
 
 
 class Supervisor:
