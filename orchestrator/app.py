@@ -31,7 +31,7 @@ from .events import Event
 from .keys import Keys
 from .runner import Runner
 from .stores import InMemoryRunStore, RedisRunStore, RunStore
-from .workflows import WorkflowRegistry
+from .workflows import RETRY_MARK, WorkflowRegistry
 
 log = logging.getLogger("tokiwa")
 
@@ -261,7 +261,7 @@ class Orchestrator(WorkflowsAndCronMixin):
                 errors = errors + found
         if errors:
             self.metrics["failed"] += 1
-            retry = any(e.startswith("retry:") for e in errors)
+            retry = any(e.startswith(RETRY_MARK) for e in errors)
             return Outcome(False, "; ".join(errors)[:4000], retry=retry)
         self.metrics["processed"] += 1
         return Outcome(True)

@@ -144,7 +144,6 @@ class Consumer:
             except TimeoutError:
                 break
         self._closing = True
-        leftovers = {sid for sid, f in self.in_flight.items() if not f.lost}
         for task in slots:
             task.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
@@ -155,10 +154,10 @@ class Consumer:
         await self._flush_acks_safely()
         try:
             # everything still pending for us: unfinished work, and entries a cancelled read
-            # was handed but never saw
-            mine = leftovers | await self.broker.pending_ids()
+            # was handed but never saw (hand_back skips any we no longer own)
+            mine = list(await self.broker.pending_ids())
             if mine:
-                await self.broker.hand_back(sorted(mine))
+                await self.broker.hand_back(mine)
                 log.info("handed back %d unfinished entries", len(mine))
         except REDIS_ERRORS as exc:
             log.warning("could not hand back unfinished entries (they return after the lease): %s", exc)

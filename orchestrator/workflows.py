@@ -89,8 +89,8 @@ class RunRecorder:
         ids = [e.stream_id for _, e, _ in batch if e is not None and e.stream_id]
         if not ids or app.consumer is None:
             return set(ids)
-        lost = {sid for sid, entry in app.consumer.in_flight.items() if entry.lost}
-        return await app.broker.owned([i for i in ids if i not in lost])
+        in_flight = app.consumer.in_flight
+        return await app.broker.owned([i for i in ids if not getattr(in_flight.get(i), "lost", False)])
 
     async def _flush(self) -> None:
         while self._queue:
