@@ -16,8 +16,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal
 
-import msgpack
-
 from .app_workflows import WorkflowsAndCronMixin
 from .broker import StreamBroker
 from .config import Settings, load_settings
@@ -394,14 +392,11 @@ class Orchestrator(WorkflowsAndCronMixin):
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Worker id → heartbeat dict, from ``{ns}:workers``."""
         await self.connect()
+        from .heartbeats import decode_heartbeat
+
         raw = await self.redis.hgetall(self.keys.workers)
-        out = {}
-        for wid, blob in raw.items():
-            try:
-                out[wid.decode()] = msgpack.unpackb(blob, raw=False)
-            except Exception:
-                out[wid.decode()] = {"error": "undecodable heartbeat"}
-        return out
+        return {wid.decode(): decode_heartbeat(blob) or {"error": "undecodable heartbeat"}
+                for wid, blob in raw.items()}
 
     async def __aenter__(self) -> Orchestrator:
         await self.start()

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgpack
 from redis.exceptions import ResponseError
 
 from .errors import EventDecodeError, InvalidArgumentError, NotFoundError
 from .events import decode_fields
+from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 from .keys import Keys
 from .run_result import RUN_STATUSES
 from .stores import RedisRunStore, RunStore
@@ -26,7 +26,6 @@ from .stores import RedisRunStore, RunStore
 # Fields the broker adds to a dead entry (see StreamBroker.dead_letter); all others are the
 # original entry's and go back to the events stream on requeue.
 DEAD_EXTRAS = ("reason", "error", "deliveries", "failed_at", "stream_id", "consumer", "group")
-STALE_HEARTBEATS = 3  # same rule as orchestrator.runtime: older than 3 intervals = stale
 REQUEUE_BATCH = 100
 
 # KEYS[1] = dead stream, KEYS[2] = events stream
@@ -299,14 +298,8 @@ class Inspector:
         now = self._clock()
         rows = []
         for wid, blob in (await self.redis.hgetall(self.keys.workers)).items():
-            try:
-                beat = msgpack.unpackb(blob, raw=False)
-            except Exception:  # noqa: BLE001 - a foreign or corrupt value is shown, not fatal
-                beat = {"error": "undecodable heartbeat"}
-            if not isinstance(beat, dict):
-                beat = {"error": "undecodable heartbeat"}
-            seen = beat.get("last_seen")
-            age = now - seen if isinstance(seen, (int, float)) else None
+            beat = decode_heartbeat(blob) or {"error": "undecodable heartbeat"}
+            age = heartbeat_age(beat, now)
             stale = age is None or age > STALE_HEARTBEATS * self.heartbeat_interval_s
             rows.append({**beat, "id": _s(wid), "age_s": age, "stale": stale})
         return sorted(rows, key=lambda r: r["id"])

@@ -23,10 +23,10 @@ import msgpack
 
 from . import exitcodes
 from .app import Orchestrator
+from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 
 log = logging.getLogger("tokiwa.worker")
 
-STALE_HEARTBEATS = 3  # a heartbeat older than this many intervals is pruned
 
 
 class Heartbeat:
@@ -61,14 +61,14 @@ class Heartbeat:
         await self._prune()
 
     async def _prune(self) -> None:
-        horizon = time.time() - STALE_HEARTBEATS * self.app.settings.heartbeat_interval_s
+        limit_s = STALE_HEARTBEATS * self.app.settings.heartbeat_interval_s
+        now = time.time()
         entries = await self.app.redis.hgetall(self.app.keys.workers)
         stale = []
         for wid, blob in entries.items():
-            try:
-                if msgpack.unpackb(blob, raw=False).get("last_seen", 0) < horizon:
-                    stale.append(wid)
-            except Exception:
+            beat = decode_heartbeat(blob)
+            age = None if beat is None else heartbeat_age(beat, now)
+            if age is None or age > limit_s:
                 stale.append(wid)
         if stale:
             await self.app.redis.hdel(self.app.keys.workers, *stale)

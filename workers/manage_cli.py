@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-import msgpack
 
 from orchestrator import exitcodes
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError, InvalidArgumentError, TokiwaError
+from orchestrator.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 from orchestrator.keys import Keys
-from orchestrator.runtime import STALE_HEARTBEATS  # older than this many intervals = stale
 
 from .procman import Instance, ProcessManager
 
@@ -142,15 +141,11 @@ def cluster_workers(entries: Mapping[bytes | str, bytes], *, now: float, stale_a
     records = []
     for raw_id, blob in entries.items():
         worker_id = raw_id.decode(errors="replace") if isinstance(raw_id, bytes) else str(raw_id)
-        try:
-            beat = msgpack.unpackb(blob, raw=False)
-            if not isinstance(beat, dict):
-                raise ValueError("not a map")
-        except (ValueError, msgpack.UnpackException, TypeError):
+        beat = decode_heartbeat(blob)
+        if beat is None:
             records.append({"id": worker_id, "status": "undecodable", "age_s": None})
             continue
-        last_seen = beat.get("last_seen")
-        age = now - last_seen if isinstance(last_seen, (int, float)) else None
+        age = heartbeat_age(beat, now)
         status = "live" if age is not None and age <= stale_after_s else "stale"
         records.append({**beat, "id": worker_id, "status": status, "age_s": age})
     return sorted(records, key=lambda r: (str(r.get("host", "")), r["id"]))
