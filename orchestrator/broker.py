@@ -19,6 +19,7 @@ from . import scripts
 from .config import Settings
 from .errors import BrokerError, InvalidArgumentError
 from .events import Event, encode_fields
+from .faults import Fault, classify, is_group_exists, is_missing_key
 from .keys import Keys
 
 log = logging.getLogger("tokiwa.broker")
@@ -72,6 +73,39 @@ def ordered_publish(keys: Keys, fields: dict, conversation_ids: Sequence[str]) -
 
 # ids per ACK_OWNED / RENEW_OWNED call (bounds Lua's unpack and the script's run time)
 OWNED_BATCH = 1000
+# a dead entry keeps at most this many of the original fields, each value cut to the byte
+# bound below; Lua's unpack (used to XADD them) overflows near 8,000 arguments
+DEAD_MAX_FIELDS = 64
+DEAD_SAMPLE_BYTES = 1024
+
+
+def entry_summary(fields: dict) -> dict[bytes, str]:
+    """How many fields an entry has and how many bytes they hold (for dead letters)."""
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    return {b"original_fields": str(len(fields)), b"original_bytes": str(size)}
+
+
+def dead_fields(fields: dict, extra: dict, max_bytes: int) -> list:
+    """The flat field/value list of a dead entry: the original fields when there are at most
+    :data:`DEAD_MAX_FIELDS` of them and they fit ``max_bytes`` (a little over the envelope
+    bound), else the first ones, each cut to :data:`DEAD_SAMPLE_BYTES`, and a summary. Then the
+    dead-letter fields in ``extra``, which win over originals of the same name."""
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    whole = len(fields) <= DEAD_MAX_FIELDS and size <= max_bytes + 4096
+    out: list = []
+    for n, (name, value) in enumerate(fields.items()):
+        if n >= DEAD_MAX_FIELDS:
+            break
+        if name in extra:
+            continue
+        if not whole:
+            name, value = name[:DEAD_SAMPLE_BYTES], value[:DEAD_SAMPLE_BYTES]
+        out += [name, value]
+    if not whole:
+        extra = {**extra, **entry_summary(fields), b"truncated": "1"}
+    for name, value in extra.items():
+        out += [name, value]
+    return out
 
 
 class StreamBroker:
@@ -93,16 +127,33 @@ class StreamBroker:
         self._reclaim_cursor = "0-0"
 
     # -- group ----------------------------------------------------------------------------
+    async def group_exists(self) -> bool:
+        """Whether our group exists on the stream (a read: works on a full Redis)."""
+        try:
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError as exc:
+            if is_missing_key(exc):
+                return False
+            raise
+        return any(_s(g["name"]) == self.group for g in groups)
+
     async def ensure_group(self) -> bool:
         """Create the consumer group from the stream's start (id 0, MKSTREAM), so events
         published before any worker started are processed. Returns True if it was created.
-        Only BUSYGROUP (group exists) is benign; any other error is raised."""
+
+        It looks first and writes only when the group is missing: XGROUP CREATE is refused by
+        a full Redis (maxmemory, noeviction) even when the group exists, and a worker must
+        start then. Only BUSYGROUP (created meanwhile) is benign; any other error is raised."""
+        if await self.group_exists():
+            return False
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
             return True
         except ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
+            if is_group_exists(exc):
                 return False
+            if classify(exc) is not Fault.FATAL:
+                raise  # OOM, READONLY ...: the caller's fault policy waits and retries
             raise BrokerError(f"cannot create group {self.group!r} on {self.stream}: {exc}") from exc
 
     # -- publish --------------------------------------------------------------------------
@@ -174,6 +225,14 @@ class StreamBroker:
             out.append(Delivery(_s(entry_id), fields, int(n)))
         return out, len(deleted or [])
 
+    @property
+    def reclaim_cursor(self) -> str:
+        """Where the next XAUTOCLAIM scan starts (``0-0``: the last scan reached the end)."""
+        return self._reclaim_cursor
+
+    def reset_reclaim_cursor(self) -> None:
+        self._reclaim_cursor = "0-0"
+
     async def ack(self, stream_ids: Sequence[str]) -> list[str]:
         """Ack the ids this consumer still owns; returns the ids it had lost (not acked)."""
         lost: list[str] = []
@@ -201,11 +260,22 @@ class StreamBroker:
         """Make owned entries reclaimable right away (used on shutdown)."""
         return await self.renew(stream_ids, idle_ms=self.settings.visibility_timeout_ms + 1)
 
+    async def redeliver_after(self, stream_ids: Sequence[str], delay_ms: int) -> list[str]:
+        """Hand owned entries back so that any worker reclaims them after ``delay_ms`` (their
+        idle time is set to visibility timeout - delay). Returns the ids no longer ours."""
+        idle = max(0, self.settings.visibility_timeout_ms - int(delay_ms))
+        return await self.renew(stream_ids, idle_ms=idle)
+
     async def dead_letter(
         self, delivery: Delivery, *, reason: str, error: str = "", deliveries: int | None = None
     ) -> str | None:
         """Move an owned entry to the dead-letter stream with its reason and ack it, atomically.
-        Returns the dead entry id, or None if this consumer no longer owns the entry."""
+        Returns the dead entry id, or None if this consumer no longer owns the entry.
+
+        The dead entry keeps the original fields when they are few and small enough to pass
+        through a script (see :func:`dead_fields`); otherwise their first ones, their count
+        and size. If the script still fails on the entry's data, a second call with no data of
+        the entry at all records it, so dead-lettering cannot fail on what the entry holds."""
         extra = {
             b"reason": reason,
             b"error": error[:4000],
@@ -215,13 +285,19 @@ class StreamBroker:
             b"consumer": self.consumer,
             b"group": self.group,
         }
-        args: list = [self.group, self.consumer, delivery.stream_id, self.settings.dead_maxlen]
-        for name, value in delivery.fields.items():
-            if name not in extra:
-                args += [name, value]
-        for name, value in extra.items():
-            args += [name, value]
-        result = await self._dead(keys=[self.stream, self.keys.dead], args=args)
+        head: list = [self.group, self.consumer, delivery.stream_id, self.settings.dead_maxlen]
+        try:
+            result = await self._dead(keys=[self.stream, self.keys.dead],
+                                      args=head + dead_fields(delivery.fields, extra, self.settings.max_event_bytes))
+        except ResponseError as exc:
+            if classify(exc) is not Fault.SCRIPT and classify(exc) is not Fault.FATAL:
+                raise  # OOM, NOGROUP, failover: the caller waits and tries again
+            log.error("dead-lettering %s with its data failed (%s); recording it without the data",
+                      delivery.stream_id, exc)
+            extra[b"error"] = f"{error[:2000]} (entry data not kept: {str(exc)[:300]})"
+            extra.update(entry_summary(delivery.fields))
+            result = await self._dead(keys=[self.stream, self.keys.dead],
+                                      args=head + [x for kv in extra.items() for x in kv])
         return _s(result) if result else None
 
     async def owns(self, stream_id: str) -> bool:
@@ -244,7 +320,8 @@ class StreamBroker:
         return {sid for sid in (_s(r["message_id"]) for r in reply) if sid in wanted}
 
     async def trim(self) -> int:
-        """Trim to ~``stream_maxlen`` but never past an entry some group still needs."""
+        """Trim every entry that all groups have acked (keeping ~``stream_maxlen`` of them),
+        never an entry some group still needs. Works on a full Redis (frees memory there)."""
         return int(await self._trim(keys=[self.stream], args=[self.settings.stream_maxlen, TRIM_MAX_DROP]))
 
     # -- inspection ----------------------------------------------------------------------

@@ -47,8 +47,17 @@ class Settings(BaseModel):
     renew_interval_ms: int | None = Field(default=None, ge=50)
     # deliveries after which an entry goes to the dead-letter stream.
     max_deliveries: int = Field(default=5, ge=1)
-    # approximate cap of the events stream (never trims unprocessed entries).
-    stream_maxlen: int = Field(default=100_000, ge=100)
+    # a failed event (ack_policy on_success) is redelivered after this delay, doubled on each
+    # further delivery up to redelivery_backoff_max_ms (and at most the visibility timeout),
+    # with jitter (half fixed, half random).
+    redelivery_backoff_ms: int = Field(default=1_000, ge=0)
+    redelivery_backoff_max_ms: int = Field(default=10_000, ge=0)
+    # how often a worker looks for entries to reclaim (idle past the visibility timeout, or
+    # failed and due for redelivery); a full batch is followed by another at once.
+    reclaim_interval_ms: int = Field(default=500, ge=10)
+    # entries kept in the events stream once every group has acked them (approximate; 0 =
+    # none). Entries some group still needs are never trimmed, whatever this says.
+    stream_maxlen: int = Field(default=0, ge=0)
     dead_maxlen: int = Field(default=100_000, ge=100)
     # longest XREADGROUP BLOCK; shorter = faster shutdown, longer = fewer idle round trips.
     block_ms: int = Field(default=2_000, ge=10, le=60_000)
@@ -88,6 +97,10 @@ class Settings(BaseModel):
     def renew_interval_s(self) -> float:
         ms = self.renew_interval_ms or max(50, self.visibility_timeout_ms // 3)
         return ms / 1000.0
+
+    @property
+    def reclaim_interval_s(self) -> float:
+        return self.reclaim_interval_ms / 1000.0
 
     @property
     def visibility_timeout_s(self) -> float:

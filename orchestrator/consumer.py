@@ -16,14 +16,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
+from . import faults
 from .broker import Delivery, StreamBroker
 from .config import Settings
-from .errors import EventDecodeError
+from .errors import BrokerError, EventDecodeError
 from .events import Event, decode_fields
+from .faults import TRANSIENT, Backoff, Fault, classify
 
 log = logging.getLogger("tokiwa.consumer")
 
@@ -31,7 +31,11 @@ log = logging.getLogger("tokiwa.consumer")
 TRIM_INTERVAL_S = 1.0
 # a worker reconnecting after Redis failures waits min(cap, base * 2**n) with full jitter
 RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# a background task that fails this many times within RESTART_WINDOW_S on something that is
+# not a transient Redis fault takes the consumer down (the worker exits non-zero)
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
+# seconds shutdown keeps retrying the last acks while Redis is unavailable
+FINAL_FLUSH_S = 5.0
 
 
 @dataclass(slots=True)
@@ -59,6 +63,17 @@ class Stats:
     acked: int = 0
     trimmed: int = 0
     reconnects: int = 0
+    redelivered: int = 0
+    groups_recreated: int = 0
+    task_restarts: int = 0
+    #: entries whose dead-lettering waits for Redis (full, unreachable); renewed meanwhile
+    dead_waiting: int = 0
+
+
+class ConsumerFailed(BrokerError):
+    """Raised by :meth:`Consumer.run` when a background task failed on something that is not
+    a transient Redis fault (or failed too often): the worker exits non-zero so that its
+    supervisor restarts it, instead of looking healthy while it is not."""
 
 
 def _being_cancelled() -> bool:
@@ -76,8 +91,23 @@ class _InFlight:
         self.lost = False
 
 
+def redelivery_delay_ms(settings: Settings, deliveries: int) -> int:
+    """How long a failed event waits before its next delivery: ``redelivery_backoff_ms``
+    doubled per delivery so far, capped at ``redelivery_backoff_max_ms`` and at the visibility
+    timeout (an entry handed back is claimable after at most that), half fixed, half jitter."""
+    base = settings.redelivery_backoff_ms * 2 ** min(max(deliveries - 1, 0), 20)
+    delay = min(base, settings.redelivery_backoff_max_ms, settings.visibility_timeout_ms)
+    return int(delay / 2 + random.uniform(0, delay / 2))
+
+
 class Consumer:
-    """Consumes the events stream for one consumer name until stopped."""
+    """Consumes the events stream for one consumer name until stopped.
+
+    Every Redis error is handled by the fault model (:mod:`orchestrator.faults`): transient
+    faults are waited out with backoff and logged once per episode, a missing group is
+    recreated, and a background task that fails on anything else is logged and restarted; after
+    :data:`MAX_RESTARTS` such failures in :data:`RESTART_WINDOW_S` (or at once on a fatal Redis
+    error such as a refused permission) :meth:`run` raises :class:`ConsumerFailed`."""
 
     def __init__(self, broker: StreamBroker, settings: Settings, process: ProcessFn,
                  on_dead: DeadFn | None = None) -> None:
@@ -89,6 +119,9 @@ class Consumer:
         self.stats = Stats()
         self.in_flight: dict[str, _InFlight] = {}
         self._ack_buffer: list[str] = []
+        self._redeliver: list[tuple[str, int]] = []  # (stream id, delay ms) to hand back
+        self._dead_waiting: dict[str, tuple[Delivery, str, str]] = {}
+        self._dead_wakeup = asyncio.Event()
         self._ack_wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -102,25 +135,31 @@ class Consumer:
         #: belongs to exactly that entry)
         self.reserve = settings.concurrency // 4 + 1
         self._closing = False
-        self._last_reclaim = 0.0
+        self._next_reclaim = 0.0
         self._last_trim = 0.0
+        self._failures: deque[float] = deque()
+        self.failure: BaseException | None = None
         self.connected = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, until_drained: bool = False) -> None:
         """Consume until :meth:`request_stop` (or, with ``until_drained``, until the group has
         nothing undelivered or pending). Then finish in-flight work within the grace period,
-        hand back the rest, and flush acks."""
+        flush the acks, and hand back only what did not finish. Raises :class:`ConsumerFailed`
+        when a background task failed for good."""
+        acker = asyncio.create_task(self._supervised("acker", self._ack_loop), name="tokiwa-acker")
         helpers = [
-            asyncio.create_task(self._ack_loop(), name="tokiwa-acker"),
-            asyncio.create_task(self._renew_loop(), name="tokiwa-renewer"),
+            asyncio.create_task(self._supervised("renewer", self._renew_loop), name="tokiwa-renewer"),
+            asyncio.create_task(self._supervised("dead-letterer", self._dead_loop), name="tokiwa-dead-letterer"),
         ]
         slots = [asyncio.create_task(self._slot(), name=f"tokiwa-slot-{i}")
                  for i in range(self.settings.concurrency + self.reserve)]
         try:
-            await self._read_loop(until_drained)
+            await self._supervised("reader", lambda: self._read_loop(until_drained))
         finally:
-            await self._finish(helpers, slots)
+            await self._finish(acker, helpers, slots)
+        if self.failure is not None:
+            raise ConsumerFailed(f"consumer stopped: {self.failure!r}") from self.failure
 
     def request_stop(self) -> None:
         """Stop fetching; in-flight work finishes (see :meth:`run`). Safe to call twice.
@@ -135,9 +174,9 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def _finish(self, helpers: list[asyncio.Task], slots: list[asyncio.Task]) -> None:
+    async def _finish(self, acker: asyncio.Task, helpers: list[asyncio.Task], slots: list[asyncio.Task]) -> None:
         deadline = time.monotonic() + self.settings.grace_period_s
-        while self.in_flight and time.monotonic() < deadline:
+        while self._working() and time.monotonic() < deadline:
             self._slot_freed.clear()
             try:
                 await asyncio.wait_for(self._slot_freed.wait(), deadline - time.monotonic())
@@ -147,81 +186,155 @@ class Consumer:
         for task in slots:
             task.cancel()
         await asyncio.gather(*slots, return_exceptions=True)
+        # the acker finishes its current batch and flushes the rest: an ack in flight is never
+        # cut off, so nothing that finished is handed back and run again
         self._ack_wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(acker), FINAL_FLUSH_S)
+        except (TimeoutError, Exception):
+            acker.cancel()
+            await asyncio.gather(acker, return_exceptions=True)
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        await self._flush_acks_safely()
+        if self._ack_buffer or self._redeliver:
+            log.error("%d acks could not be sent before shutdown; those events will run again",
+                      len(self._ack_buffer))
         try:
-            # everything still pending for us: unfinished work, and entries a cancelled read
-            # was handed but never saw (hand_back skips any we no longer own)
+            # everything still pending for us: unfinished work, entries waiting for their
+            # dead-lettering, and entries a cancelled read was handed but never saw
             mine = list(await self.broker.pending_ids())
             if mine:
                 await self.broker.hand_back(mine)
                 log.info("handed back %d unfinished entries", len(mine))
-        except REDIS_ERRORS as exc:
-            log.warning("could not hand back unfinished entries (they return after the lease): %s", exc)
+        except Exception as exc:
+            log.warning("could not hand back unfinished entries (they return after the lease): %s",
+                        faults.describe(exc))
+
+    def _working(self) -> bool:
+        """Whether an entry is being processed (entries waiting for a dead-letter do not count)."""
+        return len(self.in_flight) > len(self._dead_waiting)
+
+    # -- the fault policy -----------------------------------------------------------------
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``loop`` until it returns; on an error apply the fault policy and run it again."""
+        backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not await self._on_fault(name, exc, backoff):
+                    return
+
+    async def _on_fault(self, name: str, exc: BaseException, backoff: Backoff) -> bool:
+        """Handle ``exc`` met by the task ``name``; returns False when the task must end (the
+        consumer has failed)."""
+        fault = classify(exc)
+        if fault is Fault.NOGROUP:
+            faults.report(exc)
+            try:
+                await self._recreate_group()
+            except Exception as again:  # a full Redis refuses the create: wait, try again
+                if classify(again) not in TRANSIENT:
+                    return self._fail(name, again)
+                faults.report(again)
+                await backoff.sleep()
+            return True
+        if fault in TRANSIENT:
+            faults.report(exc)
+            if fault is Fault.CONNECTION:
+                self.connected.clear()
+                self.stats.reconnects += 1
+            await backoff.sleep()
+            return not self._stopping.is_set() or name != "reader"
+        return self._fail(name, exc)
+
+    def _fail(self, name: str, exc: BaseException) -> bool:
+        """A task failed on a non-transient error: log it; restart it unless that happened too
+        often (or the error is a fatal Redis reply), in which case the consumer stops."""
+        now = time.monotonic()
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > RESTART_WINDOW_S:
+            self._failures.popleft()
+        fatal_redis = isinstance(exc, RedisError) and classify(exc) is Fault.FATAL
+        if fatal_redis or len(self._failures) > MAX_RESTARTS:
+            log.error("consumer task %s failed (%s); stopping the worker", name, faults.describe(exc),
+                      exc_info=exc)
+            if self.failure is None:
+                self.failure = exc
+            self.request_stop()
+            return False
+        self.stats.task_restarts += 1
+        log.error("consumer task %s failed; restarting it (%d in the last %.0fs)", name,
+                  len(self._failures), RESTART_WINDOW_S, exc_info=exc)
+        return True
+
+    async def _recreate_group(self) -> None:
+        created = await self.broker.ensure_group()
+        self.broker.reset_reclaim_cursor()
+        if created:
+            self.stats.groups_recreated += 1
+            log.warning("recreated consumer group %r on %s from 0 (Redis lost it); resuming",
+                        self.broker.group, self.broker.stream)
+        faults.recovered(Fault.NOGROUP)
 
     # -- reading --------------------------------------------------------------------------
     async def _read_loop(self, until_drained: bool) -> None:
-        failures = 0
         while not self._stopping.is_set():
-            try:
-                progressed = await self._read_once(until_drained)
-                if not self.connected.is_set():
-                    self.connected.set()
-                failures = 0
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                log.warning("consumer group missing (Redis restarted empty?): recreating it")
-                await self.broker.ensure_group()
-                continue
-            except REDIS_ERRORS as exc:
-                failures += 1
-                self.connected.clear()
-                self.stats.reconnects += 1
-                delay = random.uniform(0, min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2 ** min(failures, 10)))
-                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
+            progressed = await self._read_once(until_drained)
+            if not self.connected.is_set():
+                self.connected.set()
+            faults.recovered(Fault.CONNECTION, Fault.FAILOVER, Fault.BUSY)
             if until_drained and not progressed and await self._drained():
                 return
 
+    def _free(self) -> int:
+        return self.settings.concurrency - (len(self.in_flight) - len(self._dead_waiting))
+
     async def _read_once(self, until_drained: bool) -> bool:
-        free = self.settings.concurrency - len(self.in_flight)
+        free = self._free()
         now = time.monotonic()
         got = 0
-        if now - self._last_reclaim >= self.settings.renew_interval_s:
-            self._last_reclaim = now
-            got += await self._reclaim(free + self.reserve)
-            free = self.settings.concurrency - len(self.in_flight)
+        if now >= self._next_reclaim:
+            want = free + self.reserve
+            got += await self._reclaim(want)
+            # a full batch, or a scan that did not reach the end: look again at once
+            more = got >= want or self.broker.reclaim_cursor != "0-0"
+            self._next_reclaim = now if more and got else now + self.settings.reclaim_interval_s
+            free = self._free()
         if free <= 0:
             self._slot_freed.clear()
             try:  # wake up for the next reclaim round even if no slot frees up
-                await asyncio.wait_for(self._slot_freed.wait(), self.settings.renew_interval_s)
+                await asyncio.wait_for(self._slot_freed.wait(), self.settings.reclaim_interval_s)
             except TimeoutError:
                 pass
             return True
         if now - self._last_trim >= TRIM_INTERVAL_S:
             self._last_trim = now
             self.stats.trimmed += await self.broker.trim()
-        if free > 0:
-            block = 50 if (until_drained or got) else self.settings.block_ms
-            self._read_task = asyncio.create_task(self.broker.read(free, block))
-            try:
-                deliveries = await self._read_task
-            except asyncio.CancelledError:
-                if self._stopping.is_set() and not _being_cancelled():
-                    return got > 0
-                raise
-            finally:
-                self._read_task = None
-            self.stats.fetched += len(deliveries)
-            for d in deliveries:
-                self._start(d)
-            got += len(deliveries)
+        block = 50 if (until_drained or got) else self._block_ms()
+        self._read_task = asyncio.create_task(self.broker.read(free, block))
+        try:
+            deliveries = await self._read_task
+        except asyncio.CancelledError:
+            if self._stopping.is_set() and not _being_cancelled():
+                return got > 0
+            raise
+        finally:
+            self._read_task = None
+        self.stats.fetched += len(deliveries)
+        for d in deliveries:
+            self._start(d)
+        got += len(deliveries)
         return got > 0 or bool(self.in_flight)
+
+    def _block_ms(self) -> int:
+        """Block no longer than until the next reclaim round is due."""
+        until = (self._next_reclaim - time.monotonic()) * 1000
+        return max(10, min(self.settings.block_ms, int(until)))
 
     async def _reclaim(self, free: int) -> int:
         deliveries, deleted = await self.broker.reclaim(free)
@@ -232,14 +345,20 @@ class Consumer:
             if d.stream_id in self.in_flight:
                 continue  # our own entry came back to us: keep working on it
             if d.deliveries > self.settings.max_deliveries:
-                await self._dead_letter(d, "max_deliveries",
-                                        f"delivered {d.deliveries} times (max {self.settings.max_deliveries})")
+                self.in_flight[d.stream_id] = _InFlight(d)
+                done = False
+                try:
+                    done = await self._dead_letter(
+                        d, "max_deliveries", f"delivered {d.deliveries} times (max {self.settings.max_deliveries})")
+                finally:
+                    if done or d.stream_id not in self._dead_waiting:
+                        self.in_flight.pop(d.stream_id, None)
                 continue
             self._start(d)
         return len(deliveries)
 
     async def _drained(self) -> bool:
-        if self.in_flight or self._ack_buffer:
+        if self.in_flight or self._ack_buffer or self._redeliver:
             return False
         state = await self.broker.group_state()
         return state["pending"] == 0 and state["lag"] == 0
@@ -269,7 +388,7 @@ class Consumer:
 
     async def _slot(self) -> None:
         """One of the long-lived slot tasks; each handles one entry at a time (no task is
-        created per event)."""
+        created per event). An unexpected error on one entry is logged and the slot goes on."""
         me = asyncio.current_task()
         loop = asyncio.get_running_loop()
         while True:
@@ -292,16 +411,24 @@ class Consumer:
                     me.uncancel()  # only this entry was cancelled: keep the slot
                     continue
                 raise
+            except Exception as exc:
+                # the entry stays pending and comes back after the lease (then, past
+                # max_deliveries, it is dead-lettered by a path that keeps none of its data)
+                self._fail(f"slot ({entry.delivery.stream_id})", exc)
             finally:
                 entry.task = None
 
     async def _handle(self, entry: _InFlight) -> None:
         d = entry.delivery
+        keep = False
         try:
             try:
                 event = decode_fields(d.fields, entry_id=d.stream_id, max_bytes=self.settings.max_event_bytes)
             except EventDecodeError as exc:
-                await self._dead_letter(d, exc.reason, str(exc))
+                keep = not await self._dead_letter(d, exc.reason, str(exc))
+                return
+            except Exception as exc:  # anything else a malformed entry may cause
+                keep = not await self._dead_letter(d, "undecodable", f"{type(exc).__name__}: {exc}")
                 return
             event.deliveries = d.deliveries
             outcome = await self._process(event)
@@ -311,9 +438,10 @@ class Consumer:
                 log.warning("entry %s was reclaimed by another worker while we ran it; not acking",
                             d.stream_id)
                 return
-            await self._settle(entry, outcome)
+            keep = await self._settle(entry, outcome)
         finally:
-            self.in_flight.pop(d.stream_id, None)
+            if not keep:
+                self.in_flight.pop(d.stream_id, None)
             self._slot_freed.set()
 
     async def _process(self, event: Event) -> Outcome:
@@ -325,74 +453,137 @@ class Consumer:
             log.exception("processing event %s failed unexpectedly", event.id)
             return Outcome(False, f"{type(exc).__name__}: {exc}")
 
-    async def _settle(self, entry: _InFlight, outcome: Outcome) -> None:
+    async def _settle(self, entry: _InFlight, outcome: Outcome) -> bool:
+        """Ack, redeliver later or dead-letter; returns True when the entry stays in flight
+        (its dead-lettering waits for Redis)."""
         d = entry.delivery
         if outcome.ok:
             self.stats.processed += 1
             self._queue_ack(d.stream_id)
-            return
+            return False
         self.stats.failed += 1
         if d.deliveries >= self.settings.max_deliveries:
-            await self._dead_letter(d, "max_deliveries", outcome.error)
-        elif self.settings.ack_policy == "always" and not outcome.retry:
+            return not await self._dead_letter(d, "max_deliveries", outcome.error)
+        if self.settings.ack_policy == "always" and not outcome.retry:
             self._queue_ack(d.stream_id)
-        else:
-            log.info("event %s failed (delivery %d/%d); left pending for redelivery",
-                     d.stream_id, d.deliveries, self.settings.max_deliveries)
+            return False
+        delay = redelivery_delay_ms(self.settings, d.deliveries)
+        log.info("event %s failed (delivery %d/%d); redelivered in %.2fs",
+                 d.stream_id, d.deliveries, self.settings.max_deliveries, delay / 1000)
+        self._redeliver.append((d.stream_id, delay))
+        self._ack_wakeup.set()
+        return False
 
-    async def _dead_letter(self, d: Delivery, reason: str, error: str) -> None:
+    async def _dead_letter(self, d: Delivery, reason: str, error: str) -> bool:
+        """Dead-letter an entry we hold. Returns False when Redis could not take it now (full,
+        unreachable): it then stays in flight, renewed, and is dead-lettered by the
+        dead-letterer as soon as Redis takes writes again."""
         try:
             dead_id = await asyncio.shield(self.broker.dead_letter(d, reason=reason, error=error))
-        except REDIS_ERRORS as exc:
-            log.error("could not dead-letter %s (%s); it stays pending", d.stream_id, exc)
-            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if classify(exc) not in TRANSIENT and classify(exc) is not Fault.NOGROUP:
+                raise
+            faults.report(exc)
+            self._dead_waiting[d.stream_id] = (d, reason, error)
+            self.stats.dead_waiting = len(self._dead_waiting)
+            self._dead_wakeup.set()
+            return False
+        self._dead_done(d, dead_id, reason, error)
+        await self._after_dead(d, dead_id)
+        return True
+
+    def _dead_done(self, d: Delivery, dead_id: str | None, reason: str, error: str) -> None:
         if dead_id:
             self.stats.dead += 1
             if self.observe is not None:
                 raw_type = d.fields.get(b"type", b"unknown")
                 self.observe(raw_type.decode("utf-8", "replace") if isinstance(raw_type, bytes) else "unknown", "dead")
             log.warning("entry %s dead-lettered: %s %s", d.stream_id, reason, error[:200])
-            await self._after_dead(d)
         else:
             self.stats.lost += 1
 
-    async def _after_dead(self, d: Delivery) -> None:
-        if self.on_dead is None:
+    async def _dead_loop(self) -> None:
+        """Dead-letter the entries whose first attempt met a full or unreachable Redis, with
+        backoff; the entries stay in flight (and renewed) until then."""
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            if not self._dead_waiting:
+                self._dead_wakeup.clear()
+                await self._dead_wakeup.wait()
+                continue
+            await backoff.sleep()
+            for sid, (d, reason, error) in list(self._dead_waiting.items()):
+                entry = self.in_flight.get(sid)
+                if entry is None or entry.lost:
+                    self._dead_waiting.pop(sid, None)
+                    self.in_flight.pop(sid, None)
+                    continue
+                dead_id = await self.broker.dead_letter(d, reason=reason, error=error)  # errors: _on_fault
+                self._dead_waiting.pop(sid, None)
+                self.in_flight.pop(sid, None)
+                self.stats.dead_waiting = len(self._dead_waiting)
+                self._slot_freed.set()
+                faults.recovered(Fault.OOM, Fault.CONNECTION)
+                backoff.reset()
+                self._dead_done(d, dead_id, reason, error)
+                await self._after_dead(d, dead_id)
+
+    async def _after_dead(self, d: Delivery, dead_id: str | None) -> None:
+        if self.on_dead is None or not dead_id:
             return
         try:
             event = decode_fields(d.fields, entry_id=d.stream_id)
-        except EventDecodeError:
+        except Exception:
             return
         try:
             await self.on_dead(event)
         except Exception:
             log.exception("on_dead hook failed for %s", d.stream_id)
 
-    # -- acking and renewing ---------------------------------------------------------------
+    # -- acking, redelivering and renewing -------------------------------------------------
     def _queue_ack(self, stream_id: str) -> None:
         self._ack_buffer.append(stream_id)
         self._ack_wakeup.set()
 
     async def _ack_loop(self) -> None:
+        """Flush acks (and failed entries to hand back for redelivery) as they come. Ends only
+        at shutdown, after a last flush; a failed flush keeps its batch for the next one."""
         while True:
+            await self._flush()
+            if self._closing and not self._ack_buffer and not self._redeliver:
+                return
             await self._ack_wakeup.wait()
             self._ack_wakeup.clear()
-            await self._flush_acks_safely()
 
-    async def _flush_acks_safely(self) -> None:
+    async def _flush(self) -> None:
         while self._ack_buffer:
             batch, self._ack_buffer = self._ack_buffer, []
             try:
                 lost = await asyncio.shield(self.broker.ack(batch))
-            except REDIS_ERRORS as exc:
-                log.warning("ack of %d entries failed (%s); retrying", len(batch), exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
                 self._ack_buffer[:0] = batch
-                await asyncio.sleep(0.2)
-                continue
+                raise
             self.stats.acked += len(batch) - len(lost)
             if lost:
                 self.stats.lost += len(lost)
                 log.warning("%d entries were no longer ours at ack time: %s", len(lost), lost[:5])
+        while self._redeliver:
+            batch, self._redeliver = self._redeliver, []
+            by_delay: dict[int, list[str]] = {}
+            for sid, delay in batch:
+                by_delay.setdefault(delay // 10 * 10, []).append(sid)
+            try:
+                for delay, ids in by_delay.items():
+                    await self.broker.redeliver_after(ids, delay)
+                    self.stats.redelivered += len(ids)
+            except Exception:
+                self._redeliver[:0] = batch  # a repeat hand-back is harmless
+                raise
+        faults.recovered(Fault.CONNECTION, Fault.FAILOVER)
 
     async def _renew_loop(self) -> None:
         interval = self.settings.renew_interval_s
@@ -401,11 +592,7 @@ class Consumer:
             ids = [sid for sid, f in self.in_flight.items() if not f.lost]
             if not ids:
                 continue
-            try:
-                lost = await self.broker.renew(ids)
-            except REDIS_ERRORS as exc:
-                log.warning("lease renewal failed: %s", exc)
-                continue
+            lost = await self.broker.renew(ids)  # errors: the fault policy (_on_fault)
             for sid in lost:
                 entry = self.in_flight.get(sid)
                 if entry is not None and not entry.lost:

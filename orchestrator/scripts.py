@@ -79,16 +79,17 @@ return id
 """
 
 # KEYS[1] = events stream
-# ARGV[1] = max length to keep (approximate), ARGV[2] = most entries to drop in one call
-# Trims with MINID below both the entry that keeps ~ARGV[1] entries and the oldest entry that
-# any group still needs (pending, or not yet delivered). Returns the number of entries removed.
+# ARGV[1] = acked entries to keep for inspection (approximate; 0 = none),
+# ARGV[2] = most entries to drop in one call
+# Trims with MINID below the oldest entry that any group still needs (pending, or not yet
+# delivered) and, when ARGV[1] > 0, below the entry that keeps ~ARGV[1] entries. Only XLEN,
+# XRANGE, XINFO, XPENDING and XTRIM: nothing that a full Redis (maxmemory, noeviction) refuses,
+# so trimming goes on and frees memory while writes fail. Returns the number of entries removed.
 TRIM_SAFE = """
 local len = redis.call('XLEN', KEYS[1])
-local excess = len - tonumber(ARGV[1])
-if excess <= 0 then return 0 end
-if excess > tonumber(ARGV[2]) then excess = tonumber(ARGV[2]) end
-local r = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess + 1)
-local cut = r[#r][1]
+if len == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
 local function parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return ms, seq
@@ -100,8 +101,20 @@ local function less(a, b)
   if am ~= bm then return am < bm end
   return tonumber(as) < tonumber(bs)
 end
-local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-if #groups == 0 then return 0 end
+local cut = nil
+local keep = tonumber(ARGV[1])
+local most = tonumber(ARGV[2])
+local drop = len - keep
+if drop <= 0 then return 0 end
+if drop > most then drop = most end
+local r = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', drop + 1)
+if #r <= drop then
+  -- every entry may go: cut just above the last one
+  local ms, seq = parts(r[#r][1])
+  cut = ms .. '-' .. tostring(tonumber(seq) + 1)
+else
+  cut = r[#r][1]
+end
 for _, g in ipairs(groups) do
   local name, last
   for i = 1, #g, 2 do
