@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal
 
+from . import faults
 from .app_workflows import WorkflowsAndCronMixin
 from .broker import StreamBroker
 from .config import Settings, load_settings
@@ -157,7 +158,12 @@ class Orchestrator(WorkflowsAndCronMixin):
                                   max_connections=max(100, 2 * self.settings.concurrency + 32))
         consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
         self.broker = StreamBroker(self.redis, self.settings, consumer)
-        await self.broker.ensure_group()
+        if self.mode == "worker":
+            # a worker waits for Redis (unreachable, loading, full without a group yet) as its
+            # consumer would, logging once per condition; callers that publish fail fast
+            await faults.retry_transient(self.broker.ensure_group)
+        else:
+            await self.broker.ensure_group()
 
         async def claim_once(name: str) -> bool:
             return bool(await self.redis.set(self.keys.once(name), self.worker_id, nx=True))

@@ -250,7 +250,10 @@ class Consumer:
                 self.stats.reconnects += 1
             await backoff.sleep()
             return not self._stopping.is_set() or name != "reader"
-        return self._fail(name, exc)
+        if not self._fail(name, exc):
+            return False
+        await backoff.sleep()
+        return True
 
     def _fail(self, name: str, exc: BaseException) -> bool:
         """A task failed on a non-transient error: log it; restart it unless that happened too

@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from .errors import EventDecodeError, InvalidArgumentError, NotFoundError
 from .events import decode_fields
+from .faults import Fault, classify, is_missing_key
 from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 from .keys import Keys
 from .run_result import RUN_STATUSES
@@ -181,7 +182,7 @@ class Inspector:
         try:
             summary = await self.redis.xpending(self.keys.events, self.group)
         except ResponseError as exc:
-            if "NOGROUP" in str(exc) or "no such key" in str(exc):
+            if classify(exc) is Fault.NOGROUP or is_missing_key(exc):
                 return {"group": self.group, "count": 0, "consumers": {}, "entries": []}
             raise
         rows = await self.redis.xpending_range(self.keys.events, self.group, "-", "+", limit,

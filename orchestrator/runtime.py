@@ -21,8 +21,9 @@ from typing import Any
 
 import msgpack
 
-from . import exitcodes
+from . import exitcodes, faults
 from .app import Orchestrator
+from .faults import Fault
 from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 
 log = logging.getLogger("tokiwa.worker")
@@ -74,13 +75,21 @@ class Heartbeat:
             await self.app.redis.hdel(self.app.keys.workers, *stale)
 
     async def _loop(self) -> None:
+        """Beat every interval. Transient Redis faults (unreachable, full, failing over) are
+        logged once per episode by the fault model and the beat is tried again; anything else
+        is logged with its traceback each time (the worker goes on: a missing heartbeat makes
+        it look dead, never healthy)."""
         while True:
             try:
                 await self.beat()
+                faults.recovered(Fault.CONNECTION, Fault.OOM, Fault.FAILOVER)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis down: keep trying, the consumer reconnects too
-                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:
+                if faults.classify(exc) in faults.TRANSIENT:
+                    faults.report(exc)
+                else:
+                    log.exception("heartbeat failed")
             await asyncio.sleep(self.app.settings.heartbeat_interval_s)
 
     def start(self) -> None:
@@ -94,7 +103,7 @@ class Heartbeat:
         try:
             await self.app.redis.hdel(self.app.keys.workers, self.app.worker_id)
         except Exception as exc:
-            log.warning("could not remove heartbeat: %s", exc)
+            log.warning("could not remove heartbeat: %s", faults.describe(exc))
 
 
 class SignalStop:

@@ -1,0 +1,65 @@
+"""Helpers of the fault tests: publishing numbered jobs straight into a stream, reading the
+dead letters and the group's state, starting worker processes of the fault app."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from orchestrator.events import Event, encode_fields
+from tests.integration.procs import start_worker, worker_env
+
+FAULT_APP = "tests.faults.apps:app"
+
+
+def ensure_group(client: redis.Redis, namespace: str) -> None:
+    try:
+        client.xgroup_create(f"{namespace}:events", "workers", id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        assert "BUSYGROUP" in str(exc)
+
+
+def publish_jobs(client: redis.Redis, namespace: str, count: int, start: int = 0, pad: int = 0,
+                 group: bool = True) -> list[str]:
+    """XADD jobs ``start .. start+count-1`` (payload ``{"i": n}``, plus ``pad`` bytes), first
+    creating the group unless ``group`` is False; returns their stream ids."""
+    if group:
+        ensure_group(client, namespace)
+    ids: list[str] = []
+    for base in range(start, start + count, 1000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(base, min(base + 1000, start + count)):
+            payload = {"i": i, "pad": "x" * pad} if pad else {"i": i}
+            pipe.xadd(f"{namespace}:events", encode_fields(Event("job", payload)))
+        ids += [x.decode() for x in pipe.execute()]
+    return ids
+
+
+def dead_entries(client: redis.Redis, namespace: str) -> list[dict[bytes, bytes]]:
+    return [fields for _, fields in client.xrange(f"{namespace}:dead")]
+
+
+def pending(client: redis.Redis, namespace: str) -> int:
+    try:
+        return int(client.xpending(f"{namespace}:events", "workers")["pending"])
+    except redis.ResponseError:
+        return 0
+
+
+def start_fault_worker(base_env: dict[str, str], url: str, namespace: str, log: Path, out: Path,
+                       **settings: object) -> subprocess.Popen:
+    env = worker_env(base_env, url, namespace, TEST_OUT=out, **settings)
+    return start_worker(env, log, app=FAULT_APP)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Wait until ``predicate()`` holds; returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
