@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from redis.exceptions import RedisError
 
-from . import exitcodes
+from . import exitcodes, faults
 from .app import Orchestrator
 from .errors import ConfigError, TokiwaError
 from .lazycli import LazyGroup
@@ -77,7 +78,22 @@ def run_async(coro) -> int:
     except TokiwaError as exc:
         click.echo(f"error: {exc}", err=True)
         return exitcodes.FAILURE
+    except RedisError as exc:
+        click.echo(f"error: redis {faults.describe(exc)} ({faults.hint(exc)})", err=True)
+        return redis_exit_code(exc)
     return result if isinstance(result, int) else exitcodes.OK
+
+
+def redis_exit_code(exc: BaseException) -> int:
+    """The named exit code of a Redis error, by its fault class."""
+    fault = faults.classify(exc)
+    if fault is faults.Fault.CONNECTION:
+        return exitcodes.UNAVAILABLE
+    if fault in (faults.Fault.OOM, faults.Fault.FAILOVER, faults.Fault.BUSY, faults.Fault.NOSCRIPT):
+        return exitcodes.TEMPFAIL
+    if faults.refused_access(exc):
+        return exitcodes.NOPERM
+    return exitcodes.FAILURE
 
 
 def _event_loop_runner():

@@ -137,6 +137,37 @@ def describe(exc: BaseException) -> str:
     return f"{classify(exc).value}: {text.splitlines()[0][:300]}"
 
 
+_HINTS = {
+    Fault.CONNECTION: "is Redis running and reachable? check --redis-url / TOKIWA_REDIS_URL",
+    Fault.OOM: "Redis is full (maxmemory): raise maxmemory, or let workers drain the stream",
+    Fault.FAILOVER: "Redis is failing over or resharding: try again in a moment",
+    Fault.BUSY: "Redis is busy running a long script: try again in a moment",
+    Fault.NOGROUP: "the consumer group is missing: start a worker, which recreates it",
+}
+
+
+def refused_access(exc: BaseException) -> str | None:
+    """``"password"`` when Redis refused the credentials, ``"acl"`` when an ACL rule refused a
+    command, key or channel, else None."""
+    upper = _message(exc).upper()
+    if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)) or \
+            upper.startswith(("NOAUTH", "WRONGPASS")):
+        return "password"
+    if isinstance(exc, (rx.NoPermissionError, rx.AuthorizationError)) or upper.startswith("NOPERM"):
+        return "acl"
+    return None
+
+
+def hint(exc: BaseException) -> str:
+    """What a person should check for ``exc``, in one sentence."""
+    refused = refused_access(exc)
+    if refused == "password":
+        return "check the password / ACL user in the Redis URL"
+    if refused == "acl":
+        return "the Redis ACL user lacks a permission tokiwa needs (docs/faults.md lists them)"
+    return _HINTS.get(classify(exc), "see docs/faults.md")
+
+
 class Backoff:
     """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n)),
     but never less than ``floor``."""

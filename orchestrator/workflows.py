@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from . import faults
 from .errors import ConflictError, InvalidArgumentError, NotFoundError, TokiwaError, describe_error
 from .events import Event
 from .run_result import WorkflowRunResult, format_log
@@ -84,6 +85,10 @@ class RunRecorder:
             self._flusher = asyncio.create_task(self._flush())
         await future
 
+    @property
+    def _patience_s(self) -> float:
+        return self.app.settings.visibility_timeout_s
+
     async def _owned(self, batch: list) -> set[str]:
         app = self.app
         ids = [e.stream_id for _, e, _ in batch if e is not None and e.stream_id]
@@ -96,7 +101,10 @@ class RunRecorder:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                owned = await self._owned(batch)
+                # a Redis that is unreachable, full or failing over is waited out (one log line
+                # per episode) for up to the visibility timeout: after that the event may have
+                # been reclaimed elsewhere, and the ownership check decides
+                owned = await faults.retry_transient(lambda b=batch: self._owned(b), deadline_s=self._patience_s)
                 keep = []
                 for result, event, future in batch:
                     if event is not None and event.stream_id and event.stream_id not in owned:
@@ -115,7 +123,7 @@ class RunRecorder:
         store = self.app.run_store
         records = [result.to_record() for result, _ in items]
         try:
-            await store.save_many(records)
+            await faults.retry_transient(lambda: store.save_many(records), deadline_s=self._patience_s)
             for result, _ in items:
                 if getattr(result, "logs", None):
                     await store.append_logs(result.run_id, [format_log(x) for x in result.logs])

@@ -270,3 +270,37 @@ def test_the_fault_apps_call_log_reads_back_as_written(tmp_path: Path):
     path.write_text("3 1 10 ok\n3 2 10 fail\n4 1 11 ok\n")
     assert read_calls(path) == [(3, 1, 10, True), (3, 2, 10, False), (4, 1, 11, True)]
     assert successes(path) == {3: 1, 4: 1}
+
+
+@pytest.mark.parametrize(("fault", "code", "text"), [
+    ("unreachable", 69, "is Redis running and reachable?"),
+    ("password", 77, "check the password / ACL user"),
+    ("full", 75, "Redis is full (maxmemory)"),
+])
+def test_the_producer_cli_names_a_redis_fault_in_one_line_with_its_exit_code(fault, code, text, namespace,
+                                                                            subprocess_env, tmp_path):
+    import subprocess
+    import sys
+
+    server = EmbeddedRedis(tmp_path / "redis", password="pw", extra_args=["--maxmemory-policy", "noeviction"])
+    server.start()
+    try:
+        url = {"unreachable": f"redis://127.0.0.1:{free_port()}/0",
+               "password": f"redis://:wrong@127.0.0.1:{server.port}/0"}.get(fault, server.url)
+        if fault == "full":
+            admin = redis.Redis.from_url(server.url)
+            publish_jobs(admin, namespace, 1)  # the group exists
+            for n in range(200):  # small writes: a big one leaves a query buffer Redis frees later
+                admin.set(f"{namespace}:filler:{n}", "x" * 10_000)
+            admin.config_set("maxmemory", str(_info_used(admin) - 1_000_000))
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                admin.set(f"{namespace}:probe", "x")
+        result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "publish", "job", "--payload", "{}",
+                                 "--redis-url", url, "--namespace", namespace],
+                                env=subprocess_env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == code, result.stderr
+    assert len(errors) == 1 and text in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
