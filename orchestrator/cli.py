@@ -79,9 +79,14 @@ def run_async(coro) -> int:
         click.echo(f"error: {exc}", err=True)
         return exitcodes.FAILURE
     except RedisError as exc:
-        click.echo(f"error: redis {faults.describe(exc)} ({faults.hint(exc)})", err=True)
-        return redis_exit_code(exc)
+        return report_redis_error(exc)
     return result if isinstance(result, int) else exitcodes.OK
+
+
+def report_redis_error(exc: BaseException) -> int:
+    """Print one line naming a Redis fault and what to check; return its exit code."""
+    click.echo(f"error: redis {faults.describe(exc)} ({faults.hint(exc)})", err=True)
+    return redis_exit_code(exc)
 
 
 def redis_exit_code(exc: BaseException) -> int:

@@ -15,11 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from . import exitcodes
-from .cli import build_app, common_options, run_async, setup_logging
+from .cli import build_app, common_options, report_redis_error, run_async, setup_logging
 from .connection import create_redis
 from .errors import InvalidArgumentError
 from .inspect import Inspector
@@ -85,9 +84,8 @@ def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Ins
         try:
             inspector, close = await _open(app)
             data = await call(inspector)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            click.echo(f"error: Redis unreachable: {exc}", err=True)
-            return exitcodes.UNAVAILABLE
+        except RedisError as exc:
+            return report_redis_error(exc)
         except InvalidArgumentError as exc:
             click.echo(f"error: {exc}", err=True)
             return exitcodes.USAGE

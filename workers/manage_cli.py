@@ -174,8 +174,9 @@ def _read_cluster(settings: Settings, now: float) -> list[dict]:
     try:
         entries = client.hgetall(Keys(settings.namespace).workers)
     except redis.RedisError as exc:
-        click.echo(f"error: cannot read heartbeats from Redis: {exc}", err=True)
-        sys.exit(exitcodes.UNAVAILABLE)
+        from orchestrator.cli import report_redis_error
+
+        sys.exit(report_redis_error(exc))
     finally:
         client.close()
     return cluster_workers(entries, now=now, stale_after_s=STALE_HEARTBEATS * settings.heartbeat_interval_s)
