@@ -33,7 +33,15 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import errors
 from .artifacts import FileArtifactStore
@@ -88,6 +96,9 @@ class StepSpec(_Spec):
     retry: RetrySpec | None = None
     timeout_s: float | None = Field(default=None, gt=0)
     when: str | None = None
+    # paths outside the workflow's folder: None = the workflow's allow_outside. A plain boolean,
+    # never a template, so no input value can turn the check off.
+    allow_outside: StrictBool | None = None
 
     @model_validator(mode="after")
     def _has_id(self) -> StepSpec:
@@ -114,6 +125,7 @@ class WorkflowSpec(_Spec):
     timeout_s: float | None = Field(default=None, gt=0)
     fail_fast: bool = True
     artifacts_dir: str | None = None
+    allow_outside: StrictBool = False  # the default of every step's allow_outside
     steps: list[StepSpec] = Field(min_length=1)
 
     @field_validator("secrets")
@@ -177,19 +189,22 @@ class StepHandler:
             ctx.logger.info("skipped: `when` is false (%s)", self.step.when)
             return None
         step_type = get_step_type(self.step.type)
-        params = render(self.step.params, namespace, where=f"step {sid} params")
+        raw = {k: v for k, v in self.step.params.items() if k in step_type.raw_params}
+        rest = {k: v for k, v in self.step.params.items() if k not in raw}
+        params = {**render(rest, namespace, where=f"step {sid} params"), **raw}
         try:
             params = step_type.validate(params)
         except ValidationError as exc:
             problems = "; ".join(f"{_dotted(('params', *e['loc']))}: {e['msg']}" for e in exc.errors())
             raise StepExecutionError(f"step {sid!r}: invalid params after rendering: {problems}",
                                      node=sid) from None
+        allow_outside = self.spec.allow_outside if self.step.allow_outside is None else self.step.allow_outside
         step = StepContext(node=ctx, step_id=sid, base_dir=self.base_dir, namespace=namespace,
-                           secrets=secrets, redactor=redactor)
+                           secrets=secrets, redactor=redactor, allow_outside=allow_outside)
         return await call_maybe_async(step_type.run, step, params)
 
 
-_SCRUBBED_ATTRS = ("stdout", "stderr", "argv", "value")
+_SCRUBBED_ATTRS = ("stdout", "stderr", "argv", "value", "path", "resolved")
 
 
 def _scrub(exc: BaseException, redactor: Redactor) -> None:
@@ -390,7 +405,8 @@ def _templates_in(value: Any, loc: tuple = ()) -> list[tuple[tuple, str]]:
 
 def _check_params(step_type: Any, params: dict[str, Any]) -> list[tuple[tuple, str]]:
     """Load-time params check: template syntax, then the type's model. Errors caused by a
-    value that is still a template are left for run time, when it has been rendered."""
+    value that is still a template are left for run time, when it has been rendered; a raw
+    param (one the type renders itself) is checked as written, which is what it gets."""
     templates = _templates_in(params)
     problems = [(loc, why) for loc, source in templates if (why := syntax_problem(source))]
     if step_type.params_model is None:
@@ -400,7 +416,8 @@ def _check_params(step_type: Any, params: dict[str, Any]) -> list[tuple[tuple, s
     except ValidationError as exc:
         for e in exc.errors():
             loc = tuple(e["loc"])
-            if _is_template(e.get("input")) or (not loc and templates):
+            raw = bool(loc) and loc[0] in step_type.raw_params
+            if not raw and (_is_template(e.get("input")) or (not loc and templates)):
                 continue
             problems.append((loc, e["msg"]))
     return problems

@@ -221,3 +221,21 @@ class CheckFailedError(StepExecutionError):
         super().__init__(message, node=node)
         self.expression = expression
         self.value = value
+
+
+class UnsafePathError(StepExecutionError, InvalidArgumentError):
+    """Raised when a declarative step's path (a file step's path, a shell ``cwd``, a docker
+    volume's host path, a python step's ``.py`` file) leads outside the workflow's folder once
+    ``~``, ``..`` and symlinks are resolved, or cannot be used as a path at all (a NUL byte, a
+    symlink loop), and the step has not opted out with ``allow_outside: true``.
+
+    ``path`` is the path as the step gave it, ``resolved`` where it leads (None when it cannot
+    be resolved) and ``base_dir`` the folder it must stay in.
+    """
+
+    def __init__(self, message: str, *, path: str, base_dir: str, resolved: str | None = None,
+                 node: str | None = None) -> None:
+        super().__init__(message, node=node)
+        self.path = path
+        self.base_dir = base_dir
+        self.resolved = resolved

@@ -13,7 +13,9 @@ happens when the awaiting task is cancelled.
 
 ``env`` is added to (and overrides) the current environment rather than replacing it: a
 command almost always needs ``PATH`` and ``HOME``. Output is decoded as UTF-8 with
-replacement characters for invalid bytes.
+replacement characters for invalid bytes. What the OS cannot pass to a process, a NUL byte
+in an argument or in the environment and a variable name holding ``=``, is an
+InvalidArgumentError naming the item, raised before anything starts.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def check_argv(argv: Any) -> list[str]:
     for i, arg in enumerate(argv):
         if not isinstance(arg, (str, os.PathLike)):
             raise InvalidArgumentError(f"argv[{i}] must be a string, got {type(arg).__name__} {arg!r}")
-        out.append(os.fspath(arg))
+        text = os.fspath(arg)
+        if ("\x00" if isinstance(text, str) else b"\x00") in text:
+            raise InvalidArgumentError(f"argv[{i}] {text!r} contains a NUL byte, which no command argument can hold")
+        out.append(text)
     return out
 
 
@@ -77,7 +82,14 @@ def _environment(env: Mapping[str, str] | None) -> dict[str, str] | None:
     if env is None:
         return None
     merged = dict(os.environ)
-    merged.update({str(k): str(v) for k, v in env.items()})
+    for key, value in env.items():
+        name, text = str(key), str(value)
+        if not name or "=" in name or "\x00" in name:
+            raise InvalidArgumentError(f"environment variable name {name!r} must be non-empty, without '=' or NUL")
+        if "\x00" in text:
+            raise InvalidArgumentError(f"environment variable {name} contains a NUL byte, which no "
+                                       "environment value can hold")
+        merged[name] = text
     return merged
 
 
@@ -166,9 +178,11 @@ def exec_shell(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     ok_codes: Iterable[int] = (0,),
+    *,
+    input: bytes | str | None = None,
 ) -> ExecResult:
     """Run ``cmd`` with ``/bin/sh -c``; refused unless ``allow_shell=True``."""
-    return exec_command(_shell_argv(cmd, allow_shell), cwd, env, timeout, ok_codes)
+    return exec_command(_shell_argv(cmd, allow_shell), cwd, env, timeout, ok_codes, input=input)
 
 
 def _shell_argv(cmd: Any, allow_shell: bool) -> list[str]:
@@ -230,6 +244,8 @@ async def exec_shell_async(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     ok_codes: Iterable[int] = (0,),
+    *,
+    input: bytes | str | None = None,
 ) -> ExecResult:
     """Async twin of :func:`exec_shell`."""
-    return await exec_command_async(_shell_argv(cmd, allow_shell), cwd, env, timeout, ok_codes)
+    return await exec_command_async(_shell_argv(cmd, allow_shell), cwd, env, timeout, ok_codes, input=input)

@@ -3,7 +3,13 @@
 A step type is a function ``run(step, params)`` (sync or async) plus an optional pydantic
 model of its params. ``step`` is a :class:`StepContext`; ``params`` are the step's params
 after template rendering (and validation by the model, when there is one). The return value
-is the step's output (``steps.<id>.output`` for later steps).
+is the step's output (``steps.<id>.output`` for later steps). Params named in the type's
+``raw_params`` reach it unrendered, for the type to render itself: the shell type renders
+``command`` with :func:`~orchestrator.templates.render_command`, which keeps each value one
+word.
+
+Paths a step takes from its params go through :meth:`StepContext.path`, which keeps them
+inside the workflow's folder (``base_dir``) unless the step has ``allow_outside``.
 
 Custom types: ``register_step_type("slack", fn, params_model=SlackParams)`` in code, or an
 entry point in the ``tokiwa.steps`` group (name -> a callable, a class whose instances are
@@ -18,19 +24,27 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .errors import CheckFailedError, ConflictError, InvalidArgumentError, NotFoundError, StepExecutionError
+from .errors import (
+    CheckFailedError,
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    StepExecutionError,
+    UnsafePathError,
+)
 from .execs import exec_command_async, exec_shell_async
-from .templates import Redactor, evaluate, render_text
+from .templates import VALUE_ENV_PREFIX, Redactor, evaluate, render_command, render_text, template_data
 
 ENTRY_POINT_GROUP = "tokiwa.steps"
 logger = logging.getLogger("tokiwa.steps")
@@ -44,7 +58,8 @@ class StepContext:
 
     ``node`` is the runner's NodeContext (input, context, artifacts, signal, logger ...),
     ``namespace`` the template namespace (variables, input, context, steps, secrets, run),
-    ``base_dir`` the folder relative paths are resolved against (the workflow file's folder).
+    ``base_dir`` the folder relative paths are resolved against (the workflow file's folder)
+    and that :meth:`path` keeps paths inside unless ``allow_outside`` is true.
     """
 
     node: Any
@@ -53,6 +68,7 @@ class StepContext:
     namespace: dict[str, Any]
     secrets: dict[str, str] = field(default_factory=dict)
     redactor: Redactor = field(default_factory=Redactor)
+    allow_outside: bool = False
 
     def log(self, message: str) -> None:
         """Log a line to the run (secrets redacted)."""
@@ -62,10 +78,35 @@ class StepContext:
         if self.redactor and not isinstance(self.node, RedactingNodeContext):
             self.node = RedactingNodeContext(self.node, self.redactor)
 
-    def path(self, value: str) -> Path:
-        """``value`` as a path, relative ones resolved against ``base_dir``."""
-        candidate = Path(value).expanduser()
-        return candidate if candidate.is_absolute() else self.base_dir / candidate
+    def path(self, value: str | os.PathLike[str], *, field: str | None = None) -> Path:
+        """``value`` as an absolute path, ``~`` expanded, relative ones under ``base_dir``.
+
+        Unless ``allow_outside`` is true, the path must lead inside ``base_dir`` once ``..``
+        and symlinks are resolved (a symlink in the folder that points out of it is refused
+        too); UnsafePathError otherwise, naming the step, the path, ``field`` (the param it
+        came from) and the opt-out, before anything touches the file system. The path
+        returned has its folders resolved but keeps a final symlink, so deleting it removes
+        the link rather than its target.
+        """
+        text = os.fspath(value)
+        label = f"step {self.step_id!r}: path {text!r}" + (f" ({field})" if field else "")
+        if "\x00" in text:
+            raise UnsafePathError(f"{label} contains a NUL byte", path=text, base_dir=str(self.base_dir),
+                                  node=self.step_id)
+        try:
+            root = self.base_dir.resolve()
+            candidate = Path(os.path.expanduser(text))  # like a shell: an unknown ~user stays as written
+            full = candidate if candidate.is_absolute() else root / candidate
+            resolved, folder = full.resolve(), full.parent.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise UnsafePathError(f"{label} cannot be resolved: {exc}", path=text, base_dir=str(self.base_dir),
+                                  node=self.step_id) from exc
+        if not self.allow_outside and resolved != root and not resolved.is_relative_to(root):
+            raise UnsafePathError(
+                f"{label} leads to {resolved}, outside the workflow folder {root}; set allow_outside: true "
+                "on the step (or on the workflow) to allow paths outside it",
+                path=text, base_dir=str(root), resolved=str(resolved), node=self.step_id)
+        return resolved if full.name in ("", "..") else folder / full.name
 
 
 class _RedactingLogger(logging.LoggerAdapter):
@@ -97,6 +138,7 @@ class StepType:
     run: Callable[[StepContext, dict[str, Any]], Any]
     params_model: type[BaseModel] | None = None
     builtin: bool = False
+    raw_params: frozenset[str] = frozenset()  # params the type renders itself (left unrendered)
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Params checked (and defaults filled) by the model; raises pydantic's ValidationError."""
@@ -115,8 +157,8 @@ Scalar = str | int | float | bool
 # --- shell ------------------------------------------------------------------------------------
 class ShellParams(_Params):
     argv: list[Scalar] | None = None
-    command: str | None = None
-    shell: bool = False
+    shell: bool = False  # before `command`: its validator reads it
+    command: str | None = None  # a template, rendered by run_shell (see render_command)
     cwd: str | None = None
     env: dict[str, Scalar] = Field(default_factory=dict)
     timeout_s: float | None = Field(default=None, gt=0)
@@ -131,23 +173,45 @@ class ShellParams(_Params):
             raise ValueError("argv must not be empty")
         if self.shell and self.command is None:
             raise ValueError("shell: true needs command (a string), not argv")
-        if self.command is not None and not self.shell and _SHELL_SYNTAX & set(self.command):
-            raise ValueError("command uses shell syntax; set shell: true or give argv as a list")
+        reserved = sorted(name for name in self.env if name.startswith(VALUE_ENV_PREFIX))
+        if reserved:
+            raise ValueError(f"env names starting with {VALUE_ENV_PREFIX} are reserved for the values of "
+                             f"a shell command; rename {', '.join(reserved)}")
         return self
+
+    @field_validator("command")
+    @classmethod
+    def _no_shell_syntax(cls, command: str | None, info: ValidationInfo) -> str | None:
+        # only the template's own text counts: a value inside {{ }} is always one argument
+        if command is None or info.data.get("shell", True):
+            return command
+        literal = template_data(command)
+        found = sorted(_SHELL_SYNTAX & set(literal or ""))
+        if found:
+            raise ValueError(f"command uses shell syntax ({', '.join(map(repr, found))}); set shell: true "
+                             "or give argv as a list")
+        return command
 
 
 async def run_shell(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Run ``argv`` (each item one argument), or render ``command`` with render_command: split
+    into words (each value inside one word), or, with ``shell: true``, a script whose values
+    come from ``TOKIWA_VALUE_<n>`` environment variables."""
     p = ShellParams.model_validate(params)
-    cwd = str(step.path(p.cwd)) if p.cwd else str(step.base_dir)
+    cwd = str(step.path(p.cwd, field="params.cwd")) if p.cwd else str(step.base_dir)
     env = {k: _text(v) for k, v in p.env.items()}
-    common = {"cwd": cwd, "env": env, "timeout": p.timeout_s, "ok_codes": p.ok_exit_codes}
+    common = {"cwd": cwd, "timeout": p.timeout_s, "ok_codes": p.ok_exit_codes, "input": p.input}
+    where = f"step {step.step_id} params.command"
     if p.shell:
-        step.log(f"shell: {p.command}")
-        result = await exec_shell_async(p.command, allow_shell=True, **common)
+        script, values = render_command(p.command or "", step.namespace, where=where).shell()
+        shown = "".join(f"\n  {name}={shlex.quote(value)}" for name, value in values.items())
+        step.log(f"shell: {script}{shown}")
+        result = await exec_shell_async(script, allow_shell=True, env={**env, **values}, **common)
     else:
-        argv = [_text(a) for a in p.argv] if p.argv is not None else shlex.split(p.command or "")
+        argv = ([_text(a) for a in p.argv] if p.argv is not None
+                else render_command(p.command or "", step.namespace, where=where).argv())
         step.log(f"exec: {shlex.join(argv)}")
-        result = await exec_command_async(argv, input=p.input, **common)
+        result = await exec_command_async(argv, env=env, **common)
     return result.to_dict()
 
 
@@ -184,34 +248,35 @@ async def run_file(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _file_op(step: StepContext, p: FileParams) -> dict[str, Any]:
+    # every path is checked (StepContext.path) before the first one is used
     if p.op == "write":
-        target = step.path(p.path or "")
+        target = step.path(p.path or "", field="params.path")
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("a" if p.append else "w", encoding="utf-8") as handle:
             handle.write(p.content or "")
         return {"op": "write", "path": str(target), "bytes": len((p.content or "").encode())}
     if p.op == "copy":
-        src, dest = step.path(p.src or ""), step.path(p.dest or "")
+        src, dest = step.path(p.src or "", field="params.src"), step.path(p.dest or "", field="params.dest")
         if not src.is_file():
             raise StepExecutionError(f"step {step.step_id!r}: cannot copy {src}: no such file", node=step.step_id)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
         return {"op": "copy", "src": str(src), "dest": str(dest), "bytes": dest.stat().st_size}
     if p.op == "delete":
-        target = step.path(p.path or "")
+        target = step.path(p.path or "", field="params.path")
         existed = target.exists()
         if not existed and not p.missing_ok:
             raise StepExecutionError(f"step {step.step_id!r}: cannot delete {target}: no such file",
                                      node=step.step_id)
         target.unlink(missing_ok=True)
         return {"op": "delete", "path": str(target), "existed": existed}
-    source = step.path(p.template or "")
+    source = step.path(p.template or "", field="params.template")
+    dest = step.path(p.dest or "", field="params.dest")
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise StepExecutionError(f"step {step.step_id!r}: template {source} not found", node=step.step_id) from exc
     rendered = render_text(text, step.namespace, where=f"step {step.step_id} template {source.name}")
-    dest = step.path(p.dest or "")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(rendered, encoding="utf-8")
     return {"op": "render", "template": str(source), "dest": str(dest), "bytes": len(rendered.encode())}
@@ -273,12 +338,17 @@ def build_docker_argv(params: dict[str, Any], base_dir: Path | str = ".") -> lis
     return [*argv, p.image, *(_text(a) for a in p.args)]
 
 
+def _host_path(host: str) -> bool:
+    """Whether a volume's host part is a path (``./data``, ``/srv``, ``~/x``), not a named volume."""
+    return host.startswith((".", "~")) or "/" in host
+
+
 def _volume(spec: str, base_dir: Path) -> str:
     host, sep, rest = spec.partition(":")
     if not sep or not host or not rest:
         raise InvalidArgumentError(f"volume {spec!r} must be HOST:CONTAINER[:MODE]")
-    if host.startswith((".", "~")) or "/" in host:
-        path = Path(host).expanduser()
+    if _host_path(host):
+        path = Path(os.path.expanduser(host))
         host = str(path if path.is_absolute() else (base_dir / path).resolve())
     return f"{host}:{rest}"
 
@@ -299,6 +369,10 @@ async def _docker_available(step: StepContext) -> None:
 
 async def run_docker(step: StepContext, params: dict[str, Any]) -> dict[str, Any]:
     p = DockerParams.model_validate(params)
+    for i, volume in enumerate(p.volumes):
+        host = volume.partition(":")[0]
+        if _host_path(host):
+            step.path(host, field=f"params.volumes[{i}]")
     argv = build_docker_argv(params, step.base_dir)
     await _docker_available(step)
     step.log(f"docker: {shlex.join(argv)}")
@@ -354,6 +428,9 @@ def _load_file_module(path: Path) -> Any:
 async def run_python(step: StepContext, params: dict[str, Any]) -> Any:
     """Call ``callable(ctx, **kwargs)`` with the runner's NodeContext; sync ones in a thread."""
     p = PythonParams.model_validate(params)
+    module = p.callable.partition(":")[0]
+    if module.endswith(".py"):
+        step.path(module, field="params.callable")
     try:
         fn = await asyncio.to_thread(import_callable, p.callable, step.base_dir)
     except NotFoundError as exc:
@@ -371,20 +448,25 @@ async def call_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
 
 # --- registry ---------------------------------------------------------------------------------
 _REGISTRY: dict[str, StepType] = {
-    name: StepType(name, fn, model, builtin=True)
-    for name, fn, model in (("shell", run_shell, ShellParams), ("file", run_file, FileParams),
-                            ("test", run_test, TestParams), ("docker", run_docker, DockerParams),
-                            ("python", run_python, PythonParams))
+    name: StepType(name, fn, model, builtin=True, raw_params=frozenset(raw))
+    for name, fn, model, raw in (("shell", run_shell, ShellParams, ["command"]), ("file", run_file, FileParams, []),
+                                 ("test", run_test, TestParams, []), ("docker", run_docker, DockerParams, []),
+                                 ("python", run_python, PythonParams, []))
 }
 _entry_points_loaded = False
 
 
 def register_step_type(name: str, fn: Any, *, params_model: type[BaseModel] | None = None,
-                       replace: bool = False) -> StepType:
-    """Register a custom step type ``name`` -> ``fn(step, params)`` (sync or async)."""
+                       replace: bool = False, raw_params: Iterable[str] = ()) -> StepType:
+    """Register a custom step type ``name`` -> ``fn(step, params)`` (sync or async).
+
+    ``raw_params`` names params passed unrendered (the type renders them itself, e.g. with
+    :func:`~orchestrator.templates.render_command`)."""
     if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
         raise InvalidArgumentError(f"step type name must be a non-blank word, got {name!r}")
     step_type = _as_step_type(name, fn, params_model)
+    if raw_params:
+        step_type = StepType(name, step_type.run, step_type.params_model, raw_params=frozenset(raw_params))
     existing = _REGISTRY.get(name)
     if existing is not None and not replace:
         raise ConflictError(f"step type {name!r} is already registered; pass replace=True to override it")
@@ -403,7 +485,7 @@ def unregister_step_type(name: str) -> bool:
 
 def _as_step_type(name: str, obj: Any, params_model: type[BaseModel] | None) -> StepType:
     if isinstance(obj, StepType):
-        return StepType(name, obj.run, params_model or obj.params_model)
+        return StepType(name, obj.run, params_model or obj.params_model, raw_params=obj.raw_params)
     if inspect.isclass(obj):
         params_model = params_model or getattr(obj, "params_model", None)
         obj = obj()

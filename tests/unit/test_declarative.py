@@ -128,18 +128,30 @@ async def test_a_command_string_without_shell_syntax_runs_without_a_shell(tmp_pa
     assert result.output_of("s")["stdout"] == "a b\n"
 
 
-def test_shell_syntax_without_shell_true_is_refused_at_load_with_its_line(tmp_path):
-    path = write(tmp_path, "wf.yaml", """
+@pytest.mark.parametrize("command", ["ls | wc -l", "ls {{ input.dir }} | wc -l"])
+def test_shell_syntax_without_shell_true_is_refused_at_load_with_its_line(tmp_path, command):
+    path = write(tmp_path, "wf.yaml", f"""
         name: needs-shell
         steps:
           - id: s
             type: shell
             params:
-              command: "ls | wc -l"
+              command: "{command}"
     """)
-    with pytest.raises(WorkflowFileError, match=r"line 5: steps\[0\]\.params: .*set shell: true") as info:
+    with pytest.raises(WorkflowFileError, match=r"line 6: steps\[0\]\.params\.command: .*command uses shell "
+                                                r"syntax \('\|'\); set shell: true") as info:
         load_workflow_file(path)
-    assert info.value.line == 5
+    assert info.value.line == 6 and info.value.field == "steps[0].params.command"
+
+
+async def test_input_reaches_the_stdin_of_shell_and_argv_steps(tmp_path):
+    result = await run_yaml(tmp_path, """
+        name: stdin
+        steps:
+          - {id: sh, type: shell, params: {command: "tr a-z A-Z | rev", shell: true, input: "{{ input.text }}"}}
+          - {id: argv, type: shell, params: {argv: [tr, a-z, A-Z], input: "{{ input.text }}"}}
+    """, {"text": "abc"})
+    assert result.output_of("sh")["stdout"] == "CBA" and result.output_of("argv")["stdout"] == "ABC"
 
 
 async def test_retry_settings_retry_a_failing_step(tmp_path):
@@ -365,6 +377,22 @@ async def test_register_step_type_adds_a_custom_step(tmp_path):
         unregister_step_type("shout_test")
     assert result.output_of("s") == "HEY"
     assert result.logs[0]["message"] == "shouting hey"
+
+
+async def test_a_custom_step_type_gets_its_raw_params_unrendered(tmp_path):
+    def show(step, params):
+        return {"raw": params["query"], "rendered": params["label"]}
+
+    register_step_type("show_raw_test", show, raw_params=["query"])
+    try:
+        result = await run_yaml(tmp_path, """
+            name: raw
+            steps:
+              - {id: s, type: show_raw_test, params: {query: "id = {{ input.id }}", label: "{{ input.id }}"}}
+        """, {"id": 7})
+    finally:
+        unregister_step_type("show_raw_test")
+    assert result.output_of("s") == {"raw": "id = {{ input.id }}", "rendered": 7}
 
 
 def test_a_built_in_step_type_cannot_be_replaced_by_accident():

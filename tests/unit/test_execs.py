@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,32 @@ async def test_async_exec_shell_refuses_without_allow_shell():
 
 async def test_async_exec_shell_runs_when_allowed():
     assert (await exec_shell_async("printf '%s' a && printf b", allow_shell=True)).stdout == "ab"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["echo", "a\x00b"], "argv[1] 'a\\x00b' contains a NUL byte, which no command argument can hold"),
+    ([Path("ech\x00o")], "argv[0] 'ech\\x00o' contains a NUL byte, which no command argument can hold"),
+])
+def test_a_nul_byte_in_an_argument_is_a_clear_error_not_a_bare_value_error(argv, message):
+    with pytest.raises(InvalidArgumentError) as info:
+        exec_command(argv)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"X": "a\x00b"}, "environment variable X contains a NUL byte, which no environment value can hold"),
+    ({"A=B": "x"}, "environment variable name 'A=B' must be non-empty, without '=' or NUL"),
+    ({"": "x"}, "environment variable name '' must be non-empty, without '=' or NUL"),
+])
+async def test_an_environment_the_os_cannot_pass_is_a_clear_error(env, message, tmp_path):
+    with pytest.raises(InvalidArgumentError) as sync_info:
+        exec_command(["touch", str(tmp_path / "ran")], env=env)
+    with pytest.raises(InvalidArgumentError) as async_info:
+        await exec_shell_async(f"touch {tmp_path / 'ran'}", allow_shell=True, env=env)
+    assert str(sync_info.value) == str(async_info.value) == message
+    assert not (tmp_path / "ran").exists()
+
+
+async def test_exec_shell_passes_input_on_stdin():
+    assert exec_shell("tr a-z A-Z", allow_shell=True, input="hi").stdout == "HI"
+    assert (await exec_shell_async("wc -c", allow_shell=True, input=b"abc")).stdout.strip() == "3"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -12,8 +13,10 @@ from orchestrator.templates import (
     evaluate,
     redact,
     render,
+    render_command,
     render_string,
     secrets_from_env,
+    template_data,
 )
 
 NS = {
@@ -133,3 +136,80 @@ def test_secrets_come_from_the_environment():
 def test_a_missing_secret_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="API_KEY"):
         secrets_from_env(["API_KEY"], {})
+
+
+# --- commands: values held apart from the template's own text ----------------------------------
+
+
+def test_a_rendered_command_holds_its_values_apart_from_the_template_text():
+    command = render_command("cp {{ input.ref }} '{{ variables.env }} x'", NS)
+    assert command.values == ("A-1", "prod")
+    assert "A-1" not in command.text and command.literal == "cp  ' x'"
+    assert command.argv() == ["cp", "A-1", "prod x"]
+
+
+def test_a_value_that_looks_like_a_template_is_not_rendered_again():
+    assert render_command("echo {{ input.v }}", {"input": {"v": "{{ secrets.TOKEN }}"}}).argv() == [
+        "echo", "{{ secrets.TOKEN }}"]
+
+
+def test_a_macro_or_set_block_output_is_one_value():
+    source = "{% macro m(a) %}<{{ a }} x>{% endmacro %}{% set s %}[{{ input.ref }}]{% endset %}echo {{ m(input.ref) }} {{ s }}"
+    assert render_command(source, NS).argv() == ["echo", "<A-1 x>", "[A-1]"]
+
+
+def test_a_filter_block_around_a_value_is_refused():
+    with pytest.raises(TemplateError, match=r"^w: command template .*: a value was changed after it was output "
+                                            r"\(a \{% filter %\} block\?\); apply filters inside \{\{ \}\} instead$"):
+        render_command("echo {% filter upper %}{{ input.ref }}{% endfilter %}", NS, where="w")
+
+
+def test_a_nul_byte_in_the_command_template_is_refused():
+    with pytest.raises(TemplateError, match=r"^w: command template 'echo \\x00' contains a NUL byte$"):
+        render_command("echo \x00", NS, where="w")
+
+
+def test_a_command_rendered_to_nothing_is_refused():
+    with pytest.raises(TemplateError, match=r"command '\{% if false %\}ls\{% endif %\}' is empty once rendered"):
+        render_command("{% if false %}ls{% endif %}", NS).argv()
+
+
+def test_a_missing_name_in_a_command_is_the_usual_template_error():
+    with pytest.raises(TemplateError, match="'nope' is undefined") as info:
+        render_command("echo {{ nope }}", NS, where="step s params.command")
+    assert info.value.name == "nope" and str(info.value).startswith("step s params.command: ")
+
+
+@pytest.mark.parametrize(("source", "script"), [
+    ("echo {{ input.ref }}", 'echo "${TOKIWA_VALUE_0}"'),
+    ("echo '{{ input.ref }}'", "echo ''\"${TOKIWA_VALUE_0}\"''"),
+    ('echo "x{{ input.ref }}"', 'echo "x${TOKIWA_VALUE_0}"'),
+    ("echo \\'{{ input.ref }}", "echo \\'\"${TOKIWA_VALUE_0}\""),
+    ('echo "$(cat {{ input.ref }})"', 'echo "$(cat "${TOKIWA_VALUE_0}")"'),
+    ('echo "`cat {{ input.ref }}`"', 'echo "`cat "${TOKIWA_VALUE_0}"`"'),
+    ('echo "${X:-{{ input.ref }}}" ${Y:-{{ input.ref }}}', 'echo "${X:-${TOKIWA_VALUE_0}}" ${Y:-"${TOKIWA_VALUE_1}"}'),
+    ("echo a # {{ input.ref }}\necho {{ input.ref }}", 'echo a # ${TOKIWA_VALUE_0}\necho "${TOKIWA_VALUE_1}"'),
+    ("echo $(echo a)#{{ input.ref }} $#{{ input.ref }}", 'echo $(echo a)#"${TOKIWA_VALUE_0}" $#"${TOKIWA_VALUE_1}"'),
+    ("cat <<-END; echo {{ input.ref }}\n\t{{ input.ref }} 'x'\n\tEND\necho '{{ input.ref }}'",
+     "cat <<-END; echo \"${TOKIWA_VALUE_0}\"\n\t${TOKIWA_VALUE_1} 'x'\n\tEND\necho ''\"${TOKIWA_VALUE_2}\"''"),
+    ("echo $(( 1 + 2 )) {{ input.ref }}", 'echo $(( 1 + 2 )) "${TOKIWA_VALUE_0}"'),
+])
+def test_shell_scripts_reference_each_value_quoted_for_where_it_stands(source, script):
+    got, env = render_command(source, NS).shell()
+    assert got == script
+    assert env == {f"TOKIWA_VALUE_{i}": "A-1" for i in range(script.count("TOKIWA_VALUE_"))}
+
+
+@pytest.mark.parametrize(("source", "why"), [
+    ("echo $(( {{ variables.count }} * 2 ))", "inside $(( )) would be evaluated as arithmetic"),
+    ('cat <<"EOF"\n{{ input.ref }}\nEOF', "here-document with a quoted delimiter would not be expanded"),
+    ("cat <<{{ input.ref }}\nx\n", "here-document's delimiter cannot come from a {{ }} value"),
+])
+def test_shell_contexts_that_would_not_keep_a_value_one_word_are_refused(source, why):
+    with pytest.raises(TemplateError, match=re.escape(f"w: command {source!r}: ") + ".*" + re.escape(why)):
+        render_command(source, NS, where="w").shell()
+
+
+def test_template_data_is_the_text_outside_jinja_syntax():
+    assert template_data("ls {{ x | default('|') }}{% if y %} -v{% else %} -q{% endif %}{# c; #} |") == "ls  -v -q |"
+    assert template_data("{{ broken") is None
