@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import InvalidArgumentError, WorkflowAborted
+from .errors import InvalidArgumentError, UnsafePathError, WorkflowAborted
 
 BACKOFFS = ("fixed", "exponential", "linear")
 JITTERS = ("none", "full", "equal")
@@ -39,8 +39,9 @@ class RetryPolicy:
     """When and how a failing node is retried; validated when it is built.
 
     ``retry_on`` lists the retryable exception types (or their class names as strings, for
-    declarative files); any other error fails the node at once. ``WorkflowAborted`` and
-    cancellation are never retried. ``max_attempts`` counts the first try: 3 means two retries.
+    declarative files); any other error fails the node at once. ``WorkflowAborted``, a
+    refused path (``UnsafePathError``: trying again cannot help) and cancellation are never
+    retried. ``max_attempts`` counts the first try: 3 means two retries.
     """
 
     max_attempts: int = 1
@@ -98,7 +99,7 @@ class RetryPolicy:
 
     def is_retryable(self, error: BaseException) -> bool:
         """Whether ``error`` is of a retryable kind (ignoring how many attempts are left)."""
-        if isinstance(error, (WorkflowAborted, asyncio.CancelledError)):
+        if isinstance(error, (WorkflowAborted, UnsafePathError, asyncio.CancelledError)):
             return False
         for item in self.retry_on:
             if isinstance(item, str):

@@ -107,3 +107,13 @@ def test_invalid_policies_fail_at_construction(kwargs, match):
 def test_delay_for_rejects_attempt_numbers_below_one():
     with pytest.raises(InvalidArgumentError, match="attempt must be an integer >= 1"):
         RetryPolicy().delay_for(0)
+
+
+def test_a_refused_path_is_never_retried_even_when_every_error_is_retryable():
+    from orchestrator.errors import UnsafePathError
+    from orchestrator.retry import RetryPolicy
+
+    policy = RetryPolicy(max_attempts=5, retry_on=(Exception,))
+    refused = UnsafePathError("step 'f': path '../x' leads outside", path="../x", resolved="/x", base_dir="/wf")
+    assert not policy.should_retry(refused, attempt=1)
+    assert policy.should_retry(OSError("disk"), attempt=1)
