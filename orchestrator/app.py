@@ -20,7 +20,7 @@ from . import faults
 from .app_workflows import WorkflowsAndCronMixin
 from .broker import StreamBroker
 from .config import Settings, load_settings
-from .connection import create_redis
+from .connection import create_redis, read_block_ms
 from .consumer import Consumer, Outcome
 from .cron_jobs import CronRegistry
 from .dispatcher import EventDispatcher
@@ -154,7 +154,8 @@ class Orchestrator(WorkflowsAndCronMixin):
             url = self._embedded.url
             log.info("started embedded redis-server at %s", url)
         # every slot may hold a connection (plus reads, acks, renewals, heartbeats)
-        self.redis = create_redis(url, block_ms=self.settings.block_ms,
+        self.redis = create_redis(url, timeout_ms=self.settings.redis_timeout_ms,
+                                  block_ms=read_block_ms(self.settings.block_ms, self.settings.redis_timeout_ms),
                                   max_connections=max(100, 2 * self.settings.concurrency + 32))
         consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
         self.broker = StreamBroker(self.redis, self.settings, consumer)

@@ -65,10 +65,14 @@ def checked_fields(event: Event, max_bytes: int) -> dict:
     return fields
 
 
-def ordered_publish(keys: Keys, fields: dict, conversation_ids: Sequence[str]) -> tuple[list, list]:
-    """KEYS and ARGV of :data:`scripts.PUBLISH_ORDERED` for one entry."""
-    script_keys = [keys.events, *(keys.conversation_order(c) for c in conversation_ids)]
-    return script_keys, [x for kv in fields.items() for x in kv]
+def publish_once_call(keys: Keys, event_id: str, fields: dict, conversation_ids: Sequence[str],
+                      dedup_ms: int) -> tuple[list, list] | None:
+    """KEYS and ARGV of :data:`scripts.PUBLISH_ONCE` for one entry, or None when a plain XADD
+    does the same (``dedup_ms`` 0 and no conversation order lists)."""
+    if not dedup_ms and not conversation_ids:
+        return None
+    script_keys = [keys.events, keys.published(event_id), *(keys.conversation_order(c) for c in conversation_ids)]
+    return script_keys, [dedup_ms, *(x for kv in fields.items() for x in kv)]
 
 
 # ids per ACK_OWNED / RENEW_OWNED call (bounds Lua's unpack and the script's run time)
@@ -123,7 +127,7 @@ class StreamBroker:
         self._reclaim = redis.register_script(scripts.RECLAIM)
         self._dead = redis.register_script(scripts.DEAD_LETTER)
         self._trim = redis.register_script(scripts.TRIM_SAFE)
-        self._publish_ordered = redis.register_script(scripts.PUBLISH_ORDERED)
+        self._publish_once = redis.register_script(scripts.PUBLISH_ONCE)
         self._reclaim_cursor = "0-0"
 
     # -- group ----------------------------------------------------------------------------
@@ -158,33 +162,39 @@ class StreamBroker:
 
     # -- publish --------------------------------------------------------------------------
     async def publish(self, event: Event, *, conversation_ids: Sequence[str] = ()) -> str:
-        """XADD one event; returns its stream id. With ``conversation_ids`` the id is also
-        appended to each conversation's order list in the same atomic step."""
+        """Add one event to the stream once; returns its stream id. With ``conversation_ids``
+        the id is also appended to each conversation's order list in the same atomic step.
+
+        Publishing lands once per event id within ``publish_dedup_ms``: a publish that redis-py
+        resends after a timeout (the first may have landed), or the same Event published again,
+        returns the first stream id and adds nothing (:data:`scripts.PUBLISH_ONCE`)."""
         fields = checked_fields(event, self.settings.max_event_bytes)
-        if conversation_ids:
-            keys, args = ordered_publish(self.keys, fields, conversation_ids)
-            stream_id = _s(await self._publish_ordered(keys=keys, args=args))
-        else:
+        call = publish_once_call(self.keys, event.id, fields, conversation_ids, self.settings.publish_dedup_ms)
+        if call is None:
             stream_id = _s(await self.redis.xadd(self.stream, fields))
+        else:
+            stream_id = _s(await self._publish_once(keys=call[0], args=call[1]))
         event.stream_id = stream_id
         return stream_id
 
     async def publish_many(
         self, events: Iterable[Event], *, conversation_ids: Sequence[Sequence[str]] | None = None
     ) -> list[str]:
-        """XADD many events in one pipelined round trip (no transaction); returns stream ids."""
+        """Publish many events in one pipelined round trip (no transaction), each once as in
+        :meth:`publish` (a resent pipeline adds nothing twice); returns their stream ids."""
         events = list(events)
         if not events:
             return []
+        dedup_ms = self.settings.publish_dedup_ms
         pipe = self.redis.pipeline(transaction=False)
         for i, event in enumerate(events):
             fields = checked_fields(event, self.settings.max_event_bytes)
             convs = conversation_ids[i] if conversation_ids else ()
-            if convs:
-                keys, args = ordered_publish(self.keys, fields, convs)
-                await self._publish_ordered(keys=keys, args=args, client=pipe)
-            else:
+            call = publish_once_call(self.keys, event.id, fields, convs, dedup_ms)
+            if call is None:
                 pipe.xadd(self.stream, fields)
+            else:
+                await self._publish_once(keys=call[0], args=call[1], client=pipe)
         ids = [_s(x) for x in await pipe.execute()]
         for event, stream_id in zip(events, ids, strict=True):
             event.stream_id = stream_id

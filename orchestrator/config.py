@@ -61,6 +61,14 @@ class Settings(BaseModel):
     dead_maxlen: int = Field(default=100_000, ge=100)
     # longest XREADGROUP BLOCK; shorter = faster shutdown, longer = fewer idle round trips.
     block_ms: int = Field(default=2_000, ge=10, le=60_000)
+    # ms a Redis connect or reply may take before the link counts as dead (the client drops
+    # the connection and reconnects); blocking reads wait less than this (connection.py).
+    redis_timeout_ms: int = Field(default=3_000, ge=100, le=600_000)
+    # ms a publish's marker ``{ns}:published:{event_id}`` lives: publishing the same event id
+    # again within it (a retry after a timeout) returns the first stream id instead of adding
+    # a second entry. redis-py's own resends all fall within ~15 s; a marker costs ~240 bytes.
+    # 0 = plain XADD, and a retried publish may then add the event twice.
+    publish_dedup_ms: int = Field(default=20_000, ge=0)
     # an encoded envelope larger than this is refused by the producer and dead-lettered by workers.
     max_event_bytes: int = Field(default=1_048_576, ge=1024)
     ack_policy: Literal["always", "on_success"] = "always"

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from . import faults
 from .broker import Delivery, StreamBroker
 from .config import Settings
+from .connection import read_block_ms
 from .errors import BrokerError, EventDecodeError
 from .events import Event, decode_fields
 from .faults import TRANSIENT, Backoff, Fault, classify
@@ -337,7 +338,8 @@ class Consumer:
     def _block_ms(self) -> int:
         """Block no longer than until the next reclaim round is due."""
         until = (self._next_reclaim - time.monotonic()) * 1000
-        return max(10, min(self.settings.block_ms, int(until)))
+        block = read_block_ms(self.settings.block_ms, self.settings.redis_timeout_ms)
+        return max(10, min(block, int(until)))
 
     async def _reclaim(self, free: int) -> int:
         deliveries, deleted = await self.broker.reclaim(free)

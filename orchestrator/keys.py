@@ -118,3 +118,9 @@ class Keys:
     # to the newest N (default 10 000) so a redelivered event never applies twice; no expiry.
     def conversation_applied(self, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{conversation_id}:applied"
+
+    # string: stream id of a published event, set by the publish script with the XADD, PX =
+    # ``publish_dedup_ms`` (default 60 s); a publish that finds it adds nothing (a resent
+    # publish lands once).
+    def published(self, event_id: str) -> str:
+        return f"{self.namespace}:published:{event_id}"

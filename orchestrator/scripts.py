@@ -65,17 +65,27 @@ return {r[1], entries, counts, r[3] or {}}
 
 # KEYS[1] = events stream, KEYS[2] = dead-letter stream
 # ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = entry id, ARGV[4] = dead maxlen,
-# ARGV[5..n] = field/value pairs for the dead entry
-# If ARGV[3] is still pending for ARGV[2]: XADD it to the dead stream and XACK it; returns the
+# ARGV[5..n] = field/value pairs for the dead entry (bounded by the caller: unpack overflows
+# near 8,000 values)
+# If ARGV[3] is still pending for ARGV[2]: XACK it and XADD it to the dead stream; returns the
 # dead entry's id, or false when the entry is no longer ours.
+# Everything that can fail is checked before the first write (the dead key's type; the
+# fields were bounded by the caller), so an entry is never acked without its dead letter. The
+# XACK comes first on purpose: Redis lets a script that has already written finish even when
+# memory is full (maxmemory, noeviction), so dead-lettering moves an entry on a full Redis,
+# and the trim that follows frees the original.
 DEAD_LETTER = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then return false end
+local t = redis.call('TYPE', KEYS[2])
+if type(t) == 'table' then t = t['ok'] end
+if t ~= 'stream' and t ~= 'none' then
+  return redis.error_reply('WRONGTYPE dead-letter key ' .. KEYS[2] .. ' is a ' .. t .. ', not a stream')
+end
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-return id
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 """
 
 # KEYS[1] = events stream
@@ -129,12 +139,22 @@ end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', cut)
 """
 
-# KEYS[1] = events stream, KEYS[2..n] = conversation order lists
-# ARGV[1..] = the entry's field/value pairs
-# XADDs the entry and RPUSHes its id to every conversation order list, atomically, so the
-# order lists follow stream order. Returns the entry id.
-PUBLISH_ORDERED = """
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV))
-for i = 2, #KEYS do redis.call('RPUSH', KEYS[i], id) end
+# KEYS[1] = events stream, KEYS[2] = the event's marker ({ns}:published:{event_id}),
+# KEYS[3..n] = conversation order lists
+# ARGV[1] = marker lifetime in ms (0 = no marker), ARGV[2..n] = the entry's field/value pairs
+# Publishes an event once: when the marker exists (this event id was published within its
+# lifetime, say by a publish resent after a timeout), returns the stream id it holds and adds
+# nothing. Otherwise XADDs the entry, sets the marker to its id and RPUSHes the id to every
+# conversation order list, atomically (the order lists follow stream order). Returns the
+# entry id. The XADD is the first write, so a full Redis (OOM) refuses the whole publish.
+PUBLISH_ONCE = """
+local ttl = ARGV[1]
+if ttl ~= '0' then
+  local known = redis.call('GET', KEYS[2])
+  if known then return known end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+if ttl ~= '0' then redis.call('SET', KEYS[2], id, 'PX', ttl) end
+for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], id) end
 return id
 """

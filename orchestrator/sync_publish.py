@@ -2,8 +2,9 @@
 
 It uses redis-py's synchronous client, which costs less per call than the asyncio one when
 events are sent one at a time from code that is not async anyway (no event loop round per
-call). The wire form, the size limit and the conversation order lists are the same as
-``publish``'s; the same scripts run.
+call). The wire form, the size limit, the conversation order lists and the once-only marker
+are the same as ``publish``'s; the same script runs, on a client with the same timeouts and
+retry policy (:mod:`orchestrator.connection`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 import redis
 
 from . import scripts
-from .broker import checked_fields, ordered_publish
+from .broker import checked_fields, publish_once_call
 from .config import Settings
+from .connection import create_sync_redis
 from .errors import StateError
 from .events import Event
+from .faults import is_group_exists, is_missing_key
 from .keys import Keys
 
 
@@ -31,8 +34,8 @@ class SyncPublisher:
                              "Redis is started by the async connect() only")
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-        self._ordered = self.redis.register_script(scripts.PUBLISH_ORDERED)
+        self.redis = create_sync_redis(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
+        self._publish_once = self.redis.register_script(scripts.PUBLISH_ONCE)
         self._group_ready = False
         self._lock = threading.Lock()
 
@@ -40,19 +43,30 @@ class SyncPublisher:
         if self._group_ready:
             return
         with self._lock:
-            try:
-                self.redis.xgroup_create(self.keys.events, self.settings.group, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            if not self._group_exists():  # look first: a full Redis refuses XGROUP CREATE
+                try:
+                    self.redis.xgroup_create(self.keys.events, self.settings.group, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if not is_group_exists(exc):
+                        raise
             self._group_ready = True
+
+    def _group_exists(self) -> bool:
+        try:
+            groups = self.redis.xinfo_groups(self.keys.events)
+        except redis.ResponseError as exc:
+            if is_missing_key(exc):
+                return False
+            raise
+        wanted = self.settings.group.encode()
+        return any(g["name"] in (wanted, self.settings.group) for g in groups)
 
     def _add(self, client: Any, event: Event, conversation_ids: Sequence[str]) -> Any:
         fields = checked_fields(event, self.settings.max_event_bytes)
-        if conversation_ids:
-            keys, args = ordered_publish(self.keys, fields, conversation_ids)
-            return self._ordered(keys=keys, args=args, client=client)
-        return client.xadd(self.keys.events, fields)
+        call = publish_once_call(self.keys, event.id, fields, conversation_ids, self.settings.publish_dedup_ms)
+        if call is None:
+            return client.xadd(self.keys.events, fields)
+        return self._publish_once(keys=call[0], args=call[1], client=client)
 
     def publish(self, event: Event, conversation_ids: Sequence[str] = ()) -> str:
         self._ensure_group()
