@@ -255,10 +255,12 @@ class Orchestrator(WorkflowsAndCronMixin):
         """Run the dispatcher, then every processor (triggered workflows) for one event.
         Event types starting with ``tokiwa.`` are reserved and skip the dispatcher."""
         errors: list[str] = []
+        infra = False  # a subscriber met a transient Redis fault: redeliver, whatever ack_policy says
         if not event.type.startswith(RESERVED_PREFIX):
             result = await self.dispatcher.dispatch(event)
             if result.errors:
                 errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
+                infra = any(faults.is_transient(e.error) for e in result.errors)
                 self._log_dispatch_errors(event, result)
         for processor in self._processors:
             found = await processor(event)
@@ -266,7 +268,7 @@ class Orchestrator(WorkflowsAndCronMixin):
                 errors = errors + found
         if errors:
             self.metrics["failed"] += 1
-            retry = any(e.startswith(RETRY_MARK) for e in errors)
+            retry = infra or any(e.startswith(RETRY_MARK) for e in errors)
             return Outcome(False, "; ".join(errors)[:4000], retry=retry)
         self.metrics["processed"] += 1
         return Outcome(True)

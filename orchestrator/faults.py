@@ -26,6 +26,7 @@ import asyncio
 import enum
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -193,11 +194,11 @@ class Backoff:
 class Condition:
     """One log line when a condition (an outage, a full Redis) starts, one when it ends.
 
-    ``hit(exc)`` while it holds only counts; ``clear()`` logs how long it lasted. Thread-unsafe,
-    one per loop or component."""
+    ``hit(exc)`` while it holds only counts; ``clear()`` logs how long it lasted."""
 
     def __init__(self, logger: logging.Logger, what: str, level: int = logging.WARNING) -> None:
         self.logger, self.what, self.level = logger, what, level
+        self._lock = threading.Lock()  # publish_sync may meet a fault from several threads
         self.since: float | None = None
         self.hits = 0
         self.episodes = 0
@@ -208,11 +209,12 @@ class Condition:
 
     def hit(self, exc: BaseException | str) -> bool:
         """Record a failure; returns True when this one started the condition (and was logged)."""
-        self.hits += 1
-        if self.since is not None:
-            return False
-        self.since = time.monotonic()
-        self.episodes += 1
+        with self._lock:
+            self.hits += 1
+            if self.since is not None:
+                return False
+            self.since = time.monotonic()
+            self.episodes += 1
         text = exc if isinstance(exc, str) else describe(exc)
         self.logger.log(self.level, "%s (%s); %s", self.what, text, self._action(exc))
         return True
@@ -230,10 +232,11 @@ class Condition:
 
     def clear(self) -> float | None:
         """End the condition; returns how long it lasted (None if it was not active)."""
-        if self.since is None:
-            return None
-        lasted = time.monotonic() - self.since
-        self.since = None
+        with self._lock:
+            if self.since is None:
+                return None
+            lasted = time.monotonic() - self.since
+            self.since = None
         self.logger.log(self.level, "%s: recovered after %.1fs", self.what, lasted)
         return lasted
 

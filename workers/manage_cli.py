@@ -170,7 +170,9 @@ def _read_cluster(settings: Settings, now: float) -> list[dict]:
                           field="redis_url")
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    from orchestrator.connection import create_sync_redis
+
+    client = create_sync_redis(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
     try:
         entries = client.hgetall(Keys(settings.namespace).workers)
     except redis.RedisError as exc:

@@ -77,3 +77,27 @@ def test_redelivery_delay_doubles_per_delivery_with_jitter_and_caps():
     capped = load_settings({"redelivery_backoff_ms": 50_000, "redelivery_backoff_max_ms": 60_000,
                             "visibility_timeout_ms": 3_000})
     assert redelivery_delay_ms(capped, 1) <= 3_000  # never longer than the visibility timeout
+
+
+async def test_a_subscriber_that_meets_a_redis_outage_is_redelivered_even_under_ack_policy_always(redis_url, namespace):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from orchestrator import Orchestrator
+
+    app = Orchestrator(redis_url, namespace=namespace, ack_policy="always")
+
+    def cut_off(event):
+        raise RedisConnectionError("Connection closed by server.")
+
+    def plain_bug(event):
+        raise ValueError("a bug")
+
+    app.dispatcher.subscribe("outage", cut_off)
+    app.dispatcher.subscribe("bug", plain_bug)
+    try:
+        outage = await app.process_event(Event("outage", {}))
+        bug = await app.process_event(Event("bug", {}))
+    finally:
+        await app.close()
+    assert not outage.ok and outage.retry  # infrastructure, not the event: try it again
+    assert not bug.ok and not bug.retry  # the event's own failure: acked as failed (always)
