@@ -122,5 +122,10 @@ class Keys:
     # string: stream id of a published event, set by the publish script with the XADD, PX =
     # ``publish_dedup_ms`` (default 60 s); a publish that finds it adds nothing (a resent
     # publish lands once).
+    # stream: a lossless relay topic's frames (fields ``frame``, ``seq``), XADD MAXLEN ~ the
+    # relay's ``lossless_maxlen``, expiring a day after its last write.
+    def topic_stream(self, topic: str) -> str:
+        return f"{self.namespace}:topicstream:{topic}"
+
     def published(self, event_id: str) -> str:
         return f"{self.namespace}:published:{event_id}"

@@ -152,13 +152,23 @@ async def serve(app: Orchestrator, *, components: list[Any] | None = None, heart
         waiters = [asyncio.create_task(stopper.event.wait())]
         if app._consume_task is not None:
             waiters.append(app._consume_task)
-        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        # a component that can fail for good (a relay refused by an ACL) says so through
+        # wait_failed(); that stops the worker gracefully with a non-zero exit
+        failed = [asyncio.create_task(c.wait_failed(), name=f"tokiwa-watch-{type(c).__name__}")
+                  for c in components or [] if hasattr(c, "wait_failed")]
+        done, _ = await asyncio.wait(waiters + failed, return_when=asyncio.FIRST_COMPLETED)
         code = exitcodes.OK
         for task in done:
-            if task is not waiters[0] and task.exception() is not None:
+            if task in failed:
+                # the component logged why; say only what happens now
+                log.error("stopping the worker: %s failed (%s)", task.get_name().removeprefix("tokiwa-watch-"),
+                          type(task.result()).__name__)
+                code = exitcodes.FAILURE
+            elif task is not waiters[0] and task.exception() is not None:
                 log.error("consumer stopped with an error: %r", task.exception())
                 code = exitcodes.FAILURE
-        waiters[0].cancel()
+        for task in [waiters[0], *failed]:
+            task.cancel()
         return code
     finally:
         for component in reversed(components or []):

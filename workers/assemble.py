@@ -4,6 +4,13 @@ With ``tokiwa-worker run --app … --relay relay.toml`` the relay's children exc
 messages as usual; a child that exits becomes a ``relay.task_exited`` event, and topics that
 match the config's ``publish_events`` patterns become events of the topic's name (payload
 ``{"topic", "message"}``), so a relay line can trigger a workflow.
+
+A relay that cannot go on (Redis refuses it: an ACL rule; or a background task keeps dying)
+has logged one error line and stopped itself; the worker must not go on looking healthy.
+:meth:`RelayComponent.wait_failed` returns the error for the worker's run loop to stop on
+with a non-zero exit. If nothing waits on it, the component itself ends the process with
+``FAILURE`` once the relay has stopped (in-flight events are then handed back by Redis's
+visibility timeout instead of a graceful stop).
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from typing import Any
 
+from orchestrator import exitcodes
 from orchestrator.app import Orchestrator
 
 from .relay import Relay
 from .relay_config import load_relay_config
+from .relay_transport import RelayFatalError
 
 log = logging.getLogger("tokiwa.worker")
 
@@ -31,6 +41,9 @@ class RelayComponent:
         self.config = load_relay_config(relay_file)  # a broken file fails before anything starts
         self.relay: Relay | None = None
         self._overflow_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._watched = False  # someone awaits wait_failed(): it stops the worker gracefully
+        self._stopping = False
 
     async def _task_exited(self, info: Any) -> None:
         payload = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
@@ -47,6 +60,25 @@ class RelayComponent:
         self.app.extra_snapshots["relay"] = lambda: self.snapshot().get("counters", {})
         if self.app.event_observer is not None:  # metrics are on: export the overflow count
             self._overflow_task = asyncio.create_task(self._export_overflow())
+        self._watch_task = asyncio.create_task(self._watch())
+
+    async def wait_failed(self) -> RelayFatalError:
+        """Wait until the relay cannot go on and return why (the relay has logged it). Whoever
+        awaits this stops the worker (non-zero); never returns while the relay runs."""
+        assert self.relay is not None  # noqa: S101 - called after start()
+        self._watched = True
+        return await self.relay.wait_failed()
+
+    async def _watch(self) -> None:
+        assert self.relay is not None  # noqa: S101
+        await self.relay.wait_failed()
+        await asyncio.sleep(0)  # let a waiter of wait_failed() see it first
+        if self._watched or self._stopping:
+            return
+        await self.relay.stop()
+        log.error("worker: exiting because its relay failed (exit code %d)", exitcodes.FAILURE)
+        logging.shutdown()
+        os._exit(exitcodes.FAILURE)
 
     async def _export_overflow(self) -> None:
         from orchestrator import metrics
@@ -60,6 +92,10 @@ class RelayComponent:
                 reported = total
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         if self._overflow_task is not None:
             self._overflow_task.cancel()
             await asyncio.gather(self._overflow_task, return_exceptions=True)

@@ -9,6 +9,13 @@ signals of a normal shutdown.)
 Delivery into the child goes through a bounded queue and one writer task: when a slow child
 stops reading, its pipe fills, the writer waits, the queue fills, and further messages are
 counted in :attr:`ChildProcess.overflow` instead of stalling the relay for everyone else.
+Lossless topics use :meth:`ChildProcess.deliver_wait` instead, which waits for room.
+
+Output goes the other way: after each chunk it has read, a reader asks the relay's ``pace``
+hook whether to wait (a lossless topic's messages are queued for Redis faster than Redis takes
+them); while it waits, the child's pipe fills and the child blocks in its own write. Once the
+child has exited its readers stop waiting: what is left in its pipes is finite (a pipe
+buffer), and it is read to the end, so a child that wrote a burst and exited loses nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ except (OSError, AttributeError):  # not Linux: no parent-death signal, shutdown
     _prctl = None
 
 OutputHandler = Callable[["ChildProcess", Output, str], None]
+PaceHook = Callable[["ChildProcess"], "Awaitable[Any] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,7 @@ class ChildProcess:
         *,
         extra_env: dict[str, str] | None = None,
         function_of: str | None = None,
+        pace: PaceHook | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.task_name
@@ -155,6 +164,9 @@ class ChildProcess:
         self.returncode: int | None = None
         self.started_at = 0.0
         self._on_output = on_output
+        self._pace = pace
+        self._gone = asyncio.Event()  # set once the process has exited and its I/O ended
+        self._exited = asyncio.Event()  # set once the process has exited (readers stop pacing)
         self._extra_env = dict(extra_env or {})
         self._proc: asyncio.subprocess.Process | None = None
         self._readers: list[asyncio.Task[None]] = []
@@ -197,7 +209,7 @@ class ChildProcess:
         """Split the stream into lines and hand each to the parser. Reads in chunks (one
         await per burst, not per line); a line longer than MAX_LINE_BYTES is dropped whole
         and reported once."""
-        parser, emit = OutputParser(plain_topic), self._on_output
+        parser, emit, pace = OutputParser(plain_topic), self._on_output, self._pace
         buf, dropping = bytearray(), False
         try:
             while chunk := await stream.read(READ_CHUNK):
@@ -217,6 +229,8 @@ class ChildProcess:
                         emit(self, Output("plain", plain_topic, "", f"line longer than {MAX_LINE_BYTES} bytes dropped"), which)
                     buf.clear()
                     dropping = True
+                if pace is not None and not self._exited.is_set() and (wait := pace(self)) is not None:
+                    await self._until_exit(wait)
             if buf and not dropping:  # a last line without a newline
                 out = parser.feed(buf.decode("utf-8", errors="replace"))
                 if out is not None:
@@ -225,6 +239,20 @@ class ChildProcess:
             out = parser.finish()
             if out is not None:
                 emit(self, out, which)
+
+    async def _until_exit(self, wait: Awaitable[Any]) -> None:
+        """Await ``wait``, but no longer than the process lives."""
+        waiter = asyncio.ensure_future(wait)
+        if self._exited.is_set():
+            waiter.cancel()
+            return
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait((waiter, exited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (waiter, exited):
+                if not fut.done():
+                    fut.cancel()
 
     # -- input ---------------------------------------------------------------------------
     def deliver(self, data: bytes) -> bool:
@@ -237,6 +265,26 @@ class ChildProcess:
                 log.warning("relay: task %s is not reading its stdin; %d message(s) overflowed",
                             self.name, self.overflow)
             return False
+        return True
+
+    async def deliver_wait(self, data: bytes) -> bool:
+        """Queue ``data`` for the child's stdin, waiting while its queue is full (lossless
+        topics); False when the child exits first."""
+        if self.queue.full():
+            put = asyncio.ensure_future(self.queue.put(data))
+            gone = asyncio.ensure_future(self._gone.wait())
+            try:
+                await asyncio.wait((put, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not put.done():
+                    put.cancel()
+            if not put.done() or put.cancelled():
+                return False
+            return True
+        if self._gone.is_set():
+            return False
+        self.queue.put_nowait(data)
         return True
 
     async def _write(self) -> None:
@@ -264,6 +312,7 @@ class ChildProcess:
         assert self._proc is not None  # noqa: S101
         code = await self._proc.wait()
         self.returncode = code
+        self._exited.set()
         await self._finish_io()
         return code
 
@@ -276,6 +325,7 @@ class ChildProcess:
             self._writer.cancel()
         await asyncio.gather(*self._readers, *(t for t in [self._writer] if t), return_exceptions=True)
         self.undelivered_at_exit = self.queue.qsize()
+        self._gone.set()
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the child's whole process group (it leads its own group)."""
@@ -297,6 +347,7 @@ class ChildProcess:
         # also reaches grandchildren left in the group after the leader exited
         self.signal_group(signal.SIGKILL)
         self.returncode = await self._proc.wait()
+        self._exited.set()
         await self._finish_io()
 
     def snapshot(self) -> dict[str, object]:

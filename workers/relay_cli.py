@@ -9,6 +9,10 @@ state directory (useful alone on one machine; peers on other hosts need a shared
 Lines typed on the relay's own stdin are published on the topic ``system`` (as Miclow does);
 end of file on stdin does not stop the relay. SIGINT / SIGTERM stop it gracefully (children
 get SIGTERM, then SIGKILL after ``shutdown_grace_s``); a second signal exits at once.
+
+Exit codes: 0 after a signal, 1 when the relay cannot go on (Redis refuses it: an ACL rule,
+a password; or a background task keeps dying; one error line says why and what to change),
+2 for a bad config, 69 when Redis cannot be reached at start, 130 on a second signal.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import click
 from orchestrator.config import Settings, load_settings
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError
-from orchestrator.exitcodes import FORCED, OK, UNAVAILABLE, USAGE
+from orchestrator.exitcodes import FAILURE, FORCED, OK, UNAVAILABLE, USAGE
 
 from .relay import Relay
 from .relay_config import RelayConfig, load_relay_config
+from .relay_transport import RelayFatalError
 
 log = logging.getLogger("tokiwa.relay")
 
@@ -49,12 +54,15 @@ async def _pump_console(relay: Relay) -> None:
             text = line.decode("utf-8", errors="replace").strip()
             if text:
                 relay.route(CONSOLE_TOPIC, text, "console")
+                if (wait := relay.pace("console")) is not None:
+                    await wait
     finally:
         transport.close()
 
 
 async def serve(config: RelayConfig, *, redis_url: str, namespace: str, console_input: bool = False) -> int:
-    """Run a relay until SIGINT/SIGTERM; returns the process exit code."""
+    """Run a relay until SIGINT/SIGTERM (exit code 0) or until it cannot go on (it has logged
+    one error line saying why; exit code 1); returns the process exit code."""
     loop = asyncio.get_running_loop()
     stop, signals = asyncio.Event(), {"count": 0}
 
@@ -71,12 +79,19 @@ async def serve(config: RelayConfig, *, redis_url: str, namespace: str, console_
         await relay.start()
         click.echo("System running. Press Ctrl+C to stop.")
         if console_input:
-            relay._spawn(_pump_console(relay))  # noqa: SLF001 - owned and stopped by the relay
-        await stop.wait()
+            relay._spawn(_pump_console(relay), "console")  # noqa: SLF001 - owned and stopped by the relay
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.wait_failed())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
     finally:
         await relay.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    if relay.failure is not None:  # the relay logged why
+        return FAILURE
     click.echo("Graceful shutdown completed")
     return OK
 
@@ -108,16 +123,20 @@ def relay_command(
         raise click.UsageError("missing relay config file: tokiwa-worker relay relay.toml")
     try:
         settings = load_settings({"redis_url": redis_url, "namespace": namespace, "log_level": log_level})
+        # logging first: loading the file may warn (a restart delay below the minimum ...)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config = load_relay_config(path)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(USAGE)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.publish_events:
         log.warning("publish_events is set but a relay alone publishes no events; use tokiwa-worker run --relay")
     url, server = _redis_url(settings)
     try:
         code = asyncio.run(serve(config, redis_url=url, namespace=settings.namespace, console_input=console))
+    except RelayFatalError as exc:  # Redis refused the relay at start (an ACL rule ...)
+        click.echo(f"error: {exc}", err=True)
+        code = FAILURE
     except BrokerError as exc:
         click.echo(f"error: {exc}", err=True)
         code = UNAVAILABLE

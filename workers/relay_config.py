@@ -4,6 +4,7 @@ A Miclow config works unchanged::
 
     include_paths = ["more.toml"]          # resolved relative to this file
     publish_events = ["orders.*"]          # tokiwa: topics (fnmatch patterns) turned into events
+    lossless_topics = ["orders.*"]         # tokiwa: topics relayed through a Redis stream, no drops
 
     [[tasks]]
     task_name = "worker"
@@ -14,9 +15,10 @@ A Miclow config works unchanged::
     subscribe_topics = ["task_queue"]      # alias: topics
     # tokiwa additions (all optional):
     restart = "on-failure"                 # never | on-failure | always
-    restart_backoff_s = 1.0                # doubles per consecutive failure, up to restart_backoff_max_s
+    restart_backoff_s = 1.0                # at least 0.5; doubles per quick exit, up to restart_backoff_max_s
     stdin_framing = "line"                 # line (topic:message) | counted (upstream framing)
     queue_max = 1000                       # messages waiting for this child's stdin
+    outbox_max = 100000                    # messages of this child waiting to be sent to Redis
 
 Errors are :class:`~orchestrator.errors.ConfigError` naming the file, the task and the field.
 """
@@ -46,6 +48,14 @@ from orchestrator.errors import ConfigError
 log = logging.getLogger("tokiwa.relay")
 
 _ALIASES = {"environment_vars": "environment", "subscribe_topics": "topics"}
+
+#: the shortest wait before a task is restarted, whatever ``restart_backoff_s`` says: a child
+#: that fails at once is restarted at most twice a second, then ever more slowly.
+RESTART_MIN_DELAY_S = 0.5
+#: a child that ran at least this long before exiting resets its restart backoff.
+STABLE_AFTER_S = 10.0
+#: messages of one task that may wait to be sent to Redis (``outbox_max``).
+OUTBOX_MAX_DEFAULT = 100_000
 
 
 def _check_topic(value: str, what: str) -> str:
@@ -79,6 +89,7 @@ class TaskConfig(BaseModel):
     restart_backoff_max_s: float = Field(default=30.0, ge=0)
     stdin_framing: Literal["line", "counted"] = "line"
     queue_max: int = Field(default=1000, ge=1, le=10_000_000)
+    outbox_max: int = Field(default=OUTBOX_MAX_DEFAULT, ge=1, le=10_000_000)
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +143,27 @@ class TaskConfig(BaseModel):
             object.__setattr__(self, "stderr_topic", f"{self.task_name}.stderr")
         return self
 
+    @model_validator(mode="after")
+    def _restart_delays(self) -> TaskConfig:
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError(f"restart_backoff_max_s ({self.restart_backoff_max_s:g}) must not be below "
+                             f"restart_backoff_s ({self.restart_backoff_s:g})")
+        if self.restart != "never" and self.restart_backoff_s < RESTART_MIN_DELAY_S:
+            log.warning("relay config: task %r: restart_backoff_s = %g is below the minimum; its restarts wait "
+                        "%g s, doubled after each exit within %g s of its start, up to %g s",
+                        self.task_name, self.restart_backoff_s, RESTART_MIN_DELAY_S, STABLE_AFTER_S,
+                        max(RESTART_MIN_DELAY_S, self.restart_backoff_max_s))
+        return self
+
+    def restart_delay(self, quick_exits: int) -> float:
+        """Seconds before the next start after ``quick_exits`` consecutive exits within
+        ``STABLE_AFTER_S`` of starting: ``max(restart_backoff_s, RESTART_MIN_DELAY_S)``
+        doubled per quick exit after the first, capped at ``restart_backoff_max_s`` (never
+        below the base)."""
+        base = max(self.restart_backoff_s, RESTART_MIN_DELAY_S)
+        cap = max(self.restart_backoff_max_s, base)
+        return min(cap, base * 2 ** min(max(0, quick_exits - 1), 30))
+
 
 class RelayConfig(BaseModel):
     """A whole relay file: tasks started at boot, functions started on demand, options."""
@@ -146,6 +178,12 @@ class RelayConfig(BaseModel):
     shutdown_grace_s: float = Field(default=3.0, ge=0)
     # how often the relay writes its heartbeat (tasks, topics) to ``{ns}:relays``.
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    # topics (shell globs) relayed through a Redis stream per topic instead of pub/sub alone:
+    # every message reaches every subscriber, in order; a full queue makes the writer wait.
+    # Every relay of the namespace must list the same patterns.
+    lossless_topics: list[str] = Field(default_factory=list)
+    # entries (frames of up to 64 KiB) each lossless topic's stream keeps (approximate MAXLEN).
+    lossless_maxlen: int = Field(default=10_000, ge=100, le=10_000_000)
     # where the file was loaded from (None when built in code).
     source: str | None = None
 
@@ -156,6 +194,13 @@ class RelayConfig(BaseModel):
             if not pattern.strip():
                 raise ValueError("patterns must be non-empty")
         return value
+
+    @field_validator("lossless_topics")
+    @classmethod
+    def _lossless_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            _check_topic(pattern, "every pattern")
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _unique_names(self) -> RelayConfig:
@@ -172,6 +217,12 @@ class RelayConfig(BaseModel):
         if not self.publish_events:
             return None
         return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.publish_events))
+
+    def lossless_regex(self) -> re.Pattern[str] | None:
+        """One compiled regex for all ``lossless_topics`` patterns (None when there are none)."""
+        if not self.lossless_topics:
+            return None
+        return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.lossless_topics))
 
     def function(self, name: str) -> TaskConfig | None:
         """The ``[[functions]]`` entry called ``name`` (case-insensitive), if any."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -95,11 +97,43 @@ def inline(name: str, code: str, **fields: Any) -> dict[str, Any]:
 
 
 def make_relay(redis_url: str, namespace: str, tasks: list[dict[str, Any]], **kwargs: Any) -> Relay:
-    options = {k: kwargs.pop(k) for k in ("publish_events", "functions", "shutdown_grace_s", "heartbeat_interval_s")
-               if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("publish_events", "functions", "shutdown_grace_s", "heartbeat_interval_s",
+                                          "lossless_topics", "lossless_maxlen") if k in kwargs}
     config = parse_relay_config({"tasks": tasks, **options})
     kwargs.setdefault("console", lambda line: None)
     return Relay(config, redis_url=redis_url, namespace=namespace, **kwargs)
+
+
+# -- relay processes --------------------------------------------------------------------------
+class RelayProcess:
+    """One ``python -m workers.relay_cli`` process, killed (and its children) at the end."""
+
+    def __init__(self, config: Path, redis_url: str, namespace: str, env: dict[str, str], *, flag: bool = False,
+                 console: bool = False, log_level: str | None = None):
+        args = (["--config", str(config)] if flag else [str(config)]) + (["--console"] if console else [])
+        args += ["--log-level", log_level] if log_level else []
+        self.log = config.with_suffix(".log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.relay_cli", *args, "--redis-url", redis_url, "--namespace", namespace],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE if console else subprocess.DEVNULL,
+            )
+        self.children: list[int] = []
+
+    def remember_children(self) -> list[int]:
+        self.children = children_of(self.proc.pid)
+        return self.children
+
+    def cleanup(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for pid in self.children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- process table (only pids our tests started are ever signalled) ---------------------------

@@ -3,9 +3,7 @@ graceful SIGTERM, and no orphan after ``kill -9``. Only pids these tests started
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from click.testing import CliRunner
 from orchestrator.exitcodes import USAGE
 from workers.relay_cli import relay_command
 
-from .relay_helpers import PUPPET, Tap, alive, children_of, wait_gone
+from .relay_helpers import PUPPET, RelayProcess, Tap, alive, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,36 +28,6 @@ def puppet_task(name: str, topics: list[str], reply: str, control: str = "say", 
     return (f'[[tasks]]\ntask_name = "{name}"\ncommand = "{sys.executable}"\nargs = ["{PUPPET}"]\n'
             f"subscribe_topics = {topics!r}\n".replace("'", '"')
             + f'environment_vars = {{ PUPPET_REPLY = "{reply}", PUPPET_CONTROL = "{control}"{extra_env} }}\n')
-
-
-class RelayProcess:
-    """One ``python -m workers.relay_cli`` process, killed (and its children) at the end."""
-
-    def __init__(self, config: Path, redis_url: str, namespace: str, env: dict[str, str], *, flag: bool = False,
-                 console: bool = False):
-        args = (["--config", str(config)] if flag else [str(config)]) + (["--console"] if console else [])
-        self.log = config.with_suffix(".log")
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.relay_cli", *args, "--redis-url", redis_url, "--namespace", namespace],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.PIPE if console else subprocess.DEVNULL,
-            )
-        self.children: list[int] = []
-
-    def remember_children(self) -> list[int]:
-        self.children = children_of(self.proc.pid)
-        return self.children
-
-    def cleanup(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for pid in self.children:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -176,3 +176,51 @@ def test_the_example_relay_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     config = load_relay_config(root / "examples" / "relay" / "relay.toml")
     assert {t.task_name for t in config.tasks} == {"pinger", "echo"}
+
+
+def test_a_restart_backoff_below_the_minimum_is_raised_to_it_with_a_warning(caplog) -> None:
+    from workers.relay_config import RESTART_MIN_DELAY_S
+
+    with caplog.at_level("WARNING", logger="tokiwa.relay"):
+        spec = parse_relay_config({"tasks": [task(restart="always", restart_backoff_s=0)]}).tasks[0]
+    assert [spec.restart_delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert RESTART_MIN_DELAY_S == 0.5
+    warning = [r.getMessage() for r in caplog.records if "restart_backoff_s" in r.getMessage()]
+    assert len(warning) == 1 and "task 'w'" in warning[0] and "wait 0.5 s" in warning[0]
+
+
+def test_restart_delays_double_per_quick_exit_up_to_the_cap() -> None:
+    spec = parse_relay_config({"tasks": [task(restart="on-failure", restart_backoff_s=2,
+                                              restart_backoff_max_s=5)]}).tasks[0]
+    assert [spec.restart_delay(n) for n in (0, 1, 2, 3, 10, 100)] == [2, 2, 4, 5, 5, 5]
+
+
+def test_a_task_that_never_restarts_gets_no_backoff_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="tokiwa.relay"):
+        parse_relay_config({"tasks": [task(restart_backoff_s=0)]})
+    assert not [r for r in caplog.records if "restart_backoff_s" in r.getMessage()]
+
+
+def test_a_backoff_cap_below_the_backoff_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_relay_config({"tasks": [task(restart="always", restart_backoff_s=5, restart_backoff_max_s=2)]})
+    assert "task 'w'" in str(err.value) and "restart_backoff_max_s (2) must not be below" in str(err.value)
+
+
+def test_lossless_topics_match_like_shell_globs_and_reject_whitespace() -> None:
+    config = parse_relay_config({"tasks": [task()], "lossless_topics": ["orders.*", "audit"]})
+    regex = config.lossless_regex()
+    assert regex is not None
+    assert [bool(regex.match(t)) for t in ("orders.new", "audit", "Audit", "auditx", "orders")] == \
+        [True, True, False, False, False]
+    assert parse_relay_config({"tasks": [task()]}).lossless_regex() is None
+    with pytest.raises(ConfigError) as err:
+        parse_relay_config({"tasks": [task()], "lossless_topics": ["two words"]})
+    assert "lossless_topics" in str(err.value)
+
+
+def test_outbox_max_and_lossless_maxlen_are_bounded() -> None:
+    assert parse_relay_config({"tasks": [task()]}).tasks[0].outbox_max == 100_000
+    for data in ({"tasks": [task(outbox_max=0)]}, {"tasks": [task()], "lossless_maxlen": 10}):
+        with pytest.raises(ConfigError):
+            parse_relay_config(data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from workers.relay_protocol import (
@@ -226,3 +228,74 @@ def test_an_over_long_block_is_dropped_and_reported() -> None:
     out = parser.feed("67890\n")
     assert out.kind == "plain" and out.data == "" and "longer than 10" in out.problem
     assert parser.feed("a:b") == Output("message", "a", "b")
+
+
+# -- the publisher's per-task outboxes (no Redis: queueing only) ------------------------------
+def _transport(lossless: str | None = None):
+    import re
+
+    from orchestrator.keys import Keys
+    from workers.relay_transport import RelayTransport
+
+    return RelayTransport("redis://127.0.0.1:1/0", Keys("t"), "r1", "h", lambda *a: None,
+                          lossless=re.compile(lossless) if lossless else None)
+
+
+async def test_the_publisher_takes_from_every_task_in_turn() -> None:
+    transport = _transport()
+    for i in range(5000):
+        transport.publish_nowait("noise", str(i), "chatty")
+    transport.publish_nowait("ping", "1", "pinger")
+    batch = transport._take()  # noqa: SLF001
+    assert ("ping", "1", "pinger", None) in batch  # not behind 5000 messages of another task
+    assert [m for t, m, task, _ in batch if task == "chatty"] == [str(i) for i in range(len(batch) - 1)]
+
+
+async def test_a_full_outbox_drops_and_counts_on_its_own_task_only() -> None:
+    transport = _transport()
+    transport.outbox("chatty", 10)
+    accepted = [transport.publish_nowait("noise", str(i), "chatty") for i in range(15)]
+    assert accepted == [True] * 10 + [False] * 5
+    assert transport.publish_nowait("ping", "1", "pinger")
+    assert transport.outbox_stats("chatty") == {"outbox": 10, "outbox_max": 10, "publish_dropped": 5}
+    assert transport.outbox_stats("pinger")["publish_dropped"] == 0 and transport.publish_dropped == 5
+    assert transport.room("chatty") is None  # drops, but its writer is never made to wait
+
+
+async def test_a_lossless_message_is_queued_past_the_bound_and_its_writer_waits() -> None:
+    transport = _transport(lossless=r"orders\..*")
+    transport.outbox("w", 3)
+    assert all(transport.publish_nowait("orders.x", str(i), "w") for i in range(5))
+    assert transport.outbox_stats("w") == {"outbox": 5, "outbox_max": 3, "publish_dropped": 0}
+    wait = transport.room("w")
+    assert wait is not None
+    waiter = asyncio.ensure_future(wait)
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    transport._take()  # noqa: SLF001 - the publisher took them
+    await asyncio.wait_for(waiter, 1)
+    assert transport.room("w") is None
+
+
+async def test_a_stream_reader_skips_resent_frames_and_counts_trimmed_ones() -> None:
+    from workers.relay_transport import _StreamState
+
+    got: list[list[str]] = []
+
+    async def on_stream(topic, messages, host, task):
+        got.append(messages)
+
+    transport = _transport(lossless="t")
+    transport._on_stream = on_stream  # noqa: SLF001
+    state = _StreamState("0-0")
+
+    async def entry(seq: int, messages: list[str]) -> None:
+        frame = encode_frame("r9", "h", "w", messages)
+        await transport._stream_entry("t", state, {b"frame": frame, b"seq": str(seq).encode()})  # noqa: SLF001
+
+    await entry(0, ["a", "b"])
+    await entry(0, ["a", "b"])  # sent again after a send whose reply was lost
+    await entry(1, ["b", "c"])  # overlaps by one
+    await entry(6, ["g"])  # 3, 4, 5 were trimmed before this relay read them
+    assert got == [["a", "b"], ["c"], ["g"]]
+    assert (transport.stream_duplicates, transport.stream_lost, transport.stream_received) == (3, 3, 4)
