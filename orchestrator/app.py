@@ -28,6 +28,7 @@ from .embedded import EmbeddedRedis
 from .errors import InvalidArgumentError, StateError
 from .events import Event
 from .keys import Keys
+from .locks import claim_once
 from .runner import Runner
 from .stores import InMemoryRunStore, RedisRunStore, RunStore
 from .workflows import RETRY_MARK, WorkflowRegistry
@@ -166,10 +167,11 @@ class Orchestrator(WorkflowsAndCronMixin):
         else:
             await self.broker.ensure_group()
 
-        async def claim_once(name: str) -> bool:
-            return bool(await self.redis.set(self.keys.once(name), self.worker_id, nx=True))
+        async def claim_once_cluster_wide(name: str) -> bool:
+            # a resent claim that finds our own id counts as ours (see locks.claim_once)
+            return await claim_once(self.redis, self.keys.once(name), self.worker_id)
 
-        self.dispatcher.once_claim = claim_once
+        self.dispatcher.once_claim = claim_once_cluster_wide
         if not self._run_store_given:
             self.run_store = RedisRunStore(self.redis, self.keys)
         if self.conversation_store is None:

@@ -13,14 +13,22 @@
 3. take the conversation lock (:func:`orchestrator.locks.conversation_lock`), waiting
    asynchronously up to ``lock_wait_timeout_s`` (LockError after that); the lock is renewed
    in the background while the run lasts;
-4. load the memory, merge the ``memory`` option over it (shallow), run the workflow;
+4. load the memory, merge the ``memory`` option over it (shallow), run the workflow. If the
+   lock is **lost** meanwhile (a renewal finds the token changed or the key gone, or no
+   renewal confirmed it for a whole lease: a frozen worker resuming), the run is cancelled
+   at once, from the lock's loss callback: the run's signal is set and its running node
+   tasks are cancelled before they take another step (sync nodes see ``ctx.signal``; their
+   threads cannot be interrupted). Such a run saves nothing, ends ``cancelled`` with a
+   ``FencingError``, and is redone like a fenced-out one (below);
 5. save the resulting memory, **even when the run failed** (as tokiwa does), as a delta
    keyed by the event id (a redelivered event never applies twice) and fenced by the lock's
    epoch: a holder whose lock expired and was taken since is refused (FencingError), and the
    run is then reported ``failed`` with that error;
 6. release the lock and remove the stream id from the order list (also on failure; not on
-   cancellation, so that a worker shutting down hands the event back with its turn intact).
-   :meth:`ChatflowExecutor.abandon` removes an id for the dead-letter path.
+   cancellation, so that a worker shutting down hands the event back with its turn intact,
+   and not when the run ended with a FencingError, whose event is redone: see
+   :func:`will_be_redone`). :meth:`ChatflowExecutor.abandon` removes an id for the
+   dead-letter path.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from .conversations import ConversationStore, check_memory, shallow_diff
 from .errors import FencingError, InvalidArgumentError, describe_error
 from .keys import Keys
 from .locks import RedisLock, check_lease, conversation_lock
+from .run_result import WorkflowRunResult
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +52,33 @@ _ORDER_POLL_MIN_S = 0.002
 _ORDER_POLL_MAX_S = 0.1
 
 
+def _honour_lost_cancel(cancels: int) -> None:
+    """Raise CancelledError if this task was asked to stop since it had ``cancels`` pending
+    cancellations but none reached us. Python 3.11's ``asyncio.wait_for``, which redis-py uses
+    to send every command, drops a cancellation that lands just as the send completes (the
+    request stays counted in ``Task.cancelling()``). The consumer cancels a run whose entry
+    another worker took; a lost cancellation would let that run take the lock and run again
+    once the turn opens. Checked before each step that starts work."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > cancels:
+        log.info("chatflow: a cancellation of this run was lost inside the Redis client; stopping now")
+        raise asyncio.CancelledError()
+
+
+def will_be_redone(result: Any) -> bool:
+    """Whether a run's event is to be redone rather than settled: its memory write was fenced
+    out, or its lock was lost during the run (both report a ``FencingError``). The workflow
+    registry leaves such an event pending (its retry outcome), so the run keeps its turn."""
+    error = getattr(result, "error", None)
+    return isinstance(error, dict) and error.get("name") == "FencingError"
+
+
 class ChatflowExecutor:
     """Runs chatflows of many conversations concurrently, each conversation serialized.
 
     ``runner`` is an :class:`orchestrator.runner.Runner` (anything with
-    ``await run(workflow, **options)`` returning a result with ``.memory`` and ``.status``).
+    ``await run(workflow, run_id=..., **options)`` returning a result with ``.memory`` and
+    ``.status``, and ``cancel(run_id, reason)`` that aborts a running run at once).
     Defaults: lock lease 30 s renewed every 10 s (a killed worker's conversation is free
     again within 30 s); lock wait 60 s; order wait 120 s (longer than a redelivery takes).
     """
@@ -57,6 +89,9 @@ class ChatflowExecutor:
                  poll_min_s: float = _ORDER_POLL_MIN_S, poll_max_s: float = _ORDER_POLL_MAX_S) -> None:
         if not 0 < poll_min_s <= poll_max_s:
             raise InvalidArgumentError("need 0 < poll_min_s <= poll_max_s")
+        if not callable(getattr(runner, "cancel", None)):
+            raise InvalidArgumentError("a chatflow runner needs cancel(run_id, reason): a run whose "
+                                       "conversation lock is lost must be stopped")
         self.redis, self.keys, self.store, self.runner = redis, keys, store, runner
         self.lock_options = {"ttl_ms": lock_ttl_ms, "renew_ms": lock_renew_ms,
                              "wait_timeout_s": lock_wait_timeout_s}
@@ -79,18 +114,22 @@ class ChatflowExecutor:
             raise InvalidArgumentError(f"memory must be a dict, got {type(memory).__name__}")
         cid = conversation_id
         stream_id = stream_id or getattr(event, "stream_id", None)
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         if stream_id:
             await self.wait_turn(cid, stream_id)
         finished = False
         try:
+            _honour_lost_cancel(cancels)
             lock = conversation_lock(self.redis, self.keys, cid, **self.lock_options)
             await lock.acquire()
             try:
+                _honour_lost_cancel(cancels)
                 result = await self._run_locked(workflow, lock, cid, event, input, context, memory,
-                                                runner_kwargs)
+                                                runner_kwargs, cancels)
             finally:
                 await asyncio.shield(lock.release())
-            finished = True
+            finished = not will_be_redone(result)  # a run to be redone keeps its turn
             return result
         except asyncio.CancelledError:
             raise
@@ -102,21 +141,64 @@ class ChatflowExecutor:
                 await asyncio.shield(self.abandon(cid, stream_id))
 
     async def _run_locked(self, workflow: Any, lock: RedisLock, cid: str, event: Any, input: Any,  # noqa: A002
-                          context: Any, memory: dict[str, Any] | None, runner_kwargs: dict[str, Any]) -> Any:
-        stored = await self.store.get(cid)
+                          context: Any, memory: dict[str, Any] | None, runner_kwargs: dict[str, Any],
+                          cancels: int = 0) -> Any:
         token = lock.fencing_token
+        run_id = runner_kwargs.pop("run_id", None) or str(uuid.uuid4())
+
+        def stop_run(reason: str) -> None:
+            # synchronous, from the lock's watchdog or renewal: the node tasks are cancelled
+            # before any of them takes another step (Runner.cancel sets the signal and cancels
+            # them); a run not started yet is never started (checked below)
+            log.warning("chatflow run %s of conversation %r: conversation lock lost (%s); cancelling "
+                        "the run, its event will be redone", run_id, cid, reason)
+            self.runner.cancel(run_id, f"conversation lock lost: {reason}")
+
+        forget = lock.on_lost(stop_run)
         try:
-            result = await self.runner.run(workflow, input=input, context=context, event=event,
-                                           conversation_id=cid, memory={**stored, **(memory or {})},
-                                           **runner_kwargs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            partial = getattr(exc, "result", None)  # a run timeout carries its partial result
-            if partial is not None and isinstance(getattr(partial, "memory", None), dict):
-                await self._save(partial, cid, event, token, stored)
-            raise
+            stored = await self.store.get(cid)
+            _honour_lost_cancel(cancels)
+            if lock.lost:  # lost while the memory loaded: do not start
+                return self._lock_lost(self._unstarted(workflow, run_id, cid, stored), lock, cid, stored)
+            # no await between the check above and Runner.run registering the run, so a loss
+            # from here on finds the run to cancel
+            try:
+                result = await self.runner.run(workflow, input=input, context=context, event=event,
+                                               conversation_id=cid, memory={**stored, **(memory or {})},
+                                               run_id=run_id, **runner_kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                partial = getattr(exc, "result", None)  # a run timeout carries its partial result
+                if partial is not None and isinstance(getattr(partial, "memory", None), dict):
+                    if lock.lost:
+                        return self._lock_lost(partial, lock, cid, stored)
+                    await self._save(partial, cid, event, token, stored)
+                raise
+        finally:
+            forget()
+        if lock.lost:  # a run whose lock is gone writes nothing; the fence would refuse it anyway
+            return self._lock_lost(result, lock, cid, stored)
         await self._save(result, cid, event, token, stored)
+        return result
+
+    @staticmethod
+    def _unstarted(workflow: Any, run_id: str, cid: str, stored: dict[str, Any]) -> WorkflowRunResult:
+        now = time.time()
+        return WorkflowRunResult(run_id=run_id, workflow_id=getattr(workflow, "id", ""),
+                                 workflow_name=getattr(workflow, "name", str(workflow)),
+                                 workflow_type=getattr(workflow, "type", "chatflow"), started_at=now,
+                                 finished_at=now, duration_ms=0.0, conversation_id=cid, memory=dict(stored))
+
+    @staticmethod
+    def _lock_lost(result: Any, lock: RedisLock, cid: str, stored: dict[str, Any]) -> Any:
+        """Report a run whose lock was lost: ``cancelled`` with a FencingError (so its event is
+        redone), and the memory it started from (it saved nothing)."""
+        exc = FencingError(f"conversation {cid!r}: the conversation lock was lost during the run "
+                           f"({lock.lost_reason}); the run was cancelled and saved nothing", name=lock.key)
+        result.status = "cancelled"
+        result.error = describe_error(exc)
+        result.memory = dict(stored)
         return result
 
     def _write(self, cid: str, stored: dict[str, Any], memory: dict[str, Any], token: int | None,

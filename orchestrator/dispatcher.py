@@ -6,9 +6,13 @@ or handler is recorded (stage ``filter`` / ``handler``) and the others still run
 never raises.
 
 ``once=True`` is once for the whole cluster: before the handler runs, the subscriber is
-claimed with ``SET NX`` under ``{ns}:once:{name}`` (the name defaults to the handler's
-qualified name, so every process derives the same key). Without a Redis claim function
-(a purely local dispatcher) it is once per process.
+claimed under ``{ns}:once:{name}`` (the name defaults to the handler's qualified name, so
+every process derives the same key) by ``once_claim(name)``; the app sets it to
+:func:`orchestrator.locks.claim_once`, a ``SET NX`` that redis-py's resend after a lost reply
+cannot turn into "claimed by someone else" (a plain ``SET NX`` would: the resend answers nil
+and nobody ever runs the handler). Without a Redis claim function (a purely local
+dispatcher) it is once per process. A claim that fails with an error does not run the
+handler (at most once) and is reported with stage ``once``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@
 Lua script (the epoch is the fencing token), renew = compare-and-extend, release on stop =
 compare-and-delete.
 
+Retried commands: when redis-py resends a campaign whose first attempt took the lease but
+whose reply was lost, the script finds our own holder id and counts it as elected (a new
+term: the epoch is incremented a second time, which is harmless, since a fencing token only
+has to grow and nobody ever held the skipped value). A campaign that raised although it
+landed is likewise taken over by the next round. A resent renewal re-extends; a resent
+release on stop finds the key gone and is ignored.
+
 Stepping down safely: a leader measures, on its own monotonic clock, the time since the
 start of its last successful acquire/renew round trip. The lease in Redis cannot expire
 before that start + ``ttl_ms``. Once ``ttl_ms - safety_margin_ms`` has passed without a
@@ -29,6 +36,7 @@ from typing import Any
 
 from .cron import SystemClock
 from .errors import InvalidArgumentError
+from .faults import Condition, describe, is_transient
 from .keys import Keys
 from .locks import ACQUIRE, RELEASE, RENEW, cancel_and_wait, check_lease, new_token
 
@@ -78,6 +86,7 @@ class LeaderElector:
         self._valid_until = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._outage = Condition(log, f"leader election for {role!r}")
         self._acquire = redis.register_script(ACQUIRE)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
@@ -120,12 +129,12 @@ class LeaderElector:
     async def renew(self) -> bool:
         """Compare-and-extend our lease; demotes us at once when another holder has it."""
         started = self.clock.monotonic()
-        renewed = await asyncio.wait_for(
-            self._renew(keys=[self.key], args=[self.holder_id, self.ttl_ms]), self.ttl_ms / 1000)
-        if int(renewed):
+        status = int(await asyncio.wait_for(
+            self._renew(keys=[self.key], args=[self.holder_id, self.ttl_ms]), self.ttl_ms / 1000))
+        if status == 1:
             self._valid_until = started + (self.ttl_ms - self.safety_margin_ms) / 1000
             return True
-        await self._demote("another holder took the lease")
+        await self._demote("another holder took the lease" if status == 0 else "the lease expired in Redis")
         return False
 
     async def _demote(self, why: str) -> None:
@@ -147,7 +156,12 @@ class LeaderElector:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis down or slow: is_leader runs out on its own
-            log.warning("leader election round for %r failed: %s", self.role, exc)
+            if is_transient(exc):
+                self._outage.hit(exc)  # one line per outage, one when it ends
+            else:
+                log.error("leader election round for %r failed: %s", self.role, describe(exc))
+        else:
+            self._outage.clear()
         if self._epoch is not None and not self.is_leader:
             await self._demote("could not renew before the safety margin")
 

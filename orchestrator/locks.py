@@ -1,27 +1,47 @@
-"""A Redis lease lock with fencing tokens and background renewal.
+"""A Redis lease lock with fencing tokens, background renewal and a loss watchdog; and the
+one idempotent claim (``SET NX`` that a retried command cannot lose).
 
 ``RedisLock`` is the primitive under conversation locks (and, through the same scripts,
 leader election in :mod:`orchestrator.leader`):
 
-- acquire: one Lua script does ``SET key token NX PX ttl`` and, on success, ``INCR`` of the
-  lock's epoch key. The new epoch is the **fencing token**: it grows with every acquisition,
-  so a writer can prove it is the newest holder (stores refuse writes with an older token).
+- acquire: one Lua script does ``SET key token PX ttl`` when the key is free **or already
+  holds our token**, then ``INCR`` of the lock's epoch key. The new epoch is the **fencing
+  token**: it grows with every acquisition, so a writer can prove it is the newest holder
+  (stores refuse writes with an older token).
 - renew: compare-and-extend (``PEXPIRE`` only while the value is still our token).
 - release: compare-and-delete. Nothing is ever done by "check, then act" from Python.
 
-While held, a renewal task owned by the lock extends the lease every ``renew_ms``. If a
-renewal finds another holder, or no renewal has succeeded for a whole ``ttl_ms`` (Redis
-unreachable), the lock is **lost**: ``lost`` turns True and ``lost_event`` is set, so the
-work it protected can stop; its writes would be refused by fencing anyway.
+Retried commands. redis-py resends a command after a timeout or a dropped connection
+(:mod:`orchestrator.connection`), so a script may run twice when only its reply was lost.
+Acquire is idempotent as to *holding*: the resent script finds our own token and counts as
+acquired; it increments the epoch a second time, which is harmless (the fencing token only
+has to grow, and nobody ever held the skipped value). Renew re-extends (idempotent); a
+resent release finds the key gone and answers "not ours", which only misreports the return
+value. :func:`claim` is ``SET NX`` with the same rule (a claim that finds its own token was
+ours), for once-subscribers and anything else that must be taken exactly once.
+
+Losing the lock. While held, a renewal task extends the lease every ``renew_ms``, and a
+watchdog timer on the event loop fires when ``ttl_ms`` have passed since the start of the
+last successful acquire/renew round trip (the lease cannot have expired in Redis before
+that). The lock is **lost** when a renewal finds another holder or the key gone, when a
+renewal fails with an error that does not pass by itself, or when the watchdog fires:
+``lost`` turns True, ``lost_event`` is set, and the callbacks given to :meth:`RedisLock.on_lost`
+run at once, synchronously. After a freeze (SIGSTOP, a VM pause, a blocked loop) the
+watchdog's timer is overdue, so it runs in the loop's first round after the resume, before
+any task whose sleep or read ended meanwhile takes its next step: a callback that cancels
+the protected work (the chatflow executor cancels the run's nodes) stops it before it does
+anything more. The renewal task also checks the monotonic clock before it talks to Redis.
 
 Scenario for the defaults: a chatflow run that takes 5 minutes keeps its 30 s lease by
 renewing every 10 s; if its worker is SIGKILLed, the lease expires within 30 s and the
-conversation's next run (the redelivered event) can take it.
+conversation's next run (the redelivered event) can take it; if its worker is frozen for
+40 s, the run is cancelled the moment the worker resumes, and its event is redone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -29,14 +49,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidArgumentError, LockError
+from .faults import Backoff, Condition, describe, is_transient
 from .keys import Keys
 
 log = logging.getLogger(__name__)
 
 # KEYS[1] = lock key, KEYS[2] = epoch key
 # ARGV[1] = holder token, ARGV[2] = ttl ms
-# Takes the lock if it is free (or already ours: a new term); returns the new epoch
-# (fencing token), or 0 when another holder has it.
+# Takes the lock if it is free or already ours (a new term, or our own retried acquire whose
+# reply was lost); returns the new epoch (fencing token), or 0 when another holder has it.
 ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return 0 end
@@ -46,12 +67,16 @@ return redis.call('INCR', KEYS[2])
 
 # KEYS[1] = lock key
 # ARGV[1] = holder token, ARGV[2] = ttl ms
-# Extends the lease only while the value is ARGV[1]; returns 1 if extended, 0 if not ours.
+# Extends the lease only while the value is ARGV[1]. Returns 1 extended, 0 another holder
+# has it, -1 the key is gone (expired or deleted).
 RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
 end
-return 0
+if cur then return 0 end
+return -1
 """
 
 # KEYS[1] = lock key
@@ -64,15 +89,47 @@ end
 return 0
 """
 
+# KEYS[1] = claim key
+# ARGV[1] = claim token (unique per claim call), ARGV[2] = ttl ms ('' = no expiry)
+# SET NX that a resent command cannot lose: a key already holding ARGV[1] is our own claim
+# (the first attempt landed, its reply did not). Returns 1 claimed, 0 claimed by another.
+CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return 1 end
+if cur then return 0 end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
 # Retry delay bounds while waiting for a held lock (seconds): starts small so that a
 # conversation's next run starts right after the previous one releases.
 _RETRY_MIN_S = 0.005
 _RETRY_MAX_S = 0.2
 
+LostCallback = Callable[[str], object]
+
 
 def new_token() -> str:
     """A holder token no other process will ever use."""
     return uuid.uuid4().hex
+
+
+async def claim(redis: Any, key: str, token: str, *, ttl_ms: int | None = None) -> bool:
+    """Take ``key`` for ``token`` if nobody has (``SET NX``, optionally ``PX ttl_ms``); True if
+    it is ours. Idempotent for one token: when redis-py resends the command because the reply
+    was lost, the resent one finds our token and answers True. ``token`` must be unique per
+    claim (see :func:`claim_once`), or two claims of one holder would both win."""
+    return int(await redis.eval(CLAIM, 1, key, token, "" if ttl_ms is None else int(ttl_ms))) == 1
+
+
+async def claim_once(redis: Any, key: str, holder: str) -> bool:
+    """The cluster-wide claim of a ``once=True`` subscriber (``keys.once(name)``): True for
+    exactly one caller ever. The stored value is ``<holder>/<random>``, unique per call."""
+    return await claim(redis, key, f"{holder}/{new_token()}")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
@@ -117,9 +174,13 @@ class RedisLock:
         self.token = token or new_token()
         self.fencing_token: int | None = None
         self.lost_event = asyncio.Event()
+        #: why the lock was lost (None while it is not)
+        self.lost_reason: str | None = None
         self._monotonic = monotonic
         self._renewed_at = 0.0
         self._renewer: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._on_lost: list[LostCallback] = []
         self._acquire = redis.register_script(ACQUIRE)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
@@ -134,12 +195,65 @@ class RedisLock:
 
     @property
     def lost(self) -> bool:
-        """True once a renewal found another holder or the lease surely ran out."""
-        if self.lost_event.is_set():
-            return True
-        if self.fencing_token is not None and self._monotonic() - self._renewed_at >= self.ttl_ms / 1000:
-            self.lost_event.set()
+        """True once the lock was found lost (see the module docstring); also checks the
+        monotonic clock, so it turns True the moment a whole ttl passed without a renewal."""
+        if not self.lost_event.is_set() and self.fencing_token is not None and self._left_s() <= 0:
+            self._mark_lost(f"no renewal confirmed it within its {self.ttl_ms} ms lease")
         return self.lost_event.is_set()
+
+    def on_lost(self, callback: LostCallback) -> Callable[[], None]:
+        """Call ``callback(reason)`` synchronously, once per acquisition, the moment the lock
+        is found lost (never on :meth:`release`). Returns a function that removes it."""
+        self._on_lost.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._on_lost.remove(callback)
+        return remove
+
+    def _left_s(self) -> float:
+        """Seconds until the lease surely ran out, on our clock (<= 0: it may have)."""
+        return self._renewed_at + self.ttl_ms / 1000 - self._monotonic()
+
+    def _mark_lost(self, reason: str) -> None:
+        if self.lost_event.is_set():
+            return
+        self.lost_reason = reason
+        self.lost_event.set()
+        self._disarm()
+        log.warning("lock %s lost: %s", self.key, reason)
+        for callback in list(self._on_lost):
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("on_lost callback %r of lock %s failed", callback, self.key)
+
+    def _arm(self) -> None:
+        """(Re)start the watchdog for the current lease."""
+        self._disarm()
+        self._watchdog = asyncio.get_running_loop().call_later(max(0.0, self._left_s()), self._on_watchdog)
+
+    def _disarm(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+
+    def _on_watchdog(self) -> None:
+        self._watchdog = None
+        if self.fencing_token is None or self.lost_event.is_set():
+            return
+        if self._left_s() <= 0:
+            self._mark_lost(f"no renewal confirmed it within its {self.ttl_ms} ms lease")
+        else:  # the loop's timer fired a hair early, or the injected clock runs differently
+            self._arm()
+
+    def _renewer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task is not self._renewer:
+            return
+        exc = task.exception()
+        if exc is not None:  # a renewer that died cannot keep the lease: say so now
+            log.error("the renewal task of lock %s died", self.key, exc_info=exc)
+            self._mark_lost(f"its renewal task died: {describe(exc)}")
 
     async def try_acquire(self) -> bool:
         """One attempt; on success starts the renewal task and sets ``fencing_token``."""
@@ -151,50 +265,107 @@ class RedisLock:
             return False
         self.fencing_token, self._renewed_at = epoch, started
         self.lost_event.clear()
+        self.lost_reason = None
+        self._arm()
         self._renewer = asyncio.create_task(self._renew_loop(), name=f"lock-renew:{self.key}")
+        self._renewer.add_done_callback(self._renewer_done)
         return True
 
     async def acquire(self, timeout_s: float | None = ...) -> int:  # type: ignore[assignment]
         """Wait (asynchronously, with backoff) until the lock is ours; returns the fencing token.
 
         ``timeout_s`` defaults to ``wait_timeout_s``; ``None`` waits forever, ``0`` tries once.
-        Raises LockError when the time is up.
+        Transient Redis faults are waited out within that time (one log line per outage).
+        Raises LockError when the time is up; when the last attempt failed on a Redis error,
+        whose command may have landed without its reply, our token is deleted first (compare-
+        and-delete), so the key does not stay taken for a whole lease by nobody.
         """
         timeout = self.wait_timeout_s if timeout_s is ... else timeout_s
         deadline = None if timeout is None else self._monotonic() + timeout
         delay = _RETRY_MIN_S
-        while not await self.try_acquire():
-            if deadline is not None and self._monotonic() + delay > deadline:
-                raise LockError(f"could not acquire lock {self.key} within {timeout} s", name=self.key)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_S)
-        return int(self.fencing_token or 0)
+        outage: Condition | None = None
+        backoff = Backoff(base_s=_RETRY_MIN_S, cap_s=1.0)
+        while True:
+            error: Exception | None = None
+            try:
+                if await self.try_acquire():
+                    if outage is not None:
+                        outage.clear()
+                    return int(self.fencing_token or 0)
+                wait = delay
+                delay = min(delay * 2, _RETRY_MAX_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    await self._forget_attempt()
+                    raise
+                outage = outage or Condition(log, f"acquiring lock {self.key}")
+                outage.hit(exc)
+                error, wait = exc, backoff.next_delay()
+            if deadline is not None and self._monotonic() + wait > deadline:
+                if error is not None:
+                    await self._forget_attempt()
+                raise LockError(f"could not acquire lock {self.key} within {timeout} s", name=self.key) from error
+            await asyncio.sleep(wait)
+
+    async def _forget_attempt(self) -> None:
+        """Delete our token if an attempt that raised had taken the key after all. Bounded by
+        the lease: past it, the key expired by itself."""
+        if self.fencing_token is not None:
+            return
+        try:
+            async with asyncio.timeout(self.ttl_ms / 1000):
+                await self._release(keys=[self.key], args=[self.token])
+        except Exception as exc:
+            log.info("could not clear a failed acquire of lock %s (it expires by itself): %s", self.key, exc)
 
     async def renew(self) -> bool:
-        """One compare-and-extend; False (and ``lost``) when another holder has the key."""
+        """One compare-and-extend; False (and ``lost``) when another holder has the key, the
+        key is gone, or the lock was already lost."""
         started = self._monotonic()
-        if int(await self._renew(keys=[self.key], args=[self.token, self.ttl_ms])):
+        status = int(await self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
+        if status == 1:
+            if self.lost_event.is_set():  # lost meanwhile (the watchdog fired): stays lost
+                return False
             self._renewed_at = started
+            self._arm()
             return True
-        self.lost_event.set()
+        self._mark_lost("another holder took it" if status == 0 else "its key expired or was deleted")
         return False
 
     async def _renew_loop(self) -> None:
         interval = self.renew_ms / 1000
-        while not self.lost:
-            await asyncio.sleep(interval)
+        outage = Condition(log, f"renewing lock {self.key}")
+        backoff = Backoff(base_s=min(0.05, interval / 4), cap_s=interval)
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+            if self.lost:  # the clock first: after a freeze there is no point asking Redis
+                return
             try:
-                if not await self.renew():
-                    log.warning("lock %s was taken by another holder", self.key)
-                    return
+                async with asyncio.timeout(max(self._left_s(), 0.001)):  # no answer counts past the lease
+                    await self.renew()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis unreachable: keep trying until the lease runs out
-                log.warning("renewing lock %s failed: %s", self.key, exc)
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.error("renewing lock %s failed: %s", self.key, describe(exc))
+                    self._mark_lost(f"renewal failed: {describe(exc)}")
+                    return
+                outage.hit(exc)  # keep trying until the lease runs out (the watchdog)
+                delay = backoff.next_delay()
+                continue
+            if self.lost:
+                return
+            outage.clear()
+            backoff.reset()
+            delay = interval
 
     async def release(self) -> bool:
         """Stop renewing and delete the key if it is still ours; returns whether it was."""
         renewer, self._renewer = self._renewer, None
+        self._disarm()
         if renewer is not None:
             await cancel_and_wait(renewer)
         if self.fencing_token is None:

@@ -31,7 +31,7 @@ from .cron import Cron, SystemClock, parse_slot, slot_iso
 from .errors import ConflictError, InvalidArgumentError
 from .keys import Keys
 from .leader import LeaderElector
-from .locks import cancel_and_wait
+from .locks import cancel_and_wait, new_token
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +235,15 @@ class Scheduler:
 
 # KEYS[1] = fired marker (keys.cron_fired), KEYS[2] = last fired slot (keys.cron_last),
 # KEYS[3] = leader lease (keys.leader)
-# ARGV[1] = holder id, ARGV[2] = slot (slot_iso), ARGV[3] = marker TTL s
+# ARGV[1] = holder id, ARGV[2] = slot (slot_iso), ARGV[3] = marker TTL s,
+# ARGV[4] = claim token (``<holder id>/<random>``, new for every claim call)
 # Fires only while ARGV[1] holds the lease and nobody fired the slot; moves cron_last
-# forward only. Returns 1 = fire, 0 = already fired, -1 = not the leader.
+# forward only. A marker already holding ARGV[4] is this very claim, resent by redis-py
+# after its reply was lost: it fires. Returns 1 = fire, 0 = already fired, -1 = not the leader.
 FIRE = """
+if redis.call('GET', KEYS[1]) == ARGV[4] then return 1 end
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[3]) then return 0 end
 local last = redis.call('GET', KEYS[2])
 if (not last) or last < ARGV[2] then redis.call('SET', KEYS[2], ARGV[2]) end
 return 1
@@ -259,7 +262,8 @@ class _Term:
 
 class LeaderScheduler(Scheduler):
     """Fires jobs only while ``elector`` says this process leads; each (job, slot) fires at
-    most once cluster-wide (``SET NX keys.cron_fired(job, slot)``).
+    most once cluster-wide (``SET NX keys.cron_fired(job, slot)``, idempotent when redis-py
+    resends it after a lost reply: see :data:`FIRE`).
 
     The leader fires every slot of its own term. Slots that came due before its term and
     after the last fired slot (``keys.cron_last``), within ``missed_window_s``, follow
@@ -327,7 +331,8 @@ class LeaderScheduler(Scheduler):
         result = int(await self._fire(
             keys=[self.keys.cron_fired(job.name, slot_iso(slot)), self.keys.cron_last(job.name),
                   self.elector.key],
-            args=[self.elector.holder_id, slot_iso(slot), self.fired_ttl_s]))
+            args=[self.elector.holder_id, slot_iso(slot), self.fired_ttl_s,
+                  f"{self.elector.holder_id}/{new_token()}"]))
         if result == 1 and self._term is not None:
             self._term.last[job.name] = slot
         return result == 1

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from . import faults
-from .errors import ConflictError, InvalidArgumentError, NotFoundError, TokiwaError, describe_error
+from .errors import ConflictError, InvalidArgumentError, LockError, NotFoundError, TokiwaError, describe_error
 from .events import Event
 from .run_result import WorkflowRunResult, format_log
 from .triggers import Trigger, mapped, parse_trigger
@@ -260,6 +260,10 @@ class WorkflowRegistry:
             raise
         except Exception as exc:
             await self._workflow_error(exc, reg, event)
+            if isinstance(exc, LockError) or faults.is_transient(exc):
+                # the conversation's lock was not had in time, or Redis failed under the run:
+                # the event itself did not fail, so it is redone, whatever ack_policy says
+                return [f"{RETRY_MARK}workflow {reg.workflow.name}: {type(exc).__name__}: {exc}"]
             return [f"workflow {reg.workflow.name}: {type(exc).__name__}: {exc}"]
         if result.status != "succeeded":
             if _fenced(result):  # a newer lock holder exists: redo this event, do not ack it

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator.chatflow import ChatflowExecutor
+from orchestrator.chatflow import ChatflowExecutor, will_be_redone
 from orchestrator.conversations import RedisConversationStore
 from orchestrator.errors import InvalidArgumentError, LockError
 from orchestrator.events import Event
@@ -89,24 +89,162 @@ async def test_a_redelivered_event_applies_its_memory_delta_once(aredis, keys, s
     assert again.memory == {"count": 1, "seen": ["once"]}
 
 
-async def test_a_stale_holder_is_refused_when_it_writes_memory(aredis, keys, store):
-    """The run's lease expires while it is frozen; another holder takes the lock and writes.
-    The first run's write is then refused by fencing and the run is reported failed."""
-    ex = executor(aredis, keys, store, lock_ttl_ms=150, lock_renew_ms=50)
+class TakenOverOnWrite(RedisConversationStore):
+    """The Redis store, where a newer holder takes the conversation lock (after the key
+    vanished: an expiry this process did not see yet) and writes, just before our write."""
 
-    async def freeze_then_lose(ctx):
-        time.sleep(0.3)  # the whole loop freezes: no renewal, the lease runs out
-        newer = conversation_lock(aredis, keys, "c1", ttl_ms=5_000)
+    def __init__(self, aredis, keys, **options):
+        super().__init__(aredis, keys, **options)
+        self.aredis, self.keys = aredis, keys
+
+    async def apply_delta(self, conversation_id, patch, **options):
+        await self.aredis.delete(self.keys.conversation_lock(conversation_id))
+        newer = conversation_lock(self.aredis, self.keys, conversation_id, ttl_ms=5_000)
         token = await newer.acquire(timeout_s=2)
-        await store.set("c1", {"owner": "newer"}, fencing_token=token)
+        await super().apply_delta(conversation_id, {"set": {"owner": "newer"}}, fencing_token=token)
         await newer.release()
-        ctx.update_memory({"owner": "stale"})
+        return await super().apply_delta(conversation_id, patch, **options)
 
-    flow = Workflow("stale", nodes=[Node("n", freeze_then_lose)], type="chatflow")
-    result = await ex.run(flow, conversation_id="c1", event=event())
+
+async def test_a_stale_holder_is_refused_when_it_writes_memory(aredis, keys):
+    """Another holder took the lock and wrote before this run's write, and this process had
+    not noticed yet: the write is refused by fencing and the run is reported failed, to be
+    redone (it keeps its turn)."""
+    store = TakenOverOnWrite(aredis, keys)
+    await aredis.rpush(keys.conversation_order("c1"), "1-0")
+    result = await executor(aredis, keys, store).run(
+        Workflow("stale", nodes=[Node("n", lambda ctx: ctx.update_memory({"owner": "stale"}))], type="chatflow"),
+        conversation_id="c1", event=event(stream_id="1-0"))
     assert result.status == "failed"
     assert result.error["name"] == "FencingError"
+    assert will_be_redone(result)
     assert await store.get("c1") == {"owner": "newer"}
+    assert await aredis.lrange(keys.conversation_order("c1"), 0, -1) == [b"1-0"]
+
+
+def stepping_flow(steps: list[str], *, first_sleep_s: float = 0.05, second_sleep_s: float = 0.0):
+    """A two-node chatflow that records each step it takes into ``steps``."""
+
+    async def first(ctx):
+        steps.append("first:start")
+        await asyncio.sleep(first_sleep_s)
+        steps.append("first:end")  # a run cancelled while it sleeps never gets here
+        ctx.update_memory({"first": True})
+
+    async def second(ctx):
+        steps.append("second:start")
+        await asyncio.sleep(second_sleep_s)
+        ctx.update_memory({"second": True})
+
+    return Workflow("steps", nodes=[Node("first", first), Node("second", second, depends_on=["first"])],
+                    type="chatflow")
+
+
+async def test_a_run_frozen_past_its_lease_is_cancelled_before_its_node_takes_another_step(aredis, keys, store):
+    """The whole loop freezes (as under SIGSTOP) for twice the lease while the node sleeps; the
+    node's sleep ended during the freeze, yet on resume the lock's watchdog cancels the run
+    before the node takes its next step. Nothing is saved, the turn is kept for the redo."""
+    steps: list[str] = []
+    ex = executor(aredis, keys, store, lock_ttl_ms=150, lock_renew_ms=50)
+    await aredis.rpush(keys.conversation_order("c1"), "1-0")
+    await store.set("c1", {"before": 1})
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, time.sleep, 0.3)  # the freeze, 10 ms into the node's 50 ms sleep
+    result = await asyncio.wait_for(ex.run(stepping_flow(steps), conversation_id="c1",
+                                           event=event(stream_id="1-0")), 5)
+    assert steps == ["first:start"], "the frozen run took a step after it resumed"
+    assert result.status == "cancelled"
+    assert result.error["name"] == "FencingError" and "lost" in result.error["message"]
+    assert will_be_redone(result)
+    assert result.memory == {"before": 1}
+    assert await store.get("c1") == {"before": 1}
+    assert await aredis.exists(keys.conversation_lock("c1")) == 0
+    assert await aredis.lrange(keys.conversation_order("c1"), 0, -1) == [b"1-0"]
+
+
+@pytest.mark.parametrize("how", ["taken", "deleted"])
+async def test_a_run_whose_lock_is_taken_or_gone_is_cancelled_at_the_next_renewal(aredis, keys, store, how):
+    steps: list[str] = []
+    ex = executor(aredis, keys, store, lock_ttl_ms=2_000, lock_renew_ms=50)
+    run = asyncio.create_task(ex.run(stepping_flow(steps, first_sleep_s=30), conversation_id="c1",
+                                     event=event()))
+    for _ in range(500):
+        if steps:
+            break
+        await asyncio.sleep(0.01)
+    lock_key = keys.conversation_lock("c1")
+    if how == "taken":
+        await aredis.set(lock_key, "another-holder", px=5_000)
+    else:
+        await aredis.delete(lock_key)
+    changed = time.monotonic()
+    result = await asyncio.wait_for(run, 10)
+    cancelled_after = time.monotonic() - changed
+    assert steps == ["first:start"]
+    assert result.status == "cancelled" and will_be_redone(result)
+    reason = "another holder" if how == "taken" else "expired or was deleted"
+    assert reason in result.error["message"]
+    assert await store.get("c1") == {}
+    if how == "taken":
+        assert await aredis.get(lock_key) == b"another-holder", "release left the other holder's lock alone"
+    print(f"lock {how}: run cancelled {cancelled_after * 1000:.0f} ms later (renewal every 50 ms)")
+
+
+class FreezingLoad(RedisConversationStore):
+    """A memory load during which the whole loop freezes past the lock's lease."""
+
+    freeze_s = 0.0
+
+    async def get(self, conversation_id):
+        memory = await super().get(conversation_id)
+        time.sleep(self.freeze_s)
+        return memory
+
+
+async def test_a_lock_lost_while_the_memory_loads_never_starts_the_run(aredis, keys):
+    store = FreezingLoad(aredis, keys)
+    store.freeze_s = 0.3
+    steps: list[str] = []
+    result = await executor(aredis, keys, store, lock_ttl_ms=150, lock_renew_ms=50).run(
+        stepping_flow(steps), conversation_id="c1", event=event())
+    assert steps == []
+    assert result.status == "cancelled" and will_be_redone(result)
+    assert result.memory == {}
+
+
+async def test_a_cancellation_lost_while_waiting_for_the_turn_still_stops_the_run(aredis, keys, store):
+    """Python 3.11's wait_for (inside redis-py's send) can drop a cancellation that lands as a
+    command completes. A run cancelled meanwhile (its entry was taken by another worker) must
+    not go on to take the lock and run once its turn opens."""
+    steps: list[str] = []
+    ex = executor(aredis, keys, store)
+    waiting = asyncio.Event()
+
+    async def wait_turn_dropping_the_cancel(cid, stream_id):
+        waiting.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # what wait_for does when the awaited send had finished: the turn poll goes on
+        return True
+
+    ex.wait_turn = wait_turn_dropping_the_cancel
+    run = asyncio.create_task(ex.run(stepping_flow(steps), conversation_id="c1", event=event(stream_id="1-0")))
+    await asyncio.wait_for(waiting.wait(), 5)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 5)
+    assert steps == []
+    assert await aredis.exists(keys.conversation_lock_epoch("c1")) == 0, "the lock was taken"
+
+
+def test_a_runner_that_cannot_cancel_is_refused(aredis, keys, store):
+    class RunOnly:
+        async def run(self, workflow, **options):
+            raise AssertionError("never called")
+
+    with pytest.raises(InvalidArgumentError, match="cancel"):
+        ChatflowExecutor(aredis, keys, store, RunOnly())
 
 
 async def test_runs_of_one_conversation_never_overlap(aredis, keys, store):

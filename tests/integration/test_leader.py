@@ -94,6 +94,31 @@ async def test_a_leader_whose_lease_was_taken_steps_down_on_its_next_renewal(are
     assert await aredis.get(keys.leader("cron")) == b"someone-else"
 
 
+async def test_a_leader_whose_lease_vanished_steps_down_on_its_next_renewal(aredis, keys, caplog):
+    demoted = asyncio.Event()
+    first = elector(aredis, keys, renew_ms=30, on_demoted=demoted.set)
+    await first.start()
+    while not first.is_leader:
+        await asyncio.sleep(0.01)
+    await aredis.delete(keys.leader("cron"))
+    await asyncio.wait_for(demoted.wait(), 2)
+    assert not first.is_leader
+    assert "the lease expired in Redis" in caplog.text
+    await first.stop()
+
+
+async def test_a_campaign_that_finds_its_own_holder_id_counts_as_elected(aredis, keys):
+    """redis-py resends the campaign script when its reply was lost: the first attempt took
+    the lease (done here by hand, with the same holder id), the resent one must elect us."""
+    me = elector(aredis, keys)
+    await aredis.set(keys.leader("cron"), me.holder_id, px=1_000)
+    landed = await aredis.incr(keys.leader_epoch("cron"))
+    assert await me.try_acquire() is True
+    assert me.is_leader and me.epoch > landed
+    assert await elector(aredis, keys).try_acquire() is False
+    await me.stop()
+
+
 async def test_a_leader_that_cannot_reach_redis_steps_down_before_its_lease_expires(own_redis):
     """Redis stops answering (CLIENT PAUSE): renewals hang, and the leader must consider
     itself a follower before ttl has passed since its last successful renewal."""

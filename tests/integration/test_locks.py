@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from orchestrator.errors import InvalidArgumentError, LockError
-from orchestrator.locks import conversation_lock
+from orchestrator.keys import Keys
+from orchestrator.locks import ACQUIRE, claim, conversation_lock
 
 
 def lock(aredis, keys, cid="c1", **options):
@@ -97,6 +100,131 @@ async def test_the_lock_counts_as_lost_once_a_whole_ttl_passed_without_renewal(a
     await asyncio.sleep(0.15)
     assert held.lost
     await held.release()
+
+
+@pytest.mark.parametrize(("change", "reason"), [("taken", "another holder took it"),
+                                                ("deleted", "its key expired or was deleted")])
+async def test_on_lost_callbacks_run_once_when_a_renewal_finds_the_lock_changed(aredis, keys, change, reason):
+    held = lock(aredis, keys, ttl_ms=2_000, renew_ms=30)
+    calls: list[str] = []
+    held.on_lost(calls.append)
+    await held.acquire()
+    if change == "taken":
+        await aredis.set(keys.conversation_lock("c1"), "intruder", px=5_000)
+    else:
+        await aredis.delete(keys.conversation_lock("c1"))
+    await asyncio.wait_for(held.lost_event.wait(), 2)
+    await asyncio.sleep(0.1)  # more renewal periods: still one call
+    assert calls == [reason] and held.lost_reason == reason
+    await held.release()
+
+
+async def test_release_does_not_call_on_lost(aredis, keys):
+    held = lock(aredis, keys, ttl_ms=100, renew_ms=30)
+    calls: list[str] = []
+    held.on_lost(calls.append)
+    await held.acquire()
+    await held.release()
+    await asyncio.sleep(0.2)  # past the lease: the watchdog is gone with the lock
+    assert calls == [] and not held.lost
+
+
+async def test_after_a_freeze_past_the_lease_the_loss_is_handled_before_any_task_resumes(aredis, keys):
+    """The loop is blocked (as under SIGSTOP) past the lease. On resume, the watchdog's overdue
+    timer runs in the loop's first round, so a callback that cancels the protected work cancels
+    it before a task whose sleep ended during the freeze takes its next step."""
+    held = lock(aredis, keys, ttl_ms=150, renew_ms=50)
+    await held.acquire()
+    steps: list[str] = []
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(0.05)
+            steps.append("resumed")
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            raise
+
+    task = asyncio.create_task(work())
+    held.on_lost(lambda reason: task.cancel())
+    await asyncio.sleep(0.01)
+    time.sleep(0.3)  # the freeze
+    await asyncio.gather(task, return_exceptions=True)
+    assert steps == ["cancelled"]
+    assert held.lost and "lease" in held.lost_reason
+    await held.release()
+
+
+async def test_a_lock_that_cannot_reach_redis_is_lost_when_its_lease_would_expire(own_redis):
+    """Redis stops answering (CLIENT PAUSE): renewals hang, and the lock must count as lost
+    when a whole ttl passed since its last successful renewal, without any answer."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    held = conversation_lock(client, Keys("pause"), "c1", ttl_ms=600, renew_ms=100)
+    lost_at: list[float] = []
+    held.on_lost(lambda reason: lost_at.append(time.monotonic()))
+    await held.acquire()
+    blocker = aioredis.Redis.from_url(own_redis.url)
+    await blocker.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+    paused = time.monotonic()
+    try:
+        await asyncio.wait_for(held.lost_event.wait(), 5)
+    finally:
+        await blocker.execute_command("CLIENT", "UNPAUSE")
+        await held.release()
+        await blocker.aclose()
+        await client.aclose()
+    assert len(lost_at) == 1 and "lease" in held.lost_reason
+    print(f"lock lost {lost_at[0] - paused:.2f} s after Redis stopped answering (ttl 0.6 s, renew 0.1 s)")
+
+
+async def test_an_acquire_that_finds_its_own_token_counts_as_acquired(aredis, keys):
+    """redis-py resends the acquire script when the reply was lost: the first attempt took the
+    key (done here by hand, with the same token), the resent one must count as acquired."""
+    held = lock(aredis, keys)
+    landed = int(await aredis.eval(ACQUIRE, 2, keys.conversation_lock("c1"), keys.conversation_lock_epoch("c1"),
+                                   held.token, 1_000))
+    token = await held.acquire(timeout_s=0)
+    assert token > landed, "the fencing token grows past the lost reply's epoch"
+    assert await aredis.get(keys.conversation_lock("c1")) == held.token.encode()
+    assert await lock(aredis, keys).try_acquire() is False
+    assert await held.release() is True
+
+
+async def test_acquire_waits_out_a_redis_restart_within_its_timeout(own_redis):
+    client = aioredis.Redis.from_url(own_redis.url)
+    try:
+        own_redis.stop()
+        waiting = asyncio.create_task(conversation_lock(client, Keys("restart"), "c1").acquire(timeout_s=10))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await asyncio.to_thread(own_redis.start)
+        assert await asyncio.wait_for(waiting, 10) >= 1
+    finally:
+        await client.aclose()
+
+
+async def test_acquire_gives_up_on_an_outage_with_a_lock_error(own_redis):
+    client = aioredis.Redis.from_url(own_redis.url)
+    own_redis.stop()
+    try:
+        with pytest.raises(LockError) as info:
+            await conversation_lock(client, Keys("down"), "c1", ttl_ms=200).acquire(timeout_s=0.3)
+        assert info.value.__cause__ is not None
+    finally:
+        await asyncio.to_thread(own_redis.start)
+        await client.aclose()
+
+
+async def test_claim_is_taken_once_and_a_resent_claim_with_the_same_token_is_ours(aredis, keys):
+    key = keys.once("sub")
+    assert await claim(aredis, key, "a/1") is True
+    assert await claim(aredis, key, "a/1") is True  # the resend after a lost reply
+    assert await claim(aredis, key, "a/2") is False
+    assert await claim(aredis, key, "b/1") is False
+    assert await aredis.get(key) == b"a/1"
+    assert await aredis.pttl(key) == -1
+    assert await claim(aredis, keys.once("ttl"), "x", ttl_ms=5_000) is True
+    assert 0 < await aredis.pttl(keys.once("ttl")) <= 5_000
 
 
 async def test_async_with_acquires_and_releases(aredis, keys):
