@@ -25,6 +25,7 @@ from .connection import read_block_ms
 from .errors import BrokerError, EventDecodeError
 from .events import Event, decode_fields
 from .faults import TRANSIENT, Backoff, Fault, classify
+from .locks import cancel_and_wait
 
 log = logging.getLogger("tokiwa.consumer")
 
@@ -184,20 +185,15 @@ class Consumer:
             except TimeoutError:
                 break
         self._closing = True
-        for task in slots:
-            task.cancel()
-        await asyncio.gather(*slots, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(t) for t in slots))
         # the acker finishes its current batch and flushes the rest: an ack in flight is never
         # cut off, so nothing that finished is handed back and run again
         self._ack_wakeup.set()
         try:
             await asyncio.wait_for(asyncio.shield(acker), FINAL_FLUSH_S)
         except (TimeoutError, Exception):
-            acker.cancel()
-            await asyncio.gather(acker, return_exceptions=True)
-        for task in helpers:
-            task.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
+            await cancel_and_wait(acker)
+        await asyncio.gather(*(cancel_and_wait(t) for t in helpers))
         if self._ack_buffer or self._redeliver:
             log.error("%d acks could not be sent before shutdown; those events will run again",
                       len(self._ack_buffer))

@@ -132,9 +132,22 @@ async def claim_once(redis: Any, key: str, holder: str) -> bool:
     return await claim(redis, key, f"{holder}/{new_token()}")
 
 
+#: a cancelled task that still runs after this is cancelled again (see cancel_and_wait)
+RECANCEL_AFTER_S = 0.5
+
+
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel a task we own and wait for it; re-raises only if *we* are being cancelled."""
+    """Cancel a task we own and wait for it; re-raises only if *we* are being cancelled.
+
+    On Python 3.11 ``asyncio.wait_for`` (which redis-py uses for every command) can swallow a
+    cancellation that lands as its inner call completes, and the task then runs on: so a task
+    still running :data:`RECANCEL_AFTER_S` after a cancel is cancelled again, until it ends."""
     task.cancel()
+    while not task.done():
+        await asyncio.wait({task}, timeout=RECANCEL_AFTER_S)
+        if not task.done():
+            log.debug("task %s ignored a cancellation; cancelling it again", task.get_name())
+            task.cancel()
     try:
         await task
     except asyncio.CancelledError:

@@ -25,6 +25,7 @@ from . import exitcodes, faults
 from .app import Orchestrator
 from .faults import Fault
 from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
+from .locks import cancel_and_wait
 
 log = logging.getLogger("tokiwa.worker")
 
@@ -97,8 +98,7 @@ class Heartbeat:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         try:
             await self.app.redis.hdel(self.app.keys.workers, self.app.worker_id)

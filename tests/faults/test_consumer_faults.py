@@ -243,16 +243,18 @@ def test_mass_redelivery_ends_processed_or_dead_within_first_pass_plus_backoff(
 def test_sigterm_under_load_hands_back_only_unfinished_work(redis_url, namespace, sync_redis,
                                                            subprocess_env, tmp_path):
     out = tmp_path / "calls.txt"
-    rounds, per_round = 3, 4000
+    rounds, per_round = 3, 3000
+    slow = {"concurrency": 16, "TEST_SLEEP_MS": 5}  # ~3,000 events/s: SIGTERM lands mid-run
     for start in range(0, rounds * per_round, per_round):
         r = start // per_round
         publish_jobs(sync_redis, namespace, per_round, start=start)
-        first = start_fault_worker(subprocess_env, redis_url, namespace, tmp_path / f"a{r}.log", out, concurrency=64)
+        first = start_fault_worker(subprocess_env, redis_url, namespace, tmp_path / f"a{r}.log", out, **slow)
         wait_for(lambda s=start: len(successes(out)) >= s + per_round // 4, 30, "a quarter processed")
         os.kill(first.pid, signal.SIGTERM)
         assert first.wait(30) == 0
-        second = start_fault_worker(subprocess_env, redis_url, namespace, tmp_path / f"b{r}.log", out, concurrency=64)
+        second = start_fault_worker(subprocess_env, redis_url, namespace, tmp_path / f"b{r}.log", out, **slow)
         try:
+            wait_for(lambda: sync_redis.hlen(f"{namespace}:workers") >= 1, 30, "the second worker up")
             wait_for(lambda s=start: pending(sync_redis, namespace) == 0
                      and len(successes(out)) >= s + per_round, 30, "the rest by the second worker")
         finally:
@@ -304,3 +306,33 @@ def test_the_producer_cli_names_a_redis_fault_in_one_line_with_its_exit_code(fau
     assert result.returncode == code, result.stderr
     assert len(errors) == 1 and text in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_worker_runs_under_the_documented_acl(namespace, subprocess_env, tmp_path):
+    """The ACL of docs/faults.md is enough for a worker: it reads, acks, renews, reclaims,
+    trims, dead-letters and writes its heartbeat (a missing permission would stop it, exit 1)."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "faults.md").read_text()
+    rule = re.search(r"^ACL SETUSER tokiwa (.+)$", doc, re.M).group(1)
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("ACL", "SETUSER", "tokiwa", *rule.replace("tokiwa:", f"{namespace}:").split())
+    url = f"redis://tokiwa:secret@127.0.0.1:{server.port}/0"
+    out = tmp_path / "calls.txt"
+    publish_jobs(admin, namespace, 200)
+    admin.xadd(f"{namespace}:events", {b"junk": b"x"})
+    worker = start_fault_worker(subprocess_env, url, namespace, tmp_path / "w.log", out, concurrency=8,
+                                visibility_timeout_ms=1000)
+    try:
+        wait_for(lambda: len(successes(out)) >= 200 and admin.xlen(f"{namespace}:dead") == 1
+                 and pending(admin, namespace) == 0 and admin.hlen(f"{namespace}:workers") == 1,
+                 30, "work done under the ACL")
+        time.sleep(1.5)  # renewals, reclaim scans and trims ran meanwhile
+        assert worker.poll() is None
+    finally:
+        code = stop(worker)
+        server.stop()
+    log = (tmp_path / "w.log").read_text()
+    assert code == 0 and "NOPERM" not in log.upper(), log[-2000:]
