@@ -287,7 +287,6 @@ class Consumer:
             progressed = await self._read_once(until_drained)
             if not self.connected.is_set():
                 self.connected.set()
-            faults.recovered(Fault.CONNECTION, Fault.FAILOVER, Fault.BUSY)
             if until_drained and not progressed and await self._drained():
                 return
 
@@ -325,6 +324,9 @@ class Consumer:
             raise
         finally:
             self._read_task = None
+        # a reply: a failover or a busy script is over (the end of an outage is logged by the
+        # connection layer, at the first reply it reads)
+        faults.recovered(Fault.FAILOVER, Fault.BUSY)
         self.stats.fetched += len(deliveries)
         for d in deliveries:
             self._start(d)
@@ -526,7 +528,7 @@ class Consumer:
                 self.in_flight.pop(sid, None)
                 self.stats.dead_waiting = len(self._dead_waiting)
                 self._slot_freed.set()
-                faults.recovered(Fault.OOM, Fault.CONNECTION)
+                faults.recovered(Fault.OOM)
                 backoff.reset()
                 self._dead_done(d, dead_id, reason, error)
                 await self._after_dead(d, dead_id)
@@ -559,7 +561,9 @@ class Consumer:
             self._ack_wakeup.clear()
 
     async def _flush(self) -> None:
+        sent = False
         while self._ack_buffer:
+            sent = True
             batch, self._ack_buffer = self._ack_buffer, []
             try:
                 lost = await asyncio.shield(self.broker.ack(batch))
@@ -573,6 +577,7 @@ class Consumer:
                 self.stats.lost += len(lost)
                 log.warning("%d entries were no longer ours at ack time: %s", len(lost), lost[:5])
         while self._redeliver:
+            sent = True
             batch, self._redeliver = self._redeliver, []
             by_delay: dict[int, list[str]] = {}
             for sid, delay in batch:
@@ -584,7 +589,8 @@ class Consumer:
             except Exception:
                 self._redeliver[:0] = batch  # a repeat hand-back is harmless
                 raise
-        faults.recovered(Fault.CONNECTION, Fault.FAILOVER)
+        if sent:  # only a reply from Redis ends a failover
+            faults.recovered(Fault.FAILOVER)
 
     async def _renew_loop(self) -> None:
         interval = self.settings.renew_interval_s

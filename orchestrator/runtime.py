@@ -83,7 +83,7 @@ class Heartbeat:
         while True:
             try:
                 await self.beat()
-                faults.recovered(Fault.CONNECTION, Fault.OOM, Fault.FAILOVER)
+                faults.recovered(Fault.OOM, Fault.FAILOVER)  # a write went through
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

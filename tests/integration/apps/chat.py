@@ -36,6 +36,7 @@ from typing import Any
 from orchestrator import Node, Orchestrator, RedisConversationStore, Workflow
 from orchestrator.conversations import ConversationStore
 from orchestrator.cron import slot_iso
+from orchestrator.locks import cancel_and_wait
 
 EVENT_TYPE = "chat.turn"
 WORKFLOW = "chat-turns"
@@ -134,8 +135,7 @@ class LeaderProbe:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)  # a plain cancel can be swallowed inside a Redis call
 
 
 def ticker() -> Orchestrator:
