@@ -156,7 +156,7 @@ def run(url: str, per_conversation: int = 30) -> dict:
 if __name__ == "__main__":
     import json
 
-    from orchestrator.embedded import EmbeddedRedis
+    from orchestrator.broker.embedded import EmbeddedRedis
 
     with EmbeddedRedis(Path(os.environ.get("TMPDIR", "/tmp")) / "chatbench-redis") as server:
         print(json.dumps(run(server.url), indent=2))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.embedded import EmbeddedRedis
+from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.errors import InvalidArgumentError, StateError
 
 ROOT = Path(__file__).resolve().parents[1]

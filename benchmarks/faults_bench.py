@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.embedded import EmbeddedRedis, free_port
+from orchestrator.broker.embedded import EmbeddedRedis, free_port
 from orchestrator.events import Event, encode_fields
 
 ROOT = Path(__file__).resolve().parent.parent

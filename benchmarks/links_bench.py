@@ -1,6 +1,6 @@
 """Link benchmarks: how fast a blackholed connection is noticed, and what publishing once costs.
 
-- ``detect``: a client made by :func:`orchestrator.connection.create_redis` talks to Redis
+- ``detect``: a client made by :func:`orchestrator.broker.connection.create_redis` talks to Redis
   through the fault proxy; the proxy blackholes at a random moment and we time until the fault
   model's CONNECTION condition starts (the worker's one warning line). Two clients: an idle
   worker (XREADGROUP BLOCK loop) and a busy one (a command every 20 ms). Median and max of
@@ -25,9 +25,9 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from orchestrator.broker import StreamBroker
+from orchestrator.broker.connection import REDIS_TIMEOUT_MS, create_redis, read_block_ms
+from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import Settings
-from orchestrator.connection import REDIS_TIMEOUT_MS, create_redis, read_block_ms
 from orchestrator.events import Event, encode_fields
 from orchestrator.faults import Fault, condition, reset_conditions
 from tests.faults.proxy import FaultProxy

@@ -1,6 +1,6 @@
 """Relay latency, throughput, bursts and fairness between two relay processes, line to line.
 
-Two ``python -m workers.relay_cli`` processes share one Redis. Relay A runs the writing
+Two ``python -m workers.relay.cli`` processes share one Redis. Relay A runs the writing
 child(ren), relay B a subscriber child (all of them are this file, ``--role ...``). A message
 is a stdout line ``<topic>:<monotonic ns> <seq>``; the subscriber records ``now - ns``
 (CLOCK_MONOTONIC is shared by the processes of one host). So one sample covers: child write
@@ -172,7 +172,7 @@ class _Bench:
         import redis
 
         from orchestrator.keys import Keys
-        from workers.relay_transport import decode_frame
+        from workers.relay.transport import decode_frame
 
         self.keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
         self.decode = decode_frame
@@ -186,7 +186,7 @@ class _Bench:
             config = workdir / f"{self.keys.namespace}-{name}.toml"
             config.write_text(top + tasks)
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "workers.relay_cli", str(config), "--redis-url", redis_url,
+                [sys.executable, "-m", "workers.relay.cli", str(config), "--redis-url", redis_url,
                  "--namespace", self.keys.namespace, "--log-level", "WARNING"],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(config.with_suffix(".log"), "wb"),  # noqa: SIM115
                 stdin=subprocess.DEVNULL))
@@ -358,7 +358,7 @@ def main() -> None:
     server = None
     url = args.redis_url
     if not url:
-        from orchestrator.embedded import EmbeddedRedis
+        from orchestrator.broker.embedded import EmbeddedRedis
 
         server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="tokiwa-bench-redis-"))).start()
         url = server.url

@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator.embedded import EmbeddedRedis
+from orchestrator.broker.embedded import EmbeddedRedis
 
 from . import broker_bench
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgpack
 
-from orchestrator.embedded import EmbeddedRedis
+from orchestrator.broker.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "demo"
@@ -148,7 +148,7 @@ def main() -> int:
                    PYTHONPATH=str(ROOT), TOKIWA_STATE_DIR=str(state))
         say(f"   redis-server at {server.url} (files under {state})")
         procs = {
-            "producer": spawn("producer", ["orchestrator.cli", "run", "--app", APP], env, logs),
+            "producer": spawn("producer", ["orchestrator.cli.producer", "run", "--app", APP], env, logs),
             "worker-1": spawn("worker-1", ["workers.cli", "run", "--app", APP, "--relay",
                                            "examples/relay/shop.toml"], env, logs),
             "worker-2": spawn("worker-2", ["workers.cli", "run", "--app", APP], env, logs),

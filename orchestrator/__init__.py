@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 _LAZY = {
     "Orchestrator": "app",
-    "FileArtifactStore": "artifacts",
-    "InMemoryArtifactStore": "artifacts",
+    "FileArtifactStore": "workflow.artifacts",
+    "InMemoryArtifactStore": "workflow.artifacts",
     "Settings": "config",
     "load_settings": "config",
-    "ConversationStore": "conversations",
-    "DeltaConversationStore": "conversations",
-    "InMemoryConversationStore": "conversations",
-    "RedisConversationStore": "conversations",
-    "Cron": "cron",
-    "load_workflow_file": "declarative",
-    "run_workflow_file": "declarative",
+    "ConversationStore": "chat.conversations",
+    "DeltaConversationStore": "chat.conversations",
+    "InMemoryConversationStore": "chat.conversations",
+    "RedisConversationStore": "chat.conversations",
+    "Cron": "cron.expr",
+    "load_workflow_file": "declarative.files",
+    "run_workflow_file": "declarative.files",
     "DispatchResult": "dispatcher",
     "EventDispatcher": "dispatcher",
     "BrokerError": "errors",
@@ -46,27 +46,27 @@ _LAZY = {
     "TokiwaError": "errors",
     "WorkflowError": "errors",
     "Event": "events",
-    "exec_command": "execs",
-    "exec_shell": "execs",
-    "Engine": "flow",
-    "Flow": "flow",
-    "task": "flow",
-    "WorkflowHooks": "hooks",
+    "exec_command": "workflow.execs",
+    "exec_shell": "workflow.execs",
+    "Engine": "workflow.flow",
+    "Flow": "workflow.flow",
+    "task": "workflow.flow",
+    "WorkflowHooks": "workflow.hooks",
     "LeaderElector": "leader",
-    "RetryPolicy": "retry",
-    "NodeResult": "run_result",
-    "WorkflowRunResult": "run_result",
-    "Runner": "runner",
-    "LeaderScheduler": "scheduler",
-    "Scheduler": "scheduler",
-    "register_step_type": "steps",
-    "FileRunStore": "stores",
-    "InMemoryRunStore": "stores",
-    "RedisRunStore": "stores",
-    "RunStore": "stores",
-    "Trigger": "triggers",
-    "Node": "workflow",
-    "Workflow": "workflow",
+    "RetryPolicy": "workflow.retry",
+    "NodeResult": "workflow.result",
+    "WorkflowRunResult": "workflow.result",
+    "Runner": "workflow.runner",
+    "LeaderScheduler": "cron.scheduler",
+    "Scheduler": "cron.scheduler",
+    "register_step_type": "declarative.steps",
+    "FileRunStore": "runs.stores",
+    "InMemoryRunStore": "runs.stores",
+    "RedisRunStore": "runs.stores",
+    "RunStore": "runs.stores",
+    "Trigger": "runs.triggers",
+    "Node": "workflow.model",
+    "Workflow": "workflow.model",
 }
 
 
@@ -84,19 +84,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
-    from .app import Orchestrator
-    from .artifacts import FileArtifactStore, InMemoryArtifactStore
-    from .config import Settings, load_settings
-    from .conversations import (
+    from orchestrator.app import Orchestrator
+    from orchestrator.chat.conversations import (
         ConversationStore,
         DeltaConversationStore,
         InMemoryConversationStore,
         RedisConversationStore,
     )
-    from .cron import Cron
-    from .declarative import load_workflow_file, run_workflow_file
-    from .dispatcher import DispatchResult, EventDispatcher
-    from .errors import (
+    from orchestrator.config import Settings, load_settings
+    from orchestrator.cron.expr import Cron
+    from orchestrator.cron.scheduler import LeaderScheduler, Scheduler
+    from orchestrator.declarative.files import load_workflow_file, run_workflow_file
+    from orchestrator.declarative.steps import register_step_type
+    from orchestrator.dispatcher import DispatchResult, EventDispatcher
+    from orchestrator.errors import (
         BrokerError,
         ConfigError,
         ConflictError,
@@ -118,19 +119,18 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
         TokiwaError,
         WorkflowError,
     )
-    from .events import Event
-    from .execs import exec_command, exec_shell
-    from .flow import Engine, Flow, task
-    from .hooks import WorkflowHooks
-    from .leader import LeaderElector
-    from .retry import RetryPolicy
-    from .run_result import NodeResult, WorkflowRunResult
-    from .runner import Runner
-    from .scheduler import LeaderScheduler, Scheduler
-    from .steps import register_step_type
-    from .stores import FileRunStore, InMemoryRunStore, RedisRunStore, RunStore
-    from .triggers import Trigger
-    from .workflow import Node, Workflow
+    from orchestrator.events import Event
+    from orchestrator.leader import LeaderElector
+    from orchestrator.runs.stores import FileRunStore, InMemoryRunStore, RedisRunStore, RunStore
+    from orchestrator.runs.triggers import Trigger
+    from orchestrator.workflow.artifacts import FileArtifactStore, InMemoryArtifactStore
+    from orchestrator.workflow.execs import exec_command, exec_shell
+    from orchestrator.workflow.flow import Engine, Flow, task
+    from orchestrator.workflow.hooks import WorkflowHooks
+    from orchestrator.workflow.model import Node, Workflow
+    from orchestrator.workflow.result import NodeResult, WorkflowRunResult
+    from orchestrator.workflow.retry import RetryPolicy
+    from orchestrator.workflow.runner import Runner
 
 __all__ = [
     # the app

@@ -16,22 +16,22 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from . import faults
-from .app_workflows import WorkflowsAndCronMixin
-from .broker import StreamBroker
-from .config import Settings, load_settings
-from .connection import create_redis, read_block_ms
-from .consumer import Consumer, Outcome
-from .cron_jobs import CronRegistry
-from .dispatcher import EventDispatcher
-from .embedded import EmbeddedRedis
-from .errors import InvalidArgumentError, StateError
-from .events import Event
-from .keys import Keys
-from .locks import claim_once
-from .runner import Runner
-from .stores import InMemoryRunStore, RedisRunStore, RunStore
-from .workflows import RETRY_MARK, WorkflowRegistry
+from orchestrator import faults
+from orchestrator.app_workflows import WorkflowsAndCronMixin
+from orchestrator.broker.connection import create_redis, read_block_ms
+from orchestrator.broker.consumer import Consumer, Outcome
+from orchestrator.broker.embedded import EmbeddedRedis
+from orchestrator.broker.streams import StreamBroker
+from orchestrator.config import Settings, load_settings
+from orchestrator.cron.jobs import CronRegistry
+from orchestrator.dispatcher import EventDispatcher
+from orchestrator.errors import InvalidArgumentError, StateError
+from orchestrator.events import Event
+from orchestrator.keys import Keys
+from orchestrator.locks import claim_once
+from orchestrator.runs.registry import RETRY_MARK, WorkflowRegistry
+from orchestrator.runs.stores import InMemoryRunStore, RedisRunStore, RunStore
+from orchestrator.workflow.runner import Runner
 
 log = logging.getLogger("tokiwa")
 
@@ -175,7 +175,7 @@ class Orchestrator(WorkflowsAndCronMixin):
         if not self._run_store_given:
             self.run_store = RedisRunStore(self.redis, self.keys)
         if self.conversation_store is None:
-            from .conversations import RedisConversationStore
+            from orchestrator.chat.conversations import RedisConversationStore
 
             self.conversation_store = RedisConversationStore(self.redis, self.keys)
 
@@ -237,7 +237,7 @@ class Orchestrator(WorkflowsAndCronMixin):
 
     def _sync(self) -> Any:
         if self._sync_publisher is None:
-            from .sync_publish import SyncPublisher
+            from orchestrator.broker.sync_publish import SyncPublisher
 
             self._sync_publisher = SyncPublisher(self.settings)
         return self._sync_publisher
@@ -300,7 +300,7 @@ class Orchestrator(WorkflowsAndCronMixin):
         await self.connect()
         self._started = True
         if not self._observability_on:
-            from .observability import enable
+            from orchestrator.ops.observability import enable
 
             self._observability_on = True
             for component in enable(self):
@@ -403,7 +403,7 @@ class Orchestrator(WorkflowsAndCronMixin):
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Worker id → heartbeat dict, from ``{ns}:workers``."""
         await self.connect()
-        from .heartbeats import decode_heartbeat
+        from orchestrator.ops.heartbeats import decode_heartbeat
 
         raw = await self.redis.hgetall(self.keys.workers)
         return {wid.decode(): decode_heartbeat(blob) or {"error": "undecodable heartbeat"}

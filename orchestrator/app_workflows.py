@@ -1,8 +1,8 @@
 """The Orchestrator's workflow, chatflow and cron methods (a mixin, to keep ``app.py`` small).
 
-Everything here delegates: registration and runs to :class:`orchestrator.workflows.WorkflowRegistry`,
-chatflows to :class:`orchestrator.chatflow.ChatflowExecutor`, cron to
-:class:`orchestrator.cron_jobs.CronRegistry`.
+Everything here delegates: registration and runs to :class:`orchestrator.runs.registry.WorkflowRegistry`,
+chatflows to :class:`orchestrator.chat.chatflow.ChatflowExecutor`, cron to
+:class:`orchestrator.cron.jobs.CronRegistry`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import StateError
-from .events import Event
-from .topics import encode_topic_frame
+from orchestrator.errors import StateError
+from orchestrator.events import Event
+from orchestrator.topics import encode_topic_frame
 
 if TYPE_CHECKING:
-    from .run_result import WorkflowRunResult
-    from .workflow import Workflow
+    from orchestrator.workflow.model import Workflow
+    from orchestrator.workflow.result import WorkflowRunResult
 
 
 class _RunServices:
@@ -83,16 +83,16 @@ class WorkflowsAndCronMixin:
         """The app's artifact store (a FileArtifactStore under ``artifacts_dir`` or
         ``{state_dir}/artifacts``), built once."""
         if self._artifact_store is None:
-            from .artifacts import FileArtifactStore
+            from orchestrator.workflow.artifacts import FileArtifactStore
 
             self._artifact_store = FileArtifactStore(self._artifacts_dir or (self.settings.state_dir / "artifacts"))
         return self._artifact_store
 
     def chatflows(self) -> Any:
         """The conversation executor (locks, order, fenced memory) on this app's Redis
-        (a :class:`orchestrator.chatflow.ChatflowExecutor`)."""
+        (a :class:`orchestrator.chat.chatflow.ChatflowExecutor`)."""
         if self._chatflows is None:
-            from .chatflow import ChatflowExecutor
+            from orchestrator.chat.chatflow import ChatflowExecutor
 
             if self.redis is None:
                 raise StateError("chatflows need a Redis connection: call connect() or start() first")

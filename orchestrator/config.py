@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from orchestrator.errors import ConfigError
 
 ENV_PREFIX = "TOKIWA_"
 
@@ -29,7 +29,7 @@ def default_state_dir() -> Path:
 class Settings(BaseModel):
     """Everything a producer or worker needs to know, with its default.
 
-    ``redis_url`` None means "start an embedded redis-server" (see :mod:`orchestrator.embedded`).
+    ``redis_url`` None means "start an embedded redis-server" (see :mod:`orchestrator.broker.embedded`).
     URLs with a password (``redis://:pw@host``), an ACL user (``redis://user:pw@host``),
     TLS (``rediss://``) and a db number are passed to redis-py as they are.
     """

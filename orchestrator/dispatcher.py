@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .events import Event
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.events import Event
 
 log = logging.getLogger("tokiwa.dispatcher")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import EventDecodeError, InvalidArgumentError
+from orchestrator.errors import EventDecodeError, InvalidArgumentError
 
 _META_KEYS = ("correlation_id", "causation_id", "source", "tags")
 _packb = msgpack.Packer(use_bin_type=True).pack

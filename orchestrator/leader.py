@@ -34,11 +34,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .cron import SystemClock
-from .errors import InvalidArgumentError
-from .faults import Condition, describe, is_transient
-from .keys import Keys
-from .locks import ACQUIRE, RELEASE, RENEW, cancel_and_wait, check_lease, new_token
+from orchestrator.cron.expr import SystemClock
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.faults import Condition, describe, is_transient
+from orchestrator.keys import Keys
+from orchestrator.locks import ACQUIRE, RELEASE, RENEW, cancel_and_wait, check_lease, new_token
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ leader election in :mod:`orchestrator.leader`):
 - release: compare-and-delete. Nothing is ever done by "check, then act" from Python.
 
 Retried commands. redis-py resends a command after a timeout or a dropped connection
-(:mod:`orchestrator.connection`), so a script may run twice when only its reply was lost.
+(:mod:`orchestrator.broker.connection`), so a script may run twice when only its reply was lost.
 Acquire is idempotent as to *holding*: the resent script finds our own token and counts as
 acquired; it increments the epoch a second time, which is harmless (the fencing token only
 has to grow, and nobody ever held the skipped value). Renew re-extends (idempotent); a
@@ -48,9 +48,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .errors import InvalidArgumentError, LockError
-from .faults import Backoff, Condition, describe, is_transient
-from .keys import Keys
+from orchestrator.errors import InvalidArgumentError, LockError
+from orchestrator.faults import Backoff, Condition, describe, is_transient
+from orchestrator.keys import Keys
 
 log = logging.getLogger(__name__)
 

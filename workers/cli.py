@@ -10,17 +10,23 @@ import sys
 
 import click
 
-from orchestrator.cli import build_app, common_options, observability_options, run_async, setup_logging
-from orchestrator.lazycli import LazyGroup
-from orchestrator.runtime import serve
+from orchestrator.cli.lazy import LazyGroup
+from orchestrator.cli.producer import (
+    build_app,
+    common_options,
+    observability_options,
+    run_async,
+    setup_logging,
+)
+from orchestrator.cli.runtime import serve
 
 
 @click.group(cls=LazyGroup, lazy={
-    "relay": "workers.relay_cli:relay_command",
-    "start": "workers.manage_cli:start_command",
-    "ps": "workers.manage_cli:ps_command",
-    "stop": "workers.manage_cli:stop_command",
-    "logs": "workers.manage_cli:logs_command",
+    "relay": "workers.relay.cli:relay_command",
+    "start": "workers.processes.manage_cli:start_command",
+    "ps": "workers.processes.manage_cli:ps_command",
+    "stop": "workers.processes.manage_cli:stop_command",
+    "logs": "workers.processes.manage_cli:logs_command",
 })
 def cli() -> None:
     """tokiwa worker: consume events, run workflows and relay topics."""
@@ -43,14 +49,14 @@ def run(concurrency, relay_file, processes, app_spec, **settings) -> None:
         raise click.UsageError("--api-port serves one process: run the API from the producer or a "
                                "single worker, not with --processes")
     if processes > 1:
-        from .supervise import supervise_cli
+        from workers.processes.supervise import supervise_cli
 
         sys.exit(supervise_cli(sys.argv, processes, metrics_port=settings.get("metrics_port"),
                                metrics_host=settings.get("metrics_host") or "127.0.0.1"))
     app = build_app(app_spec, mode="worker", concurrency=concurrency, **settings)
     components = []
     if relay_file:
-        from .assemble import relay_component
+        from workers.assemble import relay_component
 
         components.append(relay_component(app, relay_file))
     sys.exit(run_async(serve(app, components=components)))

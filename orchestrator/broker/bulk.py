@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InvalidArgumentError
-from .events import Event
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.events import Event
 
 
 def read_events(path: Path) -> Iterator[Event]:

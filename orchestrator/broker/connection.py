@@ -46,8 +46,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry as SyncRetry
 
-from . import faults
-from .faults import Fault
+from orchestrator import faults
+from orchestrator.faults import Fault
 
 T = TypeVar("T")
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from . import faults
-from .broker import Delivery, StreamBroker
-from .config import Settings
-from .connection import read_block_ms
-from .errors import BrokerError, EventDecodeError
-from .events import Event, decode_fields
-from .faults import TRANSIENT, Backoff, Fault, classify
-from .locks import cancel_and_wait
+from orchestrator import faults
+from orchestrator.broker.connection import read_block_ms
+from orchestrator.broker.streams import Delivery, StreamBroker
+from orchestrator.config import Settings
+from orchestrator.errors import BrokerError, EventDecodeError
+from orchestrator.events import Event, decode_fields
+from orchestrator.faults import TRANSIENT, Backoff, Fault, classify
+from orchestrator.locks import cancel_and_wait
 
 log = logging.getLogger("tokiwa.consumer")
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import BrokerError, ConfigError
+from orchestrator.errors import BrokerError, ConfigError
 
 
 def find_redis_server() -> str:

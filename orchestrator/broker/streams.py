@@ -1,7 +1,7 @@
 """The Redis-streams broker: publish, consume through a consumer group, ack, renew, reclaim,
 dead-letter and trim. One stream (``{ns}:events``), one group (``workers`` by default).
 
-Every "check ownership, then act" is one Lua script (see :mod:`orchestrator.scripts`), so a
+Every "check ownership, then act" is one Lua script (see :mod:`orchestrator.broker.scripts`), so a
 worker that lost an entry while frozen cannot ack, renew or dead-letter it.
 """
 
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from . import scripts
-from .config import Settings
-from .errors import BrokerError, InvalidArgumentError
-from .events import Event, encode_fields
-from .faults import Fault, classify, is_group_exists, is_missing_key
-from .keys import Keys
+from orchestrator.broker import scripts
+from orchestrator.config import Settings
+from orchestrator.errors import BrokerError, InvalidArgumentError
+from orchestrator.events import Event, encode_fields
+from orchestrator.faults import Fault, classify, is_group_exists, is_missing_key
+from orchestrator.keys import Keys
 
 log = logging.getLogger("tokiwa.broker")
 

@@ -4,7 +4,7 @@ It uses redis-py's synchronous client, which costs less per call than the asynci
 events are sent one at a time from code that is not async anyway (no event loop round per
 call). The wire form, the size limit, the conversation order lists and the once-only marker
 are the same as ``publish``'s; the same script runs, on a client with the same timeouts and
-retry policy (:mod:`orchestrator.connection`).
+retry policy (:mod:`orchestrator.broker.connection`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 
 import redis
 
-from . import scripts
-from .broker import checked_fields, publish_once_call
-from .config import Settings
-from .connection import create_sync_redis
-from .errors import StateError
-from .events import Event
-from .faults import is_group_exists, is_missing_key
-from .keys import Keys
+from orchestrator.broker import scripts
+from orchestrator.broker.connection import create_sync_redis
+from orchestrator.broker.streams import checked_fields, publish_once_call
+from orchestrator.config import Settings
+from orchestrator.errors import StateError
+from orchestrator.events import Event
+from orchestrator.faults import is_group_exists, is_missing_key
+from orchestrator.keys import Keys
 
 
 class SyncPublisher:

@@ -39,11 +39,11 @@ import time
 import uuid
 from typing import Any
 
-from .conversations import ConversationStore, check_memory, shallow_diff
-from .errors import FencingError, InvalidArgumentError, describe_error
-from .keys import Keys
-from .locks import RedisLock, check_lease, conversation_lock
-from .run_result import WorkflowRunResult
+from orchestrator.chat.conversations import ConversationStore, check_memory, shallow_diff
+from orchestrator.errors import FencingError, InvalidArgumentError, describe_error
+from orchestrator.keys import Keys
+from orchestrator.locks import RedisLock, check_lease, conversation_lock
+from orchestrator.workflow.result import WorkflowRunResult
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def will_be_redone(result: Any) -> bool:
 class ChatflowExecutor:
     """Runs chatflows of many conversations concurrently, each conversation serialized.
 
-    ``runner`` is an :class:`orchestrator.runner.Runner` (anything with
+    ``runner`` is an :class:`orchestrator.workflow.runner.Runner` (anything with
     ``await run(workflow, run_id=..., **options)`` returning a result with ``.memory`` and
     ``.status``, and ``cancel(run_id, reason)`` that aborts a running run at once).
     Defaults: lock lease 30 s renewed every 10 s (a killed worker's conversation is free

@@ -31,8 +31,8 @@ from urllib.parse import quote
 
 import msgpack
 
-from .errors import FencingError, InvalidArgumentError, StateError
-from .keys import Keys
+from orchestrator.errors import FencingError, InvalidArgumentError, StateError
+from orchestrator.keys import Keys
 
 Patch = dict[str, Any]  # {"set": {key: value}, "remove": [key, ...]}
 # event ids remembered per conversation for deduplication; a redelivery comes within

@@ -1,7 +1,7 @@
 """``tokiwa-producer inspect …``: look into the cluster (streams, pending, dead letters, leaders,
 locks, workers, runs) and requeue or purge dead letters.
 
-Thin: each command parses its options, calls one :class:`~orchestrator.inspect.Inspector`
+Thin: each command parses its options, calls one :class:`~orchestrator.ops.inspector.Inspector`
 method and prints the result as a readable table, or as JSON with ``--json`` (for scripts:
 the JSON is exactly what the library returns).
 """
@@ -17,12 +17,18 @@ from typing import Any
 import click
 from redis.exceptions import RedisError
 
-from . import exitcodes
-from .cli import build_app, common_options, report_redis_error, run_async, setup_logging
-from .connection import create_redis
-from .errors import InvalidArgumentError
-from .inspect import Inspector
-from .stores import RedisRunStore
+from orchestrator.broker.connection import create_redis
+from orchestrator.cli.producer import (
+    build_app,
+    common_options,
+    exitcodes,
+    report_redis_error,
+    run_async,
+    setup_logging,
+)
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.ops.inspector import Inspector
+from orchestrator.runs.stores import RedisRunStore
 
 MAX_CELL = 60
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

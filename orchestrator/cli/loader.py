@@ -7,13 +7,13 @@ import os
 import sys
 from typing import Any
 
-from .errors import ConfigError
+from orchestrator.errors import ConfigError
 
 
 def load_app(spec: str) -> Any:
     """Import ``module:attr`` (the current directory is importable). If the attribute is a
     callable that is not an Orchestrator, it is called with no arguments (an app factory)."""
-    from .app import Orchestrator
+    from orchestrator.app import Orchestrator
 
     if ":" not in spec:
         raise ConfigError(f"--app must look like 'package.module:app', got {spec!r}", field="app")

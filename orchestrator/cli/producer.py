@@ -17,11 +17,12 @@ from typing import Any
 import click
 from redis.exceptions import RedisError
 
-from . import exitcodes, faults
-from .app import Orchestrator
-from .errors import ConfigError, TokiwaError
-from .lazycli import LazyGroup
-from .loader import load_app
+from orchestrator import faults
+from orchestrator.app import Orchestrator
+from orchestrator.cli import exitcodes
+from orchestrator.cli.lazy import LazyGroup
+from orchestrator.cli.loader import load_app
+from orchestrator.errors import ConfigError, TokiwaError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -112,7 +113,7 @@ def _event_loop_runner():
     return asyncio.run
 
 
-@click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.inspect_cli:inspect_group"})
+@click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.cli.inspect:inspect_group"})
 def cli() -> None:
     """tokiwa producer: publish events and run cron under leader election."""
 
@@ -153,7 +154,7 @@ def publish(event_type, payload, metadata, file_, batch, progress, app_spec, **s
         return exitcodes.OK
 
     async def bulk() -> int:
-        from .bulk import publish_file
+        from orchestrator.broker.bulk import publish_file
         try:
             count = await publish_file(app, Path(file_), batch=batch, progress=progress)
             click.echo(json.dumps({"published": count}))
@@ -184,7 +185,7 @@ def run(app_spec, **settings) -> None:
     if not app_spec:
         raise click.UsageError("--app is required")
     app = build_app(app_spec, mode="producer", **settings)
-    from .runtime import serve
+    from orchestrator.cli.runtime import serve
 
     sys.exit(run_async(serve(app, heartbeat=False)))
 
@@ -229,9 +230,9 @@ def trigger(workflow, input_, context, conversation_id, wait, timeout, app_spec,
 def run_file(path, input_, plain, no_trace, as_json) -> None:
     """Run a declarative workflow file (YAML / TOML / JSON) here, without Redis."""
     setup_logging("WARNING")
-    from .declarative import run_workflow_file
-    from .runner import Runner
-    from .trace import Tracer
+    from orchestrator.declarative.files import run_workflow_file
+    from orchestrator.workflow.runner import Runner
+    from orchestrator.workflow.trace import Tracer
 
     if plain:
         Tracer.set_plain()

@@ -21,11 +21,12 @@ from typing import Any
 
 import msgpack
 
-from . import exitcodes, faults
-from .app import Orchestrator
-from .faults import Fault
-from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
-from .locks import cancel_and_wait
+from orchestrator import faults
+from orchestrator.app import Orchestrator
+from orchestrator.cli import exitcodes
+from orchestrator.faults import Fault
+from orchestrator.locks import cancel_and_wait
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 
 log = logging.getLogger("tokiwa.worker")
 

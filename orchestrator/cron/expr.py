@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
-from .errors import CronError
+from orchestrator.errors import CronError
 
 # (name, lowest, highest) of each field, in expression order (seconds only in 6-field form).
 _SECOND = ("second", 0, 59)

@@ -1,6 +1,6 @@
 """The Orchestrator's cron side: jobs registered on the app, fired by a LeaderScheduler.
 
-Jobs are validated when they are registered (croniter via :class:`orchestrator.cron.Cron`),
+Jobs are validated when they are registered (croniter via :class:`orchestrator.cron.expr.Cron`),
 kept on the app, and handed to a :class:`LeaderScheduler` when the app starts in ``producer``
 or ``all`` mode: every producer campaigns for ``{ns}:leader:cron``, only the leader fires,
 and each (job, slot) fires at most once cluster-wide. Worker mode never runs cron.
@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConflictError, InvalidArgumentError, NotFoundError
+from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError
 
 if TYPE_CHECKING:  # imported lazily: an app without cron never loads croniter
-    from .app import Orchestrator
-    from .leader import LeaderElector
-    from .scheduler import LeaderScheduler
+    from orchestrator.app import Orchestrator
+    from orchestrator.cron.scheduler import LeaderScheduler
+    from orchestrator.leader import LeaderElector
 
 log = logging.getLogger("tokiwa.cron")
 
@@ -59,7 +59,7 @@ class CronRegistry:
             raise InvalidArgumentError(f"cron job {name!r}: handler must be callable")
         if name in self._specs:
             raise ConflictError(f"a cron job named {name!r} is already registered")
-        from .cron import Cron
+        from orchestrator.cron.expr import Cron
 
         Cron(expr, self.tz)  # invalid expressions fail here, naming the bad field
         spec = CronSpec(str(uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:cron:{name}")), expr, name, handler, kind)
@@ -109,8 +109,8 @@ class CronRegistry:
     def build(self) -> LeaderScheduler:
         """Create the elector and scheduler on the app's Redis (needs ``app.connect()``)."""
         if self.scheduler is None:
-            from .leader import LeaderElector
-            from .scheduler import LeaderScheduler
+            from orchestrator.cron.scheduler import LeaderScheduler
+            from orchestrator.leader import LeaderElector
 
             app = self.app
             self.elector = LeaderElector(app.redis, app.keys, "cron", app.worker_id, ttl_ms=self.lease_ms,

@@ -27,11 +27,11 @@ from datetime import datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
-from .cron import Cron, SystemClock, parse_slot, slot_iso
-from .errors import ConflictError, InvalidArgumentError
-from .keys import Keys
-from .leader import LeaderElector
-from .locks import cancel_and_wait, new_token
+from orchestrator.cron.expr import Cron, SystemClock, parse_slot, slot_iso
+from orchestrator.errors import ConflictError, InvalidArgumentError
+from orchestrator.keys import Keys
+from orchestrator.leader import LeaderElector
+from orchestrator.locks import cancel_and_wait, new_token
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ steps:
     params: {expression: "'hello' in steps.say.output.stdout"}
 ```
 
-Each step becomes a :class:`~orchestrator.workflow.Node` named after its id, whose handler
-renders the step's params (Jinja2, see :mod:`orchestrator.templates`) and runs its step type
-(:mod:`orchestrator.steps`); the :class:`~orchestrator.runner.Runner` does scheduling,
+Each step becomes a :class:`~orchestrator.workflow.model.Node` named after its id, whose handler
+renders the step's params (Jinja2, see :mod:`orchestrator.declarative.templates`) and runs its step type
+(:mod:`orchestrator.declarative.steps`); the :class:`~orchestrator.workflow.runner.Runner` does scheduling,
 retries and timeouts. Errors in a file name the field and, for YAML and JSON, the line.
 """
 
@@ -43,17 +43,17 @@ from pydantic import (
     model_validator,
 )
 
-from . import errors
-from .artifacts import FileArtifactStore
-from .config import default_state_dir
-from .errors import CyclicDependencyError, NotFoundError, StepExecutionError, WorkflowFileError
-from .retry import RetryPolicy
-from .run_result import WorkflowRunResult, format_log  # format_log: re-exported
-from .runner import Runner
-from .steps import StepContext, call_maybe_async, get_step_type
-from .stores import RunStore
-from .templates import Redactor, evaluate, render, secrets_from_env, syntax_problem
-from .workflow import Node, Workflow
+from orchestrator import errors
+from orchestrator.config import default_state_dir
+from orchestrator.declarative.steps import StepContext, call_maybe_async, get_step_type
+from orchestrator.declarative.templates import Redactor, evaluate, render, secrets_from_env, syntax_problem
+from orchestrator.errors import CyclicDependencyError, NotFoundError, StepExecutionError, WorkflowFileError
+from orchestrator.runs.stores import RunStore
+from orchestrator.workflow.artifacts import FileArtifactStore
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.result import WorkflowRunResult, format_log
+from orchestrator.workflow.retry import RetryPolicy
+from orchestrator.workflow.runner import Runner
 
 _ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -64,7 +64,7 @@ class _Spec(BaseModel):
 
 
 class RetrySpec(_Spec):
-    """A step's ``retry`` block; maps onto :class:`~orchestrator.retry.RetryPolicy`."""
+    """A step's ``retry`` block; maps onto :class:`~orchestrator.workflow.retry.RetryPolicy`."""
 
     max_attempts: int = Field(default=1, ge=1)
     backoff: Literal["fixed", "exponential", "linear"] = "exponential"

@@ -5,7 +5,7 @@ model of its params. ``step`` is a :class:`StepContext`; ``params`` are the step
 after template rendering (and validation by the model, when there is one). The return value
 is the step's output (``steps.<id>.output`` for later steps). Params named in the type's
 ``raw_params`` reach it unrendered, for the type to render itself: the shell type renders
-``command`` with :func:`~orchestrator.templates.render_command`, which keeps each value one
+``command`` with :func:`~orchestrator.declarative.templates.render_command`, which keeps each value one
 word.
 
 Paths a step takes from its params go through :meth:`StepContext.path`, which keeps them
@@ -35,7 +35,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .errors import (
+from orchestrator.declarative.templates import (
+    VALUE_ENV_PREFIX,
+    Redactor,
+    evaluate,
+    render_command,
+    render_text,
+    template_data,
+)
+from orchestrator.errors import (
     CheckFailedError,
     ConflictError,
     InvalidArgumentError,
@@ -43,8 +51,7 @@ from .errors import (
     StepExecutionError,
     UnsafePathError,
 )
-from .execs import exec_command_async, exec_shell_async
-from .templates import VALUE_ENV_PREFIX, Redactor, evaluate, render_command, render_text, template_data
+from orchestrator.workflow.execs import exec_command_async, exec_shell_async
 
 ENTRY_POINT_GROUP = "tokiwa.steps"
 logger = logging.getLogger("tokiwa.steps")
@@ -461,7 +468,7 @@ def register_step_type(name: str, fn: Any, *, params_model: type[BaseModel] | No
     """Register a custom step type ``name`` -> ``fn(step, params)`` (sync or async).
 
     ``raw_params`` names params passed unrendered (the type renders them itself, e.g. with
-    :func:`~orchestrator.templates.render_command`)."""
+    :func:`~orchestrator.declarative.templates.render_command`)."""
     if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
         raise InvalidArgumentError(f"step type name must be a non-blank word, got {name!r}")
     step_type = _as_step_type(name, fn, params_model)

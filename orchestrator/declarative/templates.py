@@ -45,7 +45,7 @@ from jinja2.runtime import Undefined
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from jinja2.utils import missing
 
-from .errors import ConfigError, TemplateError
+from orchestrator.errors import ConfigError, TemplateError
 
 REDACTED = "***"
 _WHOLE_EXPRESSION = re.compile(r"^\{\{(?P<expr>(?:(?!\{\{|\}\}).)*)\}\}\Z", re.DOTALL)

@@ -1,6 +1,6 @@
 """Worker heartbeats in ``{ns}:workers`` (worker id -> msgpack map): how they are read.
 
-Written by :class:`orchestrator.runtime.Heartbeat`; read by the runtime (pruning),
+Written by :class:`orchestrator.cli.runtime.Heartbeat`; read by the runtime (pruning),
 ``Orchestrator.workers()``, the inspect CLI / HTTP API and ``tokiwa-worker ps --cluster``.
 """
 

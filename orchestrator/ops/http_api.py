@@ -31,10 +31,10 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import metrics
-from .errors import InvalidArgumentError, NotFoundError, StateError
-from .inspect import Inspector
-from .stores import check_run_id
+from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError
+from orchestrator.ops import metrics
+from orchestrator.ops.inspector import Inspector
+from orchestrator.runs.stores import check_run_id
 
 log = logging.getLogger("tokiwa.http")
 

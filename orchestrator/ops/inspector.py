@@ -16,13 +16,13 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .errors import EventDecodeError, InvalidArgumentError, NotFoundError
-from .events import decode_fields
-from .faults import Fault, classify, is_missing_key
-from .heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
-from .keys import Keys
-from .run_result import RUN_STATUSES
-from .stores import RedisRunStore, RunStore
+from orchestrator.errors import EventDecodeError, InvalidArgumentError, NotFoundError
+from orchestrator.events import decode_fields
+from orchestrator.faults import Fault, classify, is_missing_key
+from orchestrator.keys import Keys
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
+from orchestrator.runs.stores import RedisRunStore, RunStore
+from orchestrator.workflow.result import RUN_STATUSES
 
 # Fields the broker adds to a dead entry (see StreamBroker.dead_letter); all others are the
 # original entry's and go back to the events stream on requeue.
@@ -123,8 +123,8 @@ def dead_entry(dead_id: str, fields: dict[bytes, bytes], *, with_body: bool = Fa
 class Inspector:
     """Read (and for dead letters, repair) one namespace's state in Redis.
 
-    ``redis`` is an asyncio client with bytes responses (``orchestrator.connection.create_redis``).
-    ``run_store`` defaults to a :class:`~orchestrator.stores.RedisRunStore` on the same client.
+    ``redis`` is an asyncio client with bytes responses (``orchestrator.broker.connection.create_redis``).
+    ``run_store`` defaults to a :class:`~orchestrator.runs.stores.RedisRunStore` on the same client.
     ``clock`` (epoch seconds) is injectable for heartbeat ages."""
 
     def __init__(self, redis: Any, keys: Keys | None = None, group: str = "workers", *,

@@ -6,10 +6,10 @@ pyoco's (``pyoco_runs_total`` → ``tokiwa_runs_total``) with the labels the iss
 
 Who moves what:
 
-* :class:`MetricsHooks` (a :class:`~orchestrator.hooks.WorkflowHooks`) - runs and nodes;
+* :class:`MetricsHooks` (a :class:`~orchestrator.workflow.hooks.WorkflowHooks`) - runs and nodes;
 * :func:`observe_event` / :func:`observe_dead` - called by the consumer per event;
 * :func:`refresh_gauges` - stream length, group lag, pending entries (read from Redis at
-  scrape time by :mod:`orchestrator.http_api`, or polled by whoever wants to);
+  scrape time by :mod:`orchestrator.ops.http_api`, or polled by whoever wants to);
 * :func:`set_leader`, :func:`observe_relay_overflow` - leadership changes, relay overflow.
 
 Multiprocess mode: when ``PROMETHEUS_MULTIPROC_DIR`` is set **before** prometheus-client is
@@ -40,8 +40,8 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import ResponseError
 
-from .errors import InvalidArgumentError
-from .hooks import WorkflowHooks
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.workflow.hooks import WorkflowHooks
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # pyoco's buckets (0.05 ... 60 s) with finer ones for fast nodes and coarser for long runs.
@@ -204,7 +204,7 @@ def _text(value: Any) -> str:
 async def refresh_gauges(broker: Any) -> dict[str, int]:
     """Read stream lengths, group lag and pending counts from Redis into the gauges.
 
-    ``broker`` is a :class:`~orchestrator.broker.StreamBroker` (anything with ``redis``,
+    ``broker`` is a :class:`~orchestrator.broker.streams.StreamBroker` (anything with ``redis``,
     ``keys`` and ``group``). Every group of the events stream gets its own label, so a
     second group (an audit consumer ...) shows up too. Returns what it set, for logging."""
     redis, keys = broker.redis, broker.keys

@@ -12,7 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import Orchestrator
+    from orchestrator.app import Orchestrator
 
 log = logging.getLogger("tokiwa.observability")
 
@@ -41,21 +41,21 @@ def enable(app: Orchestrator) -> list[Any]:
     components: list[Any] = []
     s = app.settings
     if metrics_wanted(app):
-        from . import metrics
+        from orchestrator.ops import metrics
 
         _add_runner_hooks(app, metrics.MetricsHooks())
         app.event_observer = _event_observer(metrics)
         app.cron.on_leadership = lambda leading: metrics.set_leader("cron", leading)
         if s.metrics_port is not None:
-            from .http_api import MetricsServer
+            from orchestrator.ops.http_api import MetricsServer
 
             components.append(MetricsServer(app, s.metrics_host, s.metrics_port, s.api_token))
     if s.api_port is not None:
-        from .http_api import ApiServer
+        from orchestrator.ops.http_api import ApiServer
 
         components.append(ApiServer(app, s.api_host, s.api_port, s.api_token))
     if os.environ.get("TOKIWA_WEBHOOK_URL"):
-        from .webhooks import WebhookNotifier
+        from orchestrator.ops.webhooks import WebhookNotifier
 
         notifier = WebhookNotifier()
         _add_runner_hooks(app, notifier)

@@ -10,7 +10,7 @@ Configured by ``TOKIWA_WEBHOOK_*`` variables (read by :func:`load_webhook_settin
 * ``TOKIWA_WEBHOOK_SECRET`` - when set, header ``X-Tokiwa-Signature: sha256=<hex>`` carries
   the HMAC-SHA256 of the exact body bytes under this secret.
 
-:class:`WebhookNotifier` is a :class:`~orchestrator.hooks.WorkflowHooks`: its
+:class:`WebhookNotifier` is a :class:`~orchestrator.workflow.hooks.WorkflowHooks`: its
 ``on_run_complete`` builds the body and hands the delivery to a background task that the
 notifier owns, so a slow or hanging receiver never delays a run. A delivery is retried on
 a network error, a timeout or a 5xx / 429 answer, with exponential backoff; other 4xx answers
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError, InvalidArgumentError
-from .hooks import WorkflowHooks
+from orchestrator.errors import ConfigError, InvalidArgumentError
+from orchestrator.workflow.hooks import WorkflowHooks
 
 if TYPE_CHECKING:
     import aiohttp
@@ -125,7 +125,7 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
 
 
 def build_body(result: Any) -> dict[str, Any] | None:
-    """The JSON body for a settled run (a :class:`~orchestrator.run_result.WorkflowRunResult`),
+    """The JSON body for a settled run (a :class:`~orchestrator.workflow.result.WorkflowRunResult`),
     or None when its status is not terminal. Field names follow pyoco's webhook body, with
     tokiwa's ``workflow`` / ``nodes`` instead of ``flow_name`` / ``tasks``."""
     event = EVENT_BY_STATUS.get(result.status)

@@ -18,15 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from . import faults
-from .errors import ConflictError, InvalidArgumentError, LockError, NotFoundError, TokiwaError, describe_error
-from .events import Event
-from .run_result import WorkflowRunResult, format_log
-from .triggers import Trigger, mapped, parse_trigger
-from .workflow import Workflow, workflow_id_for
+from orchestrator import faults
+from orchestrator.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    LockError,
+    NotFoundError,
+    TokiwaError,
+    describe_error,
+)
+from orchestrator.events import Event
+from orchestrator.runs.triggers import Trigger, mapped, parse_trigger
+from orchestrator.workflow.model import Workflow, workflow_id_for
+from orchestrator.workflow.result import WorkflowRunResult, format_log
 
 if TYPE_CHECKING:
-    from .app import Orchestrator
+    from orchestrator.app import Orchestrator
 
 log = logging.getLogger("tokiwa.workflows")
 

@@ -4,7 +4,7 @@ A run record is the plain dict of ``WorkflowRunResult.to_record()``: it has at l
 ``run_id`` and ``started_at`` (epoch seconds), and usually ``workflow_id``,
 ``workflow_name``, ``status``, ``finished_at``, ``duration_ms``, ``error``, node records...
 Stores treat it as opaque data apart from those fields. Records never contain secrets:
-the producer of a record redacts them (see :func:`orchestrator.templates.redact`).
+the producer of a record redacts them (see :func:`orchestrator.declarative.templates.redact`).
 
 Three implementations share one contract (and one test suite):
 
@@ -32,8 +32,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import InvalidArgumentError
-from .keys import Keys
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.keys import Keys
 
 DEFAULT_MAX_LOG_LINES = 1000
 DEFAULT_RETENTION_S = 7 * 86400

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .events import Event
+from orchestrator.errors import InvalidArgumentError
+from orchestrator.events import Event
 
 _KEYS = {"type", "event_type", "filter", "map_input", "map_context", "map_conversation_id"}
 Mapper = Callable[[Event], Any]

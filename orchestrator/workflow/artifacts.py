@@ -5,7 +5,7 @@ Give each run its own scope (``store.scoped(run_id)``) so two runs never see eac
 files. The node context records every stored artifact in the run record (name, node, size,
 location = the uri ``store`` returns); ``scope.manifest()`` adds sha256 and stored_at. The
 bytes themselves never go into a run record. The interface (``store``, ``load``, ``list``)
-is the one :class:`orchestrator.node_context.InMemoryArtifacts` has, so either can back a run.
+is the one :class:`orchestrator.workflow.context.InMemoryArtifacts` has, so either can back a run.
 
 The methods are synchronous on purpose: sync handlers run in a thread pool and must be able
 to call them, and artifacts are small local writes. Names are relative paths made of
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError, NotFoundError
+from orchestrator.errors import InvalidArgumentError, NotFoundError
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 

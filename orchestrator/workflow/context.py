@@ -13,11 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgumentError, NotFoundError, StateError, WorkflowAborted
+from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError, WorkflowAborted
 
 if TYPE_CHECKING:
-    from .run_result import WorkflowRunResult
-    from .workflow import Graph, Node, Workflow
+    from orchestrator.workflow.model import Graph, Node, Workflow
+    from orchestrator.workflow.result import WorkflowRunResult
 
 MAX_LOG_LINES = 1000
 logger = logging.getLogger("tokiwa.workflow")

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CommandError, InvalidArgumentError, ShellNotAllowedError
+from orchestrator.errors import CommandError, InvalidArgumentError, ShellNotAllowedError
 
 SHELL = "/bin/sh"
 _STDERR_IN_MESSAGE = 2000  # characters of stderr quoted in an error message

@@ -16,7 +16,7 @@
 
 ``flow >> a >> [b, c] >> d`` fans out to b and c (each depends on a) and back in (d
 depends on both); ``a & b`` is the same parallel group as ``[a, b]``. A flow becomes an
-ordinary :class:`~orchestrator.workflow.Workflow` with :meth:`Flow.to_workflow`, so the
+ordinary :class:`~orchestrator.workflow.model.Workflow` with :meth:`Flow.to_workflow`, so the
 Orchestrator and the Runner run it like any other.
 
 Calling a task wrapper with keyword arguments returns a *configured copy* (same name, those
@@ -31,13 +31,13 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import DependencyError, InvalidArgumentError, StateError
-from .retry import RetryPolicy
-from .run_result import WorkflowRunResult
-from .runner import Runner
-from .task_binding import build_handler
-from .trace import Tracer
-from .workflow import Node, Workflow
+from orchestrator.errors import DependencyError, InvalidArgumentError, StateError
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.result import WorkflowRunResult
+from orchestrator.workflow.retry import RetryPolicy
+from orchestrator.workflow.runner import Runner
+from orchestrator.workflow.task_binding import build_handler
+from orchestrator.workflow.trace import Tracer
 
 PYOCO_RETRY_DELAY_S = 0.1  # pyoco pauses a fixed 0.1 s between attempts
 

@@ -1,7 +1,7 @@
 """The workflow model: :class:`Node`, :class:`Workflow` and their deterministic ids.
 
 A workflow is a DAG of nodes; a node runs when every node it depends on succeeded (see
-:mod:`orchestrator.runner`). Ids are derived from names with uuid5, so every process on
+:mod:`orchestrator.workflow.runner`). Ids are derived from names with uuid5, so every process on
 every host computes the same ids without coordination:
 
 * ``workflow_id_for(name)``            = uuid5(TOKIWA_NAMESPACE, "workflow:" + name)
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import ConflictError, CyclicDependencyError, DependencyError, InvalidArgumentError
-from .retry import RetryPolicy
+from orchestrator.errors import ConflictError, CyclicDependencyError, DependencyError, InvalidArgumentError
+from orchestrator.workflow.retry import RetryPolicy
 
 # A fixed namespace for tokiwa's uuid5 ids. Never change it: ids are compared across hosts.
 TOKIWA_NAMESPACE = uuid.UUID("6f1c0b8e-5d3a-5e2b-9a77-70b1c0e1d5a1")
@@ -64,7 +64,7 @@ class Node:
     """One step of a workflow.
 
     ``handler(ctx)`` may be ``async def`` or a plain ``def`` (run in a thread pool); it gets
-    a :class:`~orchestrator.node_context.NodeContext` and its return value is the node's
+    a :class:`~orchestrator.workflow.context.NodeContext` and its return value is the node's
     output. ``timeout`` (seconds) bounds each attempt; ``retry`` says how failures are retried.
     ``inline=True`` runs a plain ``def`` handler on the event loop itself, skipping the thread
     hop (~50 µs): only for tiny functions that never block (no I/O, no sleeping); a node

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import describe_error
+from orchestrator.errors import describe_error
 
 NODE_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import InvalidArgumentError, UnsafePathError, WorkflowAborted
+from orchestrator.errors import InvalidArgumentError, UnsafePathError, WorkflowAborted
 
 BACKOFFS = ("fixed", "exponential", "linear")
 JITTERS = ("none", "full", "equal")

@@ -1,4 +1,4 @@
-"""The in-process workflow runner: runs one :class:`~orchestrator.workflow.Workflow` DAG.
+"""The in-process workflow runner: runs one :class:`~orchestrator.workflow.model.Workflow` DAG.
 
 Scheduling is event-driven, not level by level: a node starts as soon as every node it
 depends on has *succeeded*, up to ``concurrency`` nodes at once; ties start in insertion
@@ -35,13 +35,13 @@ from collections import deque
 from concurrent.futures import Executor
 from typing import Any
 
-from . import errors
-from .errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
-from .hooks import WorkflowHooks, call_hooks, collect_hooks
-from .node_context import AbortSignal, NodeContext, RunShared
-from .retry import NO_RETRY, RetryPolicy
-from .run_result import NodeResult, RunRecorder, WorkflowRunResult
-from .workflow import Graph, Node, Workflow
+from orchestrator import errors
+from orchestrator.errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
+from orchestrator.workflow.context import AbortSignal, NodeContext, RunShared
+from orchestrator.workflow.hooks import WorkflowHooks, call_hooks, collect_hooks
+from orchestrator.workflow.model import Graph, Node, Workflow
+from orchestrator.workflow.result import NodeResult, RunRecorder, WorkflowRunResult
+from orchestrator.workflow.retry import NO_RETRY, RetryPolicy
 
 __all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "WorkflowHooks"]
 
@@ -77,7 +77,7 @@ class Runner:
                   run_id: str | None = None, hooks: Any = None, services: Any = None) -> WorkflowRunResult:
         """Run ``workflow`` once and return its result (a failed node does not raise).
 
-        A pyoco :class:`~orchestrator.flow.Flow` (anything with ``to_workflow()``) is accepted too."""
+        A pyoco :class:`~orchestrator.workflow.flow.Flow` (anything with ``to_workflow()``) is accepted too."""
         if not isinstance(workflow, Workflow) and callable(getattr(workflow, "to_workflow", None)):
             workflow = workflow.to_workflow()
         if not isinstance(workflow, Workflow):

@@ -4,7 +4,7 @@ For each parameter of the function, on every attempt:
 
 1. an ``inputs`` entry wins; ``$`` references in it are resolved (below), other values are
    passed as they are;
-2. a parameter named ``ctx`` receives the :class:`~orchestrator.node_context.NodeContext`;
+2. a parameter named ``ctx`` receives the :class:`~orchestrator.workflow.context.NodeContext`;
 3. otherwise it is auto-wired, as pyoco does: from the run parameter of the same name, else
    from the output of the task of the same name, else its Python default; with none of
    these the attempt fails with a TemplateError naming the parameter.
@@ -22,11 +22,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import TemplateError
+from orchestrator.errors import TemplateError
 
 if TYPE_CHECKING:
-    from .flow import Task
-    from .node_context import NodeContext
+    from orchestrator.workflow.context import NodeContext
+    from orchestrator.workflow.flow import Task
 
 _MISSING = object()
 

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, ClassVar, TextIO
 
-from .hooks import WorkflowHooks
+from orchestrator.workflow.hooks import WorkflowHooks
 
 CUTE_ENV = "TOKIWA_CUTE"
 _OFF = frozenset({"0", "false", "no", "off"})
@@ -87,7 +87,7 @@ class Tracer:
 
 
 class TraceHooks(WorkflowHooks):
-    """Runner hooks (see :mod:`orchestrator.runner`) that trace one or more runs."""
+    """Runner hooks (see :mod:`orchestrator.workflow.runner`) that trace one or more runs."""
 
     def __init__(self, tracer: Tracer, *, end_on_failure: bool = False) -> None:
         self.tracer = tracer

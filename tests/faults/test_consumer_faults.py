@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import redis
 
-from orchestrator.embedded import EmbeddedRedis, free_port
+from orchestrator.broker.embedded import EmbeddedRedis, free_port
 from tests.integration.procs import stop
 
 from .apps import read_calls, successes
@@ -297,7 +297,7 @@ def test_the_producer_cli_names_a_redis_fault_in_one_line_with_its_exit_code(fau
             admin.config_set("maxmemory", str(_info_used(admin) - 1_000_000))
             with pytest.raises(redis.exceptions.OutOfMemoryError):
                 admin.set(f"{namespace}:probe", "x")
-        result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "publish", "job", "--payload", "{}",
+        result = subprocess.run([sys.executable, "-m", "orchestrator.cli.producer", "publish", "job", "--payload", "{}",
                                  "--redis-url", url, "--namespace", namespace],
                                 env=subprocess_env, capture_output=True, text=True, timeout=60)
     finally:

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from orchestrator.connection import REDIS_TIMEOUT_MS, create_redis, create_sync_redis, read_block_ms
-from orchestrator.embedded import EmbeddedRedis
+from orchestrator.broker.connection import REDIS_TIMEOUT_MS, create_redis, create_sync_redis, read_block_ms
+from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.events import Event, encode_fields
 from orchestrator.faults import reset_conditions
 from tests.integration.procs import start_worker, stop, wait_until, worker_env

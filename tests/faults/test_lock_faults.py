@@ -1,6 +1,6 @@
 """Writes that must survive redis-py's automatic resend: the first attempt of a command
 reaches Redis and runs, its reply is lost (the connection drops), and the client
-(:func:`orchestrator.connection.create_redis`, which retries on a dropped connection) sends it
+(:func:`orchestrator.broker.connection.create_redis`, which retries on a dropped connection) sends it
 again. A plain ``SET NX`` then answers nil and its caller thinks someone else holds the key.
 
 :class:`LostReplyProxy` sits between the client and a real redis-server and drops the reply
@@ -17,16 +17,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from orchestrator.chatflow import ChatflowExecutor
-from orchestrator.connection import create_redis
-from orchestrator.conversations import APPLY_DELTA, RedisConversationStore
+from orchestrator.broker.connection import create_redis
+from orchestrator.chat.chatflow import ChatflowExecutor
+from orchestrator.chat.conversations import APPLY_DELTA, RedisConversationStore
+from orchestrator.cron.scheduler import FIRE, LeaderScheduler
 from orchestrator.dispatcher import EventDispatcher
 from orchestrator.events import Event
 from orchestrator.leader import LeaderElector
 from orchestrator.locks import ACQUIRE, RELEASE, RENEW, claim_once, conversation_lock
-from orchestrator.runner import Runner
-from orchestrator.scheduler import FIRE, LeaderScheduler
-from orchestrator.workflow import Node, Workflow
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.runner import Runner
 
 pytestmark = pytest.mark.timeout(30)
 

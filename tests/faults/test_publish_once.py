@@ -14,12 +14,12 @@ import pytest
 import redis
 
 from orchestrator import Event, Orchestrator
-from orchestrator.broker import StreamBroker
+from orchestrator.broker.connection import create_redis
+from orchestrator.broker.streams import StreamBroker
+from orchestrator.broker.sync_publish import SyncPublisher
 from orchestrator.config import Settings
-from orchestrator.connection import create_redis
 from orchestrator.events import decode_fields
 from orchestrator.faults import Fault, condition, reset_conditions
-from orchestrator.sync_publish import SyncPublisher
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
 from .proxy import FaultProxy

@@ -21,8 +21,8 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator.embedded import EmbeddedRedis
-from orchestrator.exitcodes import FAILURE
+from orchestrator.broker.embedded import EmbeddedRedis
+from orchestrator.cli.exitcodes import FAILURE
 from tests.integration.procs import start_worker, stop, worker_env
 from tests.integration.relay_helpers import (
     PUPPET,
@@ -34,7 +34,7 @@ from tests.integration.relay_helpers import (
     puppet,
     wait_gone,
 )
-from workers.relay_transport import decode_frame
+from workers.relay.transport import decode_frame
 
 pytestmark = pytest.mark.timeout(60)
 

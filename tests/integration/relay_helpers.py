@@ -15,9 +15,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from orchestrator.keys import Keys
-from workers.relay import Relay
-from workers.relay_config import parse_relay_config
-from workers.relay_transport import decode_frame
+from workers.relay.config import parse_relay_config
+from workers.relay.core import Relay
+from workers.relay.transport import decode_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 PUPPET = str(ROOT / "examples" / "relay" / "puppet.py")
@@ -106,7 +106,7 @@ def make_relay(redis_url: str, namespace: str, tasks: list[dict[str, Any]], **kw
 
 # -- relay processes --------------------------------------------------------------------------
 class RelayProcess:
-    """One ``python -m workers.relay_cli`` process, killed (and its children) at the end."""
+    """One ``python -m workers.relay.cli`` process, killed (and its children) at the end."""
 
     def __init__(self, config: Path, redis_url: str, namespace: str, env: dict[str, str], *, flag: bool = False,
                  console: bool = False, log_level: str | None = None):
@@ -115,7 +115,7 @@ class RelayProcess:
         self.log = config.with_suffix(".log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.relay_cli", *args, "--redis-url", redis_url, "--namespace", namespace],
+                [sys.executable, "-m", "workers.relay.cli", *args, "--redis-url", redis_url, "--namespace", namespace],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.PIPE if console else subprocess.DEVNULL,
             )

@@ -8,10 +8,10 @@ import msgpack
 import pytest
 
 from orchestrator import Event, Orchestrator
-from orchestrator.broker import StreamBroker
+from orchestrator.broker.connection import create_redis
+from orchestrator.broker.consumer import Consumer, Outcome
+from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import load_settings
-from orchestrator.connection import create_redis
-from orchestrator.consumer import Consumer, Outcome
 
 
 def make_app(redis_url: str, namespace: str, **kw) -> Orchestrator:
@@ -265,7 +265,7 @@ async def test_once_subscriber_runs_once_across_two_apps(redis_url, namespace):
 
 
 async def test_auth_with_password_in_the_url(tmp_path):
-    from orchestrator.embedded import EmbeddedRedis
+    from orchestrator.broker.embedded import EmbeddedRedis
 
     with EmbeddedRedis(tmp_path / "auth", password="s3cret-pw") as server:
         bad = Orchestrator(server.url.replace("s3cret-pw", "wrong"), namespace="auth")
@@ -302,7 +302,7 @@ async def test_consumer_survives_a_processor_that_raises(redis_url, namespace):
 
 
 async def test_acl_user_in_the_url(tmp_path):
-    from orchestrator.embedded import EmbeddedRedis
+    from orchestrator.broker.embedded import EmbeddedRedis
 
     acl = ["--user", "default", "off", "--user", "alice", "on", ">alice-pw", "~*", "&*", "+@all"]
     with EmbeddedRedis(tmp_path / "acl", extra_args=acl) as server:

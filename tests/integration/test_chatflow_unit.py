@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from orchestrator.chatflow import ChatflowExecutor, will_be_redone
-from orchestrator.conversations import RedisConversationStore
+from orchestrator.chat.chatflow import ChatflowExecutor, will_be_redone
+from orchestrator.chat.conversations import RedisConversationStore
 from orchestrator.errors import InvalidArgumentError, LockError
 from orchestrator.events import Event
 from orchestrator.locks import conversation_lock
-from orchestrator.runner import Runner
-from orchestrator.workflow import Node, Workflow
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.runner import Runner
 
 
 @pytest.fixture

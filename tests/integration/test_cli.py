@@ -9,7 +9,7 @@ import sys
 import msgpack
 from click.testing import CliRunner
 
-from orchestrator.cli import cli as producer_cli
+from orchestrator.cli.producer import cli as producer_cli
 from orchestrator.events import decode_fields
 from workers.cli import cli as worker_cli
 
@@ -62,7 +62,7 @@ def test_bad_app_path_and_bad_settings_exit_2(redis_url, tmp_path):
 
 def test_run_file_runs_a_declarative_workflow_and_traces_it(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run-file", "--plain", "examples/workflows/report.yaml"],
+        [sys.executable, "-m", "orchestrator.cli.producer", "run-file", "--plain", "examples/workflows/report.yaml"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**_env(), "REPORT_TOKEN": "t0k"})
     assert result.returncode == 0, result.stderr
     assert "daily-report: succeeded" in result.stdout
@@ -85,7 +85,7 @@ def test_trigger_waits_for_the_result_from_a_real_worker(redis_url, namespace, s
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:workers") == 1, 30, message="worker up")
         result = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", "trigger", "add", "--input", '{"a": 20, "b": 22}',
+            [sys.executable, "-m", "orchestrator.cli.producer", "trigger", "add", "--input", '{"a": 20, "b": 22}',
              "--wait", "--timeout", "30", "--app", "tests.integration.apps.flows:app"],
             cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     finally:

@@ -9,9 +9,9 @@ import logging
 
 import pytest
 
-from orchestrator.broker import StreamBroker
+from orchestrator.broker.consumer import MAX_RESTARTS, Consumer, ConsumerFailed, Outcome, redelivery_delay_ms
+from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import load_settings
-from orchestrator.consumer import MAX_RESTARTS, Consumer, ConsumerFailed, Outcome, redelivery_delay_ms
 from orchestrator.events import Event
 
 

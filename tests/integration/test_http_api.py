@@ -12,12 +12,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.app import Orchestrator
+from orchestrator.cli.runtime import Heartbeat
 from orchestrator.errors import InvalidArgumentError
-from orchestrator.http_api import ApiServer, MetricsServer
-from orchestrator.metrics import MetricsHooks
-from orchestrator.runner import Runner
-from orchestrator.runtime import Heartbeat
-from orchestrator.workflow import Node, Workflow
+from orchestrator.ops.http_api import ApiServer, MetricsServer
+from orchestrator.ops.metrics import MetricsHooks
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.runner import Runner
 
 
 def record(run_id: str, workflow: str, status: str, started_at: float) -> dict:
@@ -251,13 +251,13 @@ async def test_a_metrics_server_shows_every_process_of_a_multiprocess_dir(http, 
     import sys
     from pathlib import Path
 
-    from orchestrator import metrics
+    from orchestrator.ops import metrics
 
     folder = metrics.prepare_multiprocess_dir(tmp_path / "prom")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder),
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    code = "from orchestrator import metrics; metrics.observe_event('mp.http', 'ok')"
+    code = "from orchestrator.ops import metrics; metrics.observe_event('mp.http', 'ok')"
     for _ in range(2):
         subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(folder))

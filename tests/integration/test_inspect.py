@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.app import Orchestrator
+from orchestrator.cli.inspect import inspect_group
+from orchestrator.cli.runtime import Heartbeat
 from orchestrator.errors import InvalidArgumentError, NotFoundError
 from orchestrator.events import decode_fields
-from orchestrator.inspect import Inspector
-from orchestrator.inspect_cli import inspect_group
 from orchestrator.keys import Keys
-from orchestrator.runtime import Heartbeat
-from orchestrator.workflow import Node, Workflow
+from orchestrator.ops.inspector import Inspector
+from orchestrator.workflow.model import Node, Workflow
 
 
 @pytest.fixture

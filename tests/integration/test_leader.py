@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator.cron import parse_slot, slot_iso
+from orchestrator.cron.expr import parse_slot, slot_iso
+from orchestrator.cron.scheduler import LeaderScheduler
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.keys import Keys
 from orchestrator.leader import LeaderElector
-from orchestrator.scheduler import LeaderScheduler
 
 PROC = Path(__file__).parent / "procs" / "leader_scheduler.py"
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

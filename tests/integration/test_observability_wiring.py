@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from orchestrator.embedded import free_port
+from orchestrator.broker.embedded import free_port
 
 from .procs import start_worker, stop, wait_until, worker_env
 from .test_worker_processes import publish, seen

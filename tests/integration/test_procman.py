@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError, StateError
 from orchestrator.keys import Keys
-from workers.manage_cli import (
+from workers.processes.manage_cli import (
     cluster_workers,
     format_duration,
     logs_command,
@@ -30,9 +30,9 @@ from workers.manage_cli import (
     start_command,
     stop_command,
 )
-from workers.procman import ProcessManager, folder_name, instance_hash
-from workers.proctools import pid_alive
-from workers.supervisor import EXIT_OK, Supervisor, child_run_argv
+from workers.processes.procman import ProcessManager, folder_name, instance_hash
+from workers.processes.proctools import pid_alive
+from workers.processes.supervisor import EXIT_OK, Supervisor, child_run_argv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -355,7 +355,7 @@ def test_start_of_a_worker_whose_app_cannot_load_fails_and_shows_its_stderr(subp
 
 SUPERVISED = """
 import sys
-from workers.supervisor import Supervisor
+from workers.processes.supervisor import Supervisor
 child = [sys.executable, "-c", "import time; time.sleep(60)"]
 sys.exit(Supervisor(lambda slot: child, processes=2, restart_backoff_s=0.1,
                     grace_period_s=float(sys.argv[1])).run_sync())

@@ -1,7 +1,7 @@
 """The Miclow relay against a real redis-server and real child processes.
 
 In-process tests run a :class:`Relay` in the test's event loop and watch Redis through a
-:class:`Tap`; the process tests run ``python -m workers.relay_cli`` as separate processes.
+:class:`Tap`; the process tests run ``python -m workers.relay.cli`` as separate processes.
 Children are examples/relay/puppet.py: a message on its control topic (``say``) is printed
 verbatim, so the test decides what the child writes; everything else it receives is
 echoed as ``echo:{topic}|{message}``.
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from orchestrator.errors import InvalidArgumentError, StateError
 from orchestrator.keys import Keys
-from workers.relay_transport import publish_topic_message
+from workers.relay.transport import publish_topic_message
 
 from .relay_helpers import Tap, inline, make_relay, proc_state, puppet
 

@@ -1,4 +1,4 @@
-"""The relay as separate processes (``python -m workers.relay_cli``): cross-process routing,
+"""The relay as separate processes (``python -m workers.relay.cli``): cross-process routing,
 graceful SIGTERM, and no orphan after ``kill -9``. Only pids these tests started are signalled."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.exitcodes import USAGE
-from workers.relay_cli import relay_command
+from orchestrator.cli.exitcodes import USAGE
+from workers.relay.cli import relay_command
 
 from .relay_helpers import PUPPET, RelayProcess, Tap, alive, wait_gone
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from orchestrator import Node, Orchestrator, Workflow
-from orchestrator.workflows import RemoteRunError
+from orchestrator.runs.registry import RemoteRunError
 
 from .procs import start_worker, stop, wait_until, worker_env
 

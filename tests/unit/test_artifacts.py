@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from orchestrator.artifacts import ArtifactStore, FileArtifactStore, InMemoryArtifactStore
 from orchestrator.errors import InvalidArgumentError, NotFoundError
+from orchestrator.workflow.artifacts import ArtifactStore, FileArtifactStore, InMemoryArtifactStore
 
 
 @pytest.fixture(params=["file", "memory"])

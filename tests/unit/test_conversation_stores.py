@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator.conversations import (
+from orchestrator.chat.conversations import (
     DeltaConversationStore,
     InMemoryConversationStore,
     RedisConversationStore,

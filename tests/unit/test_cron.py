@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from orchestrator.cron import Cron, parse_slot, slot_iso
+from orchestrator.cron.expr import Cron, parse_slot, slot_iso
 from orchestrator.errors import CronError
 
 NY = ZoneInfo("America/New_York")

@@ -10,15 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.declarative import (
+from orchestrator.declarative.files import (
     DeclarativeWorkflow,
     load_workflow_file,
     load_workflow_spec,
     run_workflow_file,
 )
+from orchestrator.declarative.steps import (
+    build_docker_argv,
+    load_entry_points,
+    register_step_type,
+    unregister_step_type,
+)
 from orchestrator.errors import ConfigError, WorkflowFileError
-from orchestrator.steps import build_docker_argv, load_entry_points, register_step_type, unregister_step_type
-from orchestrator.stores import InMemoryRunStore
+from orchestrator.runs.stores import InMemoryRunStore
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "workflows" / "report.yaml"
 
@@ -588,7 +593,7 @@ async def test_a_run_record_round_trips_through_the_redis_run_store(example_copy
     import redis.asyncio as aioredis
 
     from orchestrator.keys import Keys
-    from orchestrator.stores import RedisRunStore
+    from orchestrator.runs.stores import RedisRunStore
 
     client = aioredis.Redis.from_url(redis_url)
     try:

@@ -19,7 +19,7 @@ import click
 import pytest
 import yaml
 
-from orchestrator.cli import cli as producer_cli
+from orchestrator.cli.producer import cli as producer_cli
 from orchestrator.config import Settings
 from workers.cli import cli as worker_cli
 

@@ -8,7 +8,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.broker import DEAD_MAX_FIELDS, DEAD_SAMPLE_BYTES, dead_fields
+from orchestrator.broker.streams import DEAD_MAX_FIELDS, DEAD_SAMPLE_BYTES, dead_fields
 from orchestrator.errors import EventDecodeError
 from orchestrator.events import Event, decode_fields, encode_fields
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import CommandError, InvalidArgumentError, ShellNotAllowedError, StepExecutionError
-from orchestrator.execs import exec_command, exec_command_async, exec_shell, exec_shell_async
+from orchestrator.workflow.execs import exec_command, exec_command_async, exec_shell, exec_shell_async
 
 PY = sys.executable
 

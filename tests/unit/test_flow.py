@@ -9,11 +9,11 @@ import re
 import pytest
 
 from orchestrator import errors
-from orchestrator.flow import Engine, Flow, task
-from orchestrator.node_context import NodeContext
-from orchestrator.runner import Runner
-from orchestrator.trace import Tracer
-from orchestrator.workflow import Workflow
+from orchestrator.workflow.context import NodeContext
+from orchestrator.workflow.flow import Engine, Flow, task
+from orchestrator.workflow.model import Workflow
+from orchestrator.workflow.runner import Runner
+from orchestrator.workflow.trace import Tracer
 
 
 @task

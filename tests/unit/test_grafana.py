@@ -1,5 +1,5 @@
 """The Grafana dashboard: valid JSON, the panels the issue asks for, and every query names a
-metric that orchestrator.metrics registers."""
+metric that orchestrator.ops.metrics registers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import metrics
+from orchestrator.ops import metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tokiwa.json"
 METRIC = re.compile(r"\btokiwa_[a-z0-9_]+")

@@ -12,12 +12,12 @@ import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import metrics
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.keys import Keys
-from orchestrator.retry import RetryPolicy
-from orchestrator.runner import Runner
-from orchestrator.workflow import Node, Workflow
+from orchestrator.ops import metrics
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.retry import RetryPolicy
+from orchestrator.workflow.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,7 +172,7 @@ def test_every_registered_family_is_listed_in_metric_names():
 # -- multiprocess ---------------------------------------------------------------------------------
 CHILD = """
 import sys
-from orchestrator import metrics
+from orchestrator.ops import metrics
 metrics.observe_event("mp.event", "ok")
 metrics.RUNS_IN_PROGRESS.labels(workflow="mp").inc()
 metrics.set_leader("mp-role", sys.argv[1] == "lead")

@@ -11,9 +11,9 @@ import msgpack
 import pytest
 
 from orchestrator import errors
-from orchestrator.node_context import MAX_LOG_LINES, AbortSignal, InMemoryArtifacts
-from orchestrator.runner import Runner, WorkflowRunResult
-from orchestrator.workflow import Node, Workflow
+from orchestrator.workflow.context import MAX_LOG_LINES, AbortSignal, InMemoryArtifacts
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.runner import Runner, WorkflowRunResult
 
 
 class Services:

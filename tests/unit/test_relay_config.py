@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ConfigError
-from workers.relay_config import load_relay_config, parse_relay_config
+from workers.relay.config import load_relay_config, parse_relay_config
 
 MICLOW_README = """
 [[tasks]]
@@ -179,7 +179,7 @@ def test_the_example_relay_file_is_valid() -> None:
 
 
 def test_a_restart_backoff_below_the_minimum_is_raised_to_it_with_a_warning(caplog) -> None:
-    from workers.relay_config import RESTART_MIN_DELAY_S
+    from workers.relay.config import RESTART_MIN_DELAY_S
 
     with caplog.at_level("WARNING", logger="tokiwa.relay"):
         spec = parse_relay_config({"tasks": [task(restart="always", restart_backoff_s=0)]}).tasks[0]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from workers.relay_protocol import (
+from workers.relay.protocol import (
     Output,
     OutputParser,
     encode_counted,
@@ -17,7 +17,7 @@ from workers.relay_protocol import (
     parse_quoted,
     split_payload,
 )
-from workers.relay_transport import FRAME_MAX_CHARS, decode_frame, encode_frame, frames_of
+from workers.relay.transport import FRAME_MAX_CHARS, decode_frame, encode_frame, frames_of
 
 
 def parse(line: str) -> Output | None:
@@ -235,7 +235,7 @@ def _transport(lossless: str | None = None):
     import re
 
     from orchestrator.keys import Keys
-    from workers.relay_transport import RelayTransport
+    from workers.relay.transport import RelayTransport
 
     return RelayTransport("redis://127.0.0.1:1/0", Keys("t"), "r1", "h", lambda *a: None,
                           lossless=re.compile(lossless) if lossless else None)
@@ -278,7 +278,7 @@ async def test_a_lossless_message_is_queued_past_the_bound_and_its_writer_waits(
 
 
 async def test_a_stream_reader_skips_resent_frames_and_counts_trimmed_ones() -> None:
-    from workers.relay_transport import _StreamState
+    from workers.relay.transport import _StreamState
 
     got: list[list[str]] = []
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from orchestrator.errors import InvalidArgumentError, StepExecutionError, WorkflowAborted
-from orchestrator.retry import RetryPolicy
+from orchestrator.workflow.retry import RetryPolicy
 
 
 class FixedRng:
@@ -111,7 +111,7 @@ def test_delay_for_rejects_attempt_numbers_below_one():
 
 def test_a_refused_path_is_never_retried_even_when_every_error_is_retryable():
     from orchestrator.errors import UnsafePathError
-    from orchestrator.retry import RetryPolicy
+    from orchestrator.workflow.retry import RetryPolicy
 
     policy = RetryPolicy(max_attempts=5, retry_on=(Exception,))
     refused = UnsafePathError("step 'f': path '../x' leads outside", path="../x", resolved="/x", base_dir="/wf")

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from orchestrator import errors
-from orchestrator.hooks import WorkflowHooks
-from orchestrator.retry import RetryPolicy
-from orchestrator.runner import Runner
-from orchestrator.workflow import Node, Workflow
+from orchestrator.workflow.hooks import WorkflowHooks
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.retry import RetryPolicy
+from orchestrator.workflow.runner import Runner
 
 
 class Recorder:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from orchestrator.cron.scheduler import Scheduler
 from orchestrator.errors import ConflictError, CronError, InvalidArgumentError
-from orchestrator.scheduler import Scheduler
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.declarative import load_workflow_file, run_workflow_file
+from orchestrator.declarative.files import load_workflow_file, run_workflow_file
+from orchestrator.declarative.steps import StepContext
 from orchestrator.errors import UnsafePathError, WorkflowFileError
-from orchestrator.steps import StepContext
 
 PY = shlex.quote(sys.executable)
 

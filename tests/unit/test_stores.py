@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.keys import Keys
-from orchestrator.stores import FileRunStore, InMemoryRunStore, RedisRunStore, RunStore
+from orchestrator.runs.stores import FileRunStore, InMemoryRunStore, RedisRunStore, RunStore
 
 NOW = 1_800_000_000.0
 

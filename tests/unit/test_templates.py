@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from orchestrator.errors import ConfigError, TemplateError
-from orchestrator.templates import (
+from orchestrator.declarative.templates import (
     RedactingFilter,
     evaluate,
     redact,
@@ -18,6 +17,7 @@ from orchestrator.templates import (
     secrets_from_env,
     template_data,
 )
+from orchestrator.errors import ConfigError, TemplateError
 
 NS = {
     "variables": {"env": "prod", "count": 3},

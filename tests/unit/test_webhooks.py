@@ -10,8 +10,7 @@ import pytest
 from aiohttp import web
 
 from orchestrator.errors import ConfigError
-from orchestrator.runner import Runner
-from orchestrator.webhooks import (
+from orchestrator.ops.webhooks import (
     SIGNATURE_HEADER,
     WebhookNotifier,
     WebhookSettings,
@@ -20,7 +19,8 @@ from orchestrator.webhooks import (
     sign,
     verify,
 )
-from orchestrator.workflow import Node, Workflow
+from orchestrator.workflow.model import Node, Workflow
+from orchestrator.workflow.runner import Runner
 
 
 class Receiver:
@@ -234,5 +234,5 @@ async def test_an_unreachable_receiver_is_logged_not_raised():
 
 
 def test_a_running_run_has_no_webhook_body():
-    from orchestrator.run_result import WorkflowRunResult
+    from orchestrator.workflow.result import WorkflowRunResult
     assert build_body(WorkflowRunResult("r", "w", "n", status="running")) is None

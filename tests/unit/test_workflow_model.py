@@ -7,8 +7,8 @@ import uuid
 import pytest
 
 from orchestrator.errors import ConflictError, CyclicDependencyError, DependencyError, InvalidArgumentError
-from orchestrator.retry import RetryPolicy
-from orchestrator.workflow import Node, Workflow, detached_node_id, node_id_for, workflow_id_for
+from orchestrator.workflow.model import Node, Workflow, detached_node_id, node_id_for, workflow_id_for
+from orchestrator.workflow.retry import RetryPolicy
 
 
 def noop(ctx):

@@ -1,7 +1,7 @@
 """``tokiwa-worker start | ps | stop | logs``: manage detached workers on this host.
 
 The commands are attached to the ``tokiwa-worker`` group by :mod:`workers.cli`. They parse
-arguments and call :class:`workers.procman.ProcessManager`; ``ps --cluster`` reads the
+arguments and call :class:`workers.processes.procman.ProcessManager`; ``ps --cluster`` reads the
 heartbeats every worker writes to ``{namespace}:workers``.
 
 The state dir (where instance folders live) is ``--state-dir``, else ``TOKIWA_STATE_DIR``,
@@ -21,13 +21,12 @@ from typing import Any
 
 import click
 
-from orchestrator import exitcodes
+from orchestrator.cli import exitcodes
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError, InvalidArgumentError, TokiwaError
-from orchestrator.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
 from orchestrator.keys import Keys
-
-from .procman import Instance, ProcessManager
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
+from workers.processes.procman import Instance, ProcessManager
 
 STOP_MARGIN_S = 5.0  # stop waits the worker's own grace period plus this, then SIGKILLs
 
@@ -170,13 +169,13 @@ def _read_cluster(settings: Settings, now: float) -> list[dict]:
                           field="redis_url")
     import redis
 
-    from orchestrator.connection import create_sync_redis
+    from orchestrator.broker.connection import create_sync_redis
 
     client = create_sync_redis(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
     try:
         entries = client.hgetall(Keys(settings.namespace).workers)
     except redis.RedisError as exc:
-        from orchestrator.cli import report_redis_error
+        from orchestrator.cli.producer import report_redis_error
 
         sys.exit(report_redis_error(exc))
     finally:

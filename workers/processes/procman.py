@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError, StateError
-
-from .proctools import group_alive, pid_alive, process_start_ticks, signal_group, tail_file
+from workers.processes.proctools import group_alive, pid_alive, process_start_ticks, signal_group, tail_file
 
 PID_FILE = "pid"
 OUT_LOG = "out.log"

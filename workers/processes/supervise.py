@@ -15,7 +15,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from .supervisor import Supervisor, child_run_argv, without_option
+from workers.processes.supervisor import Supervisor, child_run_argv, without_option
 
 
 def supervise_cli(argv: Sequence[str], processes: int, *, metrics_port: int | None = None,
@@ -30,7 +30,7 @@ def supervise_cli(argv: Sequence[str], processes: int, *, metrics_port: int | No
     env = dict(os.environ)
     metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_port is not None:
-        from orchestrator import metrics
+        from orchestrator.ops import metrics
 
         metrics_dir = metrics_dir or str(settings.state_dir / f"prometheus-{os.getpid()}")
         metrics.prepare_multiprocess_dir(metrics_dir)
@@ -43,7 +43,7 @@ def supervise_cli(argv: Sequence[str], processes: int, *, metrics_port: int | No
 async def _serve(supervisor: Supervisor, metrics_port: int | None, metrics_host: str) -> int:
     server = None
     if metrics_port is not None:
-        from orchestrator.http_api import MetricsServer
+        from orchestrator.ops.http_api import MetricsServer
 
         server = MetricsServer(None, metrics_host, metrics_port)
         await server.start()

@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import RelayError
-
-from .relay_config import TaskConfig
-from .relay_protocol import Output, OutputParser
+from workers.relay.config import TaskConfig
+from workers.relay.protocol import Output, OutputParser
 
 log = logging.getLogger("tokiwa.relay")
 

@@ -2,7 +2,7 @@
 
     tokiwa-worker relay relay.toml                      # Miclow's positional form
     tokiwa-worker relay --config relay.toml             # the Miclow README's form
-    python -m workers.relay_cli relay.toml --redis-url redis://host:6379/0 --namespace tokiwa
+    python -m workers.relay.cli relay.toml --redis-url redis://host:6379/0 --namespace tokiwa
 
 Without ``--redis-url`` / ``TOKIWA_REDIS_URL`` it starts an embedded redis-server under the
 state directory (useful alone on one machine; peers on other hosts need a shared URL).
@@ -26,14 +26,13 @@ from pathlib import Path
 
 import click
 
+from orchestrator.broker.embedded import EmbeddedRedis
+from orchestrator.cli.exitcodes import FAILURE, FORCED, OK, UNAVAILABLE, USAGE
 from orchestrator.config import Settings, load_settings
-from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError
-from orchestrator.exitcodes import FAILURE, FORCED, OK, UNAVAILABLE, USAGE
-
-from .relay import Relay
-from .relay_config import RelayConfig, load_relay_config
-from .relay_transport import RelayFatalError
+from workers.relay.config import RelayConfig, load_relay_config
+from workers.relay.core import Relay
+from workers.relay.transport import RelayFatalError
 
 log = logging.getLogger("tokiwa.relay")
 

@@ -24,12 +24,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import RelayError
-
-from .relay_protocol import STATUS_COMMAND, encode_function_input, encode_message, encode_response
+from workers.relay.protocol import STATUS_COMMAND, encode_function_input, encode_message, encode_response
 
 if TYPE_CHECKING:
-    from .relay import Relay
-    from .relay_child import ChildProcess
+    from workers.relay.child import ChildProcess
+    from workers.relay.core import Relay
 
 log = logging.getLogger("tokiwa.relay")
 

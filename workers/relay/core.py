@@ -1,13 +1,13 @@
 """The Miclow relay: child processes exchanging ``topic:message`` lines over Redis.
 
 Each relay runs the ``[[tasks]]`` of one config file as child processes. A line a child
-writes (see :mod:`workers.relay_protocol`) becomes a message on a topic; the message is
+writes (see :mod:`workers.relay.protocol`) becomes a message on a topic; the message is
 delivered at once to every *local* task subscribed to that exact topic (the publisher too,
 as upstream Miclow does) and published on ``{ns}:topic:{topic}``, where every other relay
 on every host delivers it to its own subscribers. A topic listed in ``lossless_topics`` goes
 through a Redis stream instead, for local and remote subscribers alike, so that nothing is
-dropped (see :mod:`workers.relay_transport`). ``system.*`` lines are commands, handled by
-:mod:`workers.relay_commands`.
+dropped (see :mod:`workers.relay.transport`). ``system.*`` lines are commands, handled by
+:mod:`workers.relay.commands`.
 
 Usage (the Orchestrator does this for ``tokiwa-worker run --relay relay.toml``)::
 
@@ -26,7 +26,7 @@ subscriptions are removed, and its ``restart`` policy may start it again after a
 logged.
 
 Every background task (pub/sub listener, publisher, stream readers, heartbeat, event
-bridge, one supervisor per task) runs under a :class:`~workers.relay_transport.TaskGuard`:
+bridge, one supervisor per task) runs under a :class:`~workers.relay.transport.TaskGuard`:
 one that dies is logged and restarted, or the relay fails: it logs one error line, stops
 itself, and :meth:`Relay.wait_failed` returns the error, so the process around it can exit
 non-zero. A relay that says it runs, runs.
@@ -50,13 +50,12 @@ from redis.exceptions import RedisError
 from orchestrator.errors import BrokerError, InvalidArgumentError, RelayError, StateError
 from orchestrator.faults import TRANSIENT, classify
 from orchestrator.keys import Keys
-
-from .relay_child import ChildProcess, TaskExit
-from .relay_commands import SystemCommands
-from .relay_config import STABLE_AFTER_S, RelayConfig, TaskConfig
-from .relay_protocol import ERROR_TOPIC, Output
-from .relay_topics import TopicTable
-from .relay_transport import RelayFatalError, RelayTransport, TaskGuard
+from workers.relay.child import ChildProcess, TaskExit
+from workers.relay.commands import SystemCommands
+from workers.relay.config import STABLE_AFTER_S, RelayConfig, TaskConfig
+from workers.relay.protocol import ERROR_TOPIC, Output
+from workers.relay.topics import TopicTable
+from workers.relay.transport import RelayFatalError, RelayTransport, TaskGuard
 
 log = logging.getLogger("tokiwa.relay")
 

@@ -1,6 +1,6 @@
 """The Miclow line protocol: what a child writes on stdout/stderr, and what it reads on stdin.
 
-Pure functions and one small state machine; no I/O. The relay (:mod:`workers.relay`) feeds
+Pure functions and one small state machine; no I/O. The relay (:mod:`workers.relay.core`) feeds
 every line a child writes into an :class:`OutputParser` and writes what the encoders return
 to the child's stdin.
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .relay_child import ChildProcess
-from .relay_protocol import encode_counted, encode_line
+from workers.relay.child import ChildProcess
+from workers.relay.protocol import encode_counted, encode_line
 
 ChangeHook = Callable[[str, bool], None]
 

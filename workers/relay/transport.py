@@ -53,13 +53,12 @@ import redis.asyncio as aioredis
 from redis.connection import parse_url
 from redis.exceptions import RedisError
 
-from orchestrator.connection import keepalive_options
+from orchestrator.broker.connection import keepalive_options
 from orchestrator.errors import BrokerError, InvalidArgumentError, RelayError
 from orchestrator.faults import TRANSIENT, Backoff, Condition, Fault, classify, describe, refused_access
 from orchestrator.keys import Keys
 from orchestrator.topics import FRAME_VERSION, encode_topic_frame  # one wire format for app and relay
-
-from .relay_config import OUTBOX_MAX_DEFAULT
+from workers.relay.config import OUTBOX_MAX_DEFAULT
 
 log = logging.getLogger("tokiwa.relay")
 
@@ -118,7 +117,7 @@ def topic_stream_key(keys: Keys, topic: str) -> str:
 
 
 class RelayFatalError(RelayError):
-    """Raised (and reported by :meth:`workers.relay.Relay.wait_failed`) when the relay cannot
+    """Raised (and reported by :meth:`workers.relay.core.Relay.wait_failed`) when the relay cannot
     go on: Redis refused it for good (an ACL rule, a password, a wrong key type) or a
     background task kept dying. The message says what to change."""
 

@@ -34,8 +34,8 @@ import time
 from typing import Any
 
 from orchestrator import Node, Orchestrator, RedisConversationStore, Workflow
-from orchestrator.conversations import ConversationStore
-from orchestrator.cron import slot_iso
+from orchestrator.chat.conversations import ConversationStore
+from orchestrator.cron.expr import slot_iso
 from orchestrator.locks import cancel_and_wait
 
 EVENT_TYPE = "chat.turn"

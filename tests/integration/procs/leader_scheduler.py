@@ -18,10 +18,10 @@ import time
 
 import redis.asyncio as aioredis
 
-from orchestrator.cron import slot_iso
+from orchestrator.cron.expr import slot_iso
+from orchestrator.cron.scheduler import LeaderScheduler
 from orchestrator.keys import Keys
 from orchestrator.leader import LeaderElector
-from orchestrator.scheduler import LeaderScheduler
 
 
 async def main(url: str, namespace: str, policy: str, ttl_ms: int, renew_ms: int) -> int:

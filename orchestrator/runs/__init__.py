@@ -1,0 +1,30 @@
+"""Runs of registered workflows: triggers (which event starts what), the workflow registry
+that executes triggered runs and records them, remote ``run_workflow`` requests, and the
+run stores.
+"""
+
+from __future__ import annotations
+
+from orchestrator._lazy import lazy_exports
+
+_EXPORTS = {
+    "Registration": "registry",
+    "RemoteRunError": "registry",
+    "RunRecorder": "registry",
+    "WorkflowRegistry": "registry",
+    "run_id_for": "registry",
+    "FileRunStore": "stores",
+    "InMemoryRunStore": "stores",
+    "RedisRunStore": "stores",
+    "RunStore": "stores",
+    "check_record": "stores",
+    "check_run_id": "stores",
+    "matches": "stores",
+    "newest_first": "stores",
+    "select_pruned": "stores",
+    "Trigger": "triggers",
+    "mapped": "triggers",
+    "parse_trigger": "triggers",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports('orchestrator.runs', _EXPORTS)
