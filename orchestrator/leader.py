@@ -34,7 +34,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.cron.expr import SystemClock
+from orchestrator.clock import SystemClock
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.faults import Condition, describe, is_transient
 from orchestrator.keys import Keys

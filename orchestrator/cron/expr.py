@@ -21,15 +21,13 @@ Daylight saving time (the zone's wall clock is what the fields match):
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
+from orchestrator.clock import SystemClock  # noqa: F401 - re-exported
 from orchestrator.errors import CronError
 
 # (name, lowest, highest) of each field, in expression order (seconds only in 6-field form).
@@ -219,20 +217,3 @@ def parse_slot(text: str | bytes) -> datetime:
     if isinstance(text, bytes):
         text = text.decode()
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
-@dataclass
-class SystemClock:
-    """The real clock: wall time for cron slots, a monotonic clock for leases and deadlines,
-    and ``asyncio.sleep``. Tests pass an object with the same three methods."""
-
-    tz: tzinfo = UTC
-
-    def now(self) -> datetime:
-        return datetime.now(self.tz)
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))

@@ -27,7 +27,8 @@ from datetime import datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
-from orchestrator.cron.expr import Cron, SystemClock, parse_slot, slot_iso
+from orchestrator.clock import SystemClock
+from orchestrator.cron.expr import Cron, parse_slot, slot_iso
 from orchestrator.errors import ConflictError, InvalidArgumentError
 from orchestrator.keys import Keys
 from orchestrator.leader import LeaderElector
