@@ -1,5 +1,14 @@
 """The Orchestrator: the object a user builds, and both CLIs load (``--app pkg.module:app``).
 
+A facade: it builds the parts, holds what they share (settings, the Redis client, the run
+store, the :class:`AppHooks`) and delegates to them. Each part is given only what it uses,
+as a Protocol the part declares: the workflow registry a
+:class:`~orchestrator.runs.registry.RunsHost` (and the consumer's ownership rule), the cron
+registry a :class:`~orchestrator.cron.jobs.CronHost`, observability an
+:class:`~orchestrator.ops.observability.ObservedApp`. Between the layers travel typed values:
+a processor's :class:`~orchestrator.runs.outcome.ProcessResult`, the consumer's
+:class:`~orchestrator.broker.consumer.Outcome`.
+
 Modes: ``all`` (publish, consume, run cron), ``producer`` (publish and cron, never consume)
 and ``worker`` (consume, never run cron). Processing is continuous: a worker consumes the
 stream until stopped, unlike upstream tokiwa's push-driven queue (SEED-SEMANTICS §2.6).
@@ -13,15 +22,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import faults
-from orchestrator.app_workflows import WorkflowsAndCronMixin
 from orchestrator.broker.connection import create_redis, read_block_ms
 from orchestrator.broker.consumer import Consumer, Outcome
 from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.broker.streams import StreamBroker
+from orchestrator.chat.chatflow import ChatflowExecutor
 from orchestrator.config import Settings, load_settings
 from orchestrator.cron.jobs import CronRegistry
 from orchestrator.dispatcher import EventDispatcher
@@ -29,19 +39,47 @@ from orchestrator.errors import InvalidArgumentError, StateError
 from orchestrator.events import Event
 from orchestrator.keys import Keys
 from orchestrator.locks import claim_once
-from orchestrator.runs.registry import RETRY_MARK, WorkflowRegistry
+from orchestrator.runs.outcome import OK, ProcessResult, Verdict
+from orchestrator.runs.recorder import ErrorHook
+from orchestrator.runs.registry import RunServices, WorkflowRegistry
 from orchestrator.runs.stores import InMemoryRunStore, RedisRunStore, RunStore
+from orchestrator.topics import encode_topic_frame
 from orchestrator.workflow.runner import Runner
+
+if TYPE_CHECKING:
+    from orchestrator.workflow.model import Workflow
+    from orchestrator.workflow.result import WorkflowRunResult
 
 log = logging.getLogger("tokiwa")
 
 RESERVED_PREFIX = "tokiwa."
 
 Mode = Literal["all", "producer", "worker"]
-EventProcessor = Callable[[Event], Awaitable[list[str]]]
+#: a step run for every consumed event after the dispatcher (``add_processor``)
+EventProcessor = Callable[[Event], Awaitable[ProcessResult]]
 
 
-class Orchestrator(WorkflowsAndCronMixin):
+@dataclass(slots=True)
+class AppHooks:
+    """The app's extension points, in one place. Each is optional; a failing error hook is
+    logged, never fatal. ``Orchestrator(on_workflow_error=..., on_run_store_error=...)`` sets
+    the first two; observability installs ``event_observer`` and ``on_cron_leadership``."""
+
+    #: ``fn(exc, {"workflow_id", "event", "trigger"})`` when a triggered workflow could not run
+    #: at all (a chatflow without a conversation id, a lock not had in time); may be async
+    on_workflow_error: ErrorHook | None = None
+    #: ``fn(exc, record)`` when the run store could not save a run record; the event is then
+    #: acked anyway (without this hook the event fails); may be async
+    on_run_store_error: ErrorHook | None = None
+    #: ``fn(event_type, outcome)`` with outcome ok / failed / dead, for every consumed event
+    event_observer: Callable[[str, str], None] | None = None
+    #: ``fn(leading)`` when this process gains (True) or loses (False) cron leadership
+    on_cron_leadership: Callable[[bool], Any] | None = None
+    #: name -> fn() giving more ``snapshot()`` sections (the relay adds its counters)
+    extra_snapshots: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+
+class Orchestrator:
     """Publish events, consume them on workers, run subscribers and triggered workflows.
 
     >>> app = Orchestrator(redis_url="redis://localhost:6379/0", max_concurrent_events=2)
@@ -58,11 +96,11 @@ class Orchestrator(WorkflowsAndCronMixin):
         ack_policy: Literal["always", "on_success"] | None = None,
         namespace: str | None = None,
         settings: Settings | None = None,
-        on_workflow_error: Callable[..., Any] | None = None,
+        on_workflow_error: ErrorHook | None = None,
         source: str | None = None,
         workflow_concurrency: int | None = None,
         run_store: RunStore | None = None,
-        on_run_store_error: Callable[..., Any] | None = None,
+        on_run_store_error: ErrorHook | None = None,
         conversation_store: Any = None,
         runner: Runner | None = None,
         artifacts_dir: str | None = None,
@@ -85,7 +123,7 @@ class Orchestrator(WorkflowsAndCronMixin):
         self.settings = settings or load_settings(base=self._explicit)
         self.mode: Mode = mode
         self.dispatcher = EventDispatcher()
-        self.on_workflow_error = on_workflow_error
+        self.hooks = AppHooks(on_workflow_error=on_workflow_error, on_run_store_error=on_run_store_error)
         self.source = source
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = None
@@ -98,23 +136,16 @@ class Orchestrator(WorkflowsAndCronMixin):
         self._started = False
         self._sync_publisher: Any = None
         self._observability_on = False
-        #: name -> fn() giving more ``snapshot()`` sections (the relay adds its counters)
-        self.extra_snapshots: dict[str, Callable[[], Any]] = {}
-        #: ``fn(event_type, outcome)`` with outcome ok / failed / dead (metrics install one)
-        self.event_observer: Callable[[str, str], None] | None = None
         self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
-        # workflows (issue 3), chatflows and cron (issue 4)
         self.runner = runner or Runner()
         self.run_store: RunStore = run_store or InMemoryRunStore()
         self._run_store_given = run_store is not None
-        self.on_run_store_error = on_run_store_error
         self.conversation_store = conversation_store
         self.conversation_lock_ttl_ms = conversation_lock_ttl_ms
         self._artifacts_dir = artifacts_dir
         self._artifact_store: Any = None
-        self._chatflows: Any = None
-        self.workflows = WorkflowRegistry(self, workflow_concurrency=workflow_concurrency)
-        self._conversation_resolver = self.workflows.conversations_of
+        self._chatflows: ChatflowExecutor | None = None
+        self.workflows = WorkflowRegistry(self, self._owned_entries, workflow_concurrency=workflow_concurrency)
         self.add_processor(self.workflows.process)
         self.cron = CronRegistry(self, tz=cron_tz, lease_ms=cron_lease_ms, missed_policy=cron_missed_policy)
         self.add_lifecycle(self.cron)
@@ -135,7 +166,7 @@ class Orchestrator(WorkflowsAndCronMixin):
 
     def add_processor(self, processor: EventProcessor) -> None:
         """Add a step run for every consumed event after the dispatcher (workflow triggers use
-        it). It returns a list of error strings (empty = success)."""
+        it). It returns a :class:`~orchestrator.runs.outcome.ProcessResult`."""
         self._processors.append(processor)
 
     def add_lifecycle(self, component: Any) -> None:
@@ -249,37 +280,36 @@ class Orchestrator(WorkflowsAndCronMixin):
 
     def _conversations_of(self, event: Event) -> list[str]:
         """Conversation ids whose order list must record this event (chatflow triggers)."""
-        resolver = getattr(self, "_conversation_resolver", None)
-        return resolver(event) if resolver else []
+        return self.workflows.conversations_of(event)
 
     # -- processing -----------------------------------------------------------------------
     async def process_event(self, event: Event) -> Outcome:
         """Run the dispatcher, then every processor (triggered workflows) for one event.
         Event types starting with ``tokiwa.`` are reserved and skip the dispatcher."""
-        errors: list[str] = []
-        infra = False  # a subscriber met a transient Redis fault: redeliver, whatever ack_policy says
-        if not event.type.startswith(RESERVED_PREFIX):
-            result = await self.dispatcher.dispatch(event)
-            if result.errors:
-                errors = [f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors]
-                infra = any(faults.is_transient(e.error) for e in result.errors)
-                self._log_dispatch_errors(event, result)
+        steps = [] if event.type.startswith(RESERVED_PREFIX) else [await self._dispatch(event)]
         for processor in self._processors:
-            found = await processor(event)
-            if found:
-                errors = errors + found
-        if errors:
-            self.metrics["failed"] += 1
-            retry = infra or any(e.startswith(RETRY_MARK) for e in errors)
-            return Outcome(False, "; ".join(errors)[:4000], retry=retry)
-        self.metrics["processed"] += 1
-        return Outcome(True)
+            steps.append(await processor(event))
+        result = ProcessResult.combine(steps)
+        if result.ok:
+            self.metrics["processed"] += 1
+            return Outcome(True)
+        self.metrics["failed"] += 1
+        if result.traceback:
+            log.debug("event %s (%s) failed: %s\n%s", event.id, event.type, result.error, result.traceback)
+        return Outcome(False, result.error[:4000], retry=result.verdict.redo)
 
-    def _log_dispatch_errors(self, event: Event, result: Any) -> None:
-        if result.errors:
-            self.metrics["dispatch_errors"] += len(result.errors)
-            for e in result.errors:
-                log.warning("subscriber %s failed on %s (%s): %r", e.name, event.type, e.stage, e.error)
+    async def _dispatch(self, event: Event) -> ProcessResult:
+        """The subscribers' step. One that met a transient Redis fault retries the event (the
+        event did not fail), whatever ack_policy says."""
+        result = await self.dispatcher.dispatch(event)
+        if not result.errors:
+            return OK
+        self.metrics["dispatch_errors"] += len(result.errors)
+        for e in result.errors:
+            log.warning("subscriber %s failed on %s (%s): %r", e.name, event.type, e.stage, e.error)
+        infra = any(faults.is_transient(e.error) for e in result.errors)
+        return ProcessResult(Verdict.RETRY_LATER if infra else Verdict.FAILED,
+                             "; ".join(f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors))
 
     async def _event_dead(self, event: Event) -> None:
         """A dead-lettered event gives up its turn in its conversations' order lists."""
@@ -308,8 +338,7 @@ class Orchestrator(WorkflowsAndCronMixin):
         for component in self._lifecycle:
             await component.start()
         if self.mode != "producer":
-            self.consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
-            self.consumer.observe = self.event_observer
+            self.consumer = self._new_consumer()
             self._consume_task = asyncio.create_task(self.consumer.run(), name="tokiwa-consumer")
 
     async def stop(self) -> None:
@@ -346,14 +375,18 @@ class Orchestrator(WorkflowsAndCronMixin):
         if self._consume_task is not None:
             await asyncio.wait_for(self._wait_drained(), timeout)
             return
-        consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
-        self.consumer = consumer
+        consumer = self.consumer = self._new_consumer()
         await asyncio.wait_for(consumer.run(until_drained=True), timeout)
+
+    def _new_consumer(self) -> Consumer:
+        consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
+        consumer.observe = self.hooks.event_observer
+        return consumer
 
     async def _wait_drained(self) -> None:
         while True:
             state = await self.broker.group_state()
-            if state["pending"] == 0 and state["lag"] == 0 and not self.consumer.in_flight:
+            if state["pending"] == 0 and state["lag"] == 0 and not self.consumer.in_flight_count:
                 return
             await asyncio.sleep(0.05)
 
@@ -366,10 +399,17 @@ class Orchestrator(WorkflowsAndCronMixin):
         """
         if event.stream_id is None or self.broker is None:
             return False
-        entry = self.consumer.in_flight.get(event.stream_id) if self.consumer else None
-        if entry is not None and entry.lost:
-            return False
-        return await self.broker.owns(event.stream_id)
+        # the consumer's rule (it also knows the entries it lost); without one, Redis's pending list
+        owner = self.consumer if self.consumer is not None else self.broker
+        return event.stream_id in await owner.owned([event.stream_id])
+
+    async def _owned_entries(self, stream_ids: Sequence[str]) -> set[str]:
+        """Which of ``stream_ids`` this worker still holds, before their runs are recorded: the
+        consumer's rule, or all of them when the app is not consuming (``process_event``
+        called directly has no lease to lose)."""
+        if self.consumer is None:
+            return set(stream_ids)
+        return await self.consumer.owned(stream_ids)
 
     # -- inspection -----------------------------------------------------------------------
     async def snapshot(self) -> dict[str, Any]:
@@ -397,17 +437,114 @@ class Orchestrator(WorkflowsAndCronMixin):
             },
             "workers": workers,
             "timestamp": time.time(),
-            **{name: fn() for name, fn in self.extra_snapshots.items()},
+            **{name: fn() for name, fn in self.hooks.extra_snapshots.items()},
         }
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Worker id → heartbeat dict, from ``{ns}:workers``."""
         await self.connect()
-        from orchestrator.ops.heartbeats import decode_heartbeat
+        from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 
-        raw = await self.redis.hgetall(self.keys.workers)
-        return {wid.decode(): decode_heartbeat(blob) or {"error": "undecodable heartbeat"}
-                for wid, blob in raw.items()}
+        beats = worker_beats(await self.redis.hgetall(self.keys.workers), now=time.time(),
+                             stale_after_s=STALE_HEARTBEATS * self.settings.heartbeat_interval_s)
+        return {w.id: w.fields() for w in beats}
+
+    # -- shortcuts to two hooks (workers.assemble reads them) ------------------------------
+    @property
+    def extra_snapshots(self) -> dict[str, Callable[[], Any]]:
+        """``hooks.extra_snapshots`` (the worker's relay adds its section here)."""
+        return self.hooks.extra_snapshots
+
+    @property
+    def event_observer(self) -> Callable[[str, str], None] | None:
+        """``hooks.event_observer``: set when metrics are on."""
+        return self.hooks.event_observer
+
+    @event_observer.setter
+    def event_observer(self, observer: Callable[[str, str], None] | None) -> None:
+        self.hooks.event_observer = observer
+
+    # -- workflows and chatflows: delegated to the workflow registry and the chat part ----
+    def register_workflow(self, workflow: Any, trigger: Any = None, **options: Any) -> Workflow:
+        """Register a Workflow (or pyoco-style Flow) with a trigger: ``None`` / ``{"type": "manual"}``
+        or ``{"type": "event", "event_type": str | list | re.Pattern | "*", "filter": fn,
+        "map_input": fn, "map_context": fn, "map_conversation_id": fn}``. Options: input,
+        context, conversation_id, concurrency, fail_fast, timeout, memory. Returns the workflow
+        (its ``id`` is derived from its name, so every host agrees)."""
+        return self.workflows.register(workflow, trigger, **options)
+
+    def unregister_workflow(self, workflow_id_or_name: str) -> bool:
+        return self.workflows.unregister(workflow_id_or_name)
+
+    async def run_workflow(self, workflow: str, input: Any = None, context: Any = None, *,  # noqa: A002
+                           wait: bool = True, timeout: float | None = None,
+                           conversation_id: str | None = None, local: bool | None = None
+                           ) -> WorkflowRunResult | str:
+        """Run a registered workflow and (with ``wait``) return its WorkflowRunResult.
+
+        A producer, or an app whose consumer is running, sends a run request through the
+        stream and a worker runs it; an app in ``all``/``worker`` mode that is not consuming
+        runs it here (``local=True`` forces that). ``wait=False`` returns the run id."""
+        if local is None:
+            local = self.mode != "producer" and self._consume_task is None
+        return await self.workflows.run(workflow, input=input, context=context, conversation_id=conversation_id,
+                                        wait=wait, timeout=timeout, local=local)
+
+    def services_for(self, run_id: str) -> RunServices:
+        """What a run's nodes get as ``services``: a per-run artifact folder (created on first
+        use), publish_topic."""
+        return RunServices(self.artifact_store, self.publish_topic, run_id)
+
+    def artifact_store(self) -> Any:
+        """The app's artifact store (a FileArtifactStore under ``artifacts_dir`` or
+        ``{state_dir}/artifacts``), built once."""
+        if self._artifact_store is None:
+            from orchestrator.workflow.artifacts import FileArtifactStore
+
+            self._artifact_store = FileArtifactStore(self._artifacts_dir or (self.settings.state_dir / "artifacts"))
+        return self._artifact_store
+
+    def chatflows(self) -> ChatflowExecutor:
+        """The conversation executor (locks, order, fenced memory) on this app's Redis."""
+        if self._chatflows is None:
+            if self.redis is None:
+                raise StateError("chatflows need a Redis connection: call connect() or start() first")
+            self._chatflows = ChatflowExecutor(self.redis, self.keys, self.conversation_store, self.runner,
+                                               lock_ttl_ms=self.conversation_lock_ttl_ms)
+        return self._chatflows
+
+    async def publish_topic(self, topic: str, message: Any) -> int:
+        """Publish a Miclow topic message (``tokiwa:topic:{topic}``) that relay tasks on any
+        host subscribed to ``topic`` receive as ``topic:message``."""
+        await self.connect()
+        frame = encode_topic_frame(f"app-{self.worker_id}", socket.gethostname(), "app", str(message))
+        return await self.redis.publish(self.keys.topic(topic), frame)
+
+    # -- cron: delegated to the cron registry ------------------------------------------------
+    def register_cron_job(self, expr: str, name: str, handler: Callable[..., Any]) -> str:
+        """Run ``handler(job_name, slot)`` on every slot of ``expr`` (5 fields, or 6 with a
+        leading seconds field), on the leader producer only; returns the job id."""
+        return self.cron.add(expr, name, handler, "job")
+
+    def register_cron_event(self, expr: str, event_type: str, name: str, payload: Any = None,
+                            metadata: Mapping[str, Any] | None = None) -> str:
+        """Publish ``event_type`` on every slot of ``expr``."""
+        Event(event_type)  # a blank type fails now, not at 3 a.m.
+        return self.cron.add(expr, name, self.cron.event_handler(event_type, payload, dict(metadata or {})),
+                             "event")
+
+    def register_cron_workflow(self, expr: str, workflow_id: str, name: str, input: Any = None,  # noqa: A002
+                               context: Any = None) -> str:
+        """Start a registered workflow on every slot of ``expr`` (chatflows are refused: they
+        need a conversation id)."""
+        workflow = self.workflows.get(workflow_id).workflow  # NotFoundError for unknown ids
+        return self.cron.add(expr, name, self.cron.workflow_handler(workflow, input, context), "workflow")
+
+    def remove_cron_job(self, job_id_or_name: str) -> bool:
+        return self.cron.remove(job_id_or_name)
+
+    def is_cron_job_scheduled(self, job_id_or_name: str) -> bool:
+        return self.cron.is_scheduled(job_id_or_name)
 
     async def __aenter__(self) -> Orchestrator:
         await self.start()

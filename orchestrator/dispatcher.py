@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.callbacks import call_in_thread, is_async_callable
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.events import Event
 
@@ -127,8 +128,7 @@ class EventDispatcher:
             name=name or _qualname(handler),
             filter=filter,
             once=once,
-            is_async=inspect.iscoroutinefunction(handler)
-            or inspect.iscoroutinefunction(getattr(type(handler), "__call__", None)),  # noqa: B004 - async callable objects
+            is_async=is_async_callable(handler),
             takes_context=_positional_arity(handler) >= 2,
         )
         self._by_type.setdefault(event_type, []).append(sub)
@@ -204,9 +204,7 @@ class EventDispatcher:
             if sub.is_async:
                 await sub.handler(*args)
             else:
-                value = await asyncio.to_thread(sub.handler, *args)
-                if inspect.isawaitable(value):
-                    await value
+                await call_in_thread(sub.handler, *args)
             result.delivered += 1
         except asyncio.CancelledError:
             raise

@@ -7,7 +7,7 @@ An event on the stream is three fields: ``id`` (event id), ``type`` and ``body``
 
 No pickle anywhere: decoding never runs code that a message chooses. Validation is done
 by hand here (not by pydantic) because this is the hot path of every worker; it is
-measured in ``benchmarks/`` and checked by the tests in ``tests/unit/test_events.py``.
+measured in ``benchmarks/`` and checked by the tests in ``tests/unit/core/test_events.py``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class Event:
 
     @property
     def tags(self) -> list[str]:
-        return self.metadata.get("tags", [])
+        tags: list[str] = self.metadata.get("tags", [])
+        return tags
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,7 +100,7 @@ class Event:
 _new_event = object.__new__
 
 
-def _from_wire(data: dict) -> Event:
+def _from_wire(data: dict[str, Any]) -> Event:
     """Build an Event from a decoded body. Hot path: the common, well-formed case is checked
     with plain type tests; anything unusual goes through the full constructor."""
     etype, meta, eid = data["type"], data.get("metadata"), data["id"]

@@ -27,13 +27,13 @@ freezes for 20 s wakes up as a follower (12 s passed), and by then another proce
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.callbacks import call_and_await
 from orchestrator.clock import SystemClock
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.faults import Condition, describe, is_transient
@@ -197,9 +197,7 @@ async def _call(callback: Callback | None, *args: Any) -> None:
     if callback is None:
         return
     try:
-        result = callback(*args)
-        if inspect.isawaitable(result):
-            await result
+        await call_and_await(callback, *args)
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -46,6 +46,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from types import EllipsisType
 from typing import Any
 
 from orchestrator.errors import InvalidArgumentError, LockError
@@ -284,7 +285,7 @@ class RedisLock:
         self._renewer.add_done_callback(self._renewer_done)
         return True
 
-    async def acquire(self, timeout_s: float | None = ...) -> int:  # type: ignore[assignment]
+    async def acquire(self, timeout_s: float | None | EllipsisType = ...) -> int:
         """Wait (asynchronously, with backoff) until the lock is ours; returns the fencing token.
 
         ``timeout_s`` defaults to ``wait_timeout_s``; ``None`` waits forever, ``0`` tries once.

@@ -14,4 +14,5 @@ FRAME_VERSION = 1
 
 def encode_topic_frame(origin: str, host: str, task: str, message: str | list[str]) -> bytes:
     """One frame; ``message`` may be a list (a run of messages the relay packs together)."""
-    return msgpack.packb([FRAME_VERSION, origin, host, task, message], use_bin_type=True)
+    frame: bytes = msgpack.packb([FRAME_VERSION, origin, host, task, message], use_bin_type=True)
+    return frame

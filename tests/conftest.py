@@ -86,3 +86,14 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     env.pop("TOKIWA_REDIS_URL", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def example_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """examples/workflows/report.yaml and its files copied to tmp_path (it writes files next
+    to itself), with the secret it reads set."""
+    example = ROOT / "examples" / "workflows"
+    for name in ("report.yaml", "report.md.j2", "helpers.py"):
+        (tmp_path / name).write_text((example / name).read_text())
+    monkeypatch.setenv("REPORT_TOKEN", "tok-SECRET-42")
+    return tmp_path / "report.yaml"

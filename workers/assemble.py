@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 from orchestrator.app import Orchestrator
 from orchestrator.cli import exitcodes
@@ -39,13 +39,13 @@ class RelayComponent:
         self.app = app
         self.config = load_relay_config(relay_file)  # a broken file fails before anything starts
         self.relay: Relay | None = None
-        self._overflow_task: asyncio.Task | None = None
-        self._watch_task: asyncio.Task | None = None
+        self._overflow_task: asyncio.Task[Any] | None = None
+        self._watch_task: asyncio.Task[Any] | None = None
         self._watched = False  # someone awaits wait_failed(): it stops the worker gracefully
         self._stopping = False
 
     async def _task_exited(self, info: Any) -> None:
-        payload = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
+        payload = dataclasses.asdict(cast(Any, info)) if dataclasses.is_dataclass(info) else dict(vars(info))
         await self.app.publish("relay.task_exited", payload, {"source": "relay"})
 
     async def _topic_event(self, topic: str, message: str) -> None:
@@ -53,11 +53,12 @@ class RelayComponent:
 
     async def start(self) -> None:
         await self.app.connect()
-        self.relay = Relay(self.config, redis_url=self.app.redis_url, namespace=self.app.settings.namespace,
+        self.relay = Relay(self.config, redis_url=cast(str, self.app.redis_url),  # set once connected
+                           namespace=self.app.settings.namespace,
                            on_task_exit=self._task_exited, on_topic_event=self._topic_event)
         await self.relay.start()
-        self.app.extra_snapshots["relay"] = lambda: self.snapshot().get("counters", {})
-        if self.app.event_observer is not None:  # metrics are on: export the overflow count
+        self.app.hooks.extra_snapshots["relay"] = lambda: self.snapshot().get("counters", {})
+        if self.app.hooks.event_observer is not None:  # metrics are on: export the overflow count
             self._overflow_task = asyncio.create_task(self._export_overflow())
         self._watch_task = asyncio.create_task(self._watch())
 

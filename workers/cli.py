@@ -7,6 +7,7 @@ exit code.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -40,7 +41,8 @@ def cli() -> None:
               help="Supervise P worker processes on this host.")
 @observability_options
 @common_options
-def run(concurrency, relay_file, processes, app_spec, **settings) -> None:
+def run(concurrency: int | None, relay_file: str | None, processes: int, app_spec: str | None,
+        **settings: Any) -> None:
     """Consume events until SIGTERM / Ctrl+C (graceful), a second signal exits at once."""
     setup_logging(settings.pop("log_level"))
     if not app_spec:

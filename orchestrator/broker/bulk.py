@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -28,7 +29,13 @@ def read_events(path: Path) -> Iterator[Event]:
                 raise InvalidArgumentError(f"{path}:{number}: {exc}") from exc
 
 
-async def publish_file(app, path: Path, *, batch: int = 500, progress: bool | None = None) -> int:
+class Publisher(Protocol):
+    """What :func:`publish_file` uses of the app."""
+
+    async def publish_many(self, events: Iterable[Event]) -> list[str]: ...
+
+
+async def publish_file(app: Publisher, path: Path, *, batch: int = 500, progress: bool | None = None) -> int:
     """Publish every event of ``path``; returns how many were published."""
     show = sys.stderr.isatty() if progress is None else progress
     total = 0

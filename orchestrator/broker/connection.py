@@ -169,7 +169,7 @@ def _replying(connection_class: type) -> type:
                 raise
             faults.recovered(Fault.CONNECTION)
             return response
-    base = connection_class
+    base: Any = connection_class  # the class read at call time, so its read_response is found there
     return type(f"Tokiwa{connection_class.__name__}", (connection_class,), {"read_response": read_response})
 
 

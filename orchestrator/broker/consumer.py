@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -42,11 +42,13 @@ FINAL_FLUSH_S = 5.0
 
 @dataclass(slots=True)
 class Outcome:
-    """What processing one event came to."""
+    """What processing one event came to: ``ok`` acks it; a failure is acked or redelivered
+    as ``ack_policy`` says, unless ``retry``. ``error`` says what failed (a dead letter keeps it)."""
 
     ok: bool
     error: str = ""
-    #: redeliver even under ack_policy "always" (a chatflow fenced out by a newer lock holder)
+    #: redeliver even under ack_policy "always": the event did not fail, something under it
+    #: did (Redis, a conversation lock not had in time), or a chatflow was fenced out
     retry: bool = False
 
 
@@ -437,7 +439,7 @@ class Consumer:
             outcome = await self._process(event)
             if self.observe is not None:
                 self.observe(event.type, "ok" if outcome.ok else "failed")
-            if entry.lost:
+            if self.lost(d.stream_id):
                 log.warning("entry %s was reclaimed by another worker while we ran it; not acking",
                             d.stream_id)
                 return
@@ -608,6 +610,20 @@ class Consumer:
                     log.warning("lost entry %s to another worker (lease expired); cancelling it", sid)
                     if entry.task:
                         entry.task.cancel()
+
+    # -- ownership ------------------------------------------------------------------------
+    def lost(self, stream_id: str) -> bool:
+        """Whether this worker knows that another one took ``stream_id`` (a renewal found it
+        taken): its result must be neither acked nor recorded."""
+        entry = self.in_flight.get(stream_id)
+        return entry is not None and entry.lost
+
+    async def owned(self, stream_ids: Sequence[str]) -> set[str]:
+        """The subset of ``stream_ids`` this worker still holds: not known lost here, and still
+        pending for this consumer in Redis (one query). This is the ownership rule: run
+        records and ``Orchestrator.owns`` use it, and a slot applies its first half before it
+        acks (the ack script checks the second half atomically)."""
+        return await self.broker.owned([sid for sid in stream_ids if not self.lost(sid)])
 
     # -- introspection --------------------------------------------------------------------
     @property

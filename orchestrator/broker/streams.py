@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from orchestrator.broker import scripts
 from orchestrator.config import Settings
@@ -55,7 +57,7 @@ def id_bounds(stream_ids: Sequence[str]) -> tuple[str, str]:
     return f"{lo[0]}-{lo[1]}", f"{hi[0]}-{hi[1]}"
 
 
-def checked_fields(event: Event, max_bytes: int) -> dict:
+def checked_fields(event: Event, max_bytes: int) -> dict[str, bytes | str]:
     """The stream fields of ``event``; InvalidArgumentError if its body exceeds ``max_bytes``."""
     fields = encode_fields(event)
     if len(fields["body"]) > max_bytes:
@@ -65,8 +67,8 @@ def checked_fields(event: Event, max_bytes: int) -> dict:
     return fields
 
 
-def publish_once_call(keys: Keys, event_id: str, fields: dict, conversation_ids: Sequence[str],
-                      dedup_ms: int) -> tuple[list, list] | None:
+def publish_once_call(keys: Keys, event_id: str, fields: Mapping[str, bytes | str], conversation_ids: Sequence[str],
+                      dedup_ms: int) -> tuple[list[str], list[int | bytes | str]] | None:
     """KEYS and ARGV of :data:`scripts.PUBLISH_ONCE` for one entry, or None when a plain XADD
     does the same (``dedup_ms`` 0 and no conversation order lists)."""
     if not dedup_ms and not conversation_ids:
@@ -83,20 +85,20 @@ DEAD_MAX_FIELDS = 64
 DEAD_SAMPLE_BYTES = 1024
 
 
-def entry_summary(fields: dict) -> dict[bytes, str]:
+def entry_summary(fields: Mapping[bytes, bytes]) -> dict[bytes, str]:
     """How many fields an entry has and how many bytes they hold (for dead letters)."""
     size = sum(len(k) + len(v) for k, v in fields.items())
     return {b"original_fields": str(len(fields)), b"original_bytes": str(size)}
 
 
-def dead_fields(fields: dict, extra: dict, max_bytes: int) -> list:
+def dead_fields(fields: Mapping[bytes, bytes], extra: Mapping[bytes, str], max_bytes: int) -> list[bytes | str]:
     """The flat field/value list of a dead entry: the original fields when there are at most
     :data:`DEAD_MAX_FIELDS` of them and they fit ``max_bytes`` (a little over the envelope
     bound), else the first ones, each cut to :data:`DEAD_SAMPLE_BYTES`, and a summary. Then the
     dead-letter fields in ``extra``, which win over originals of the same name."""
     size = sum(len(k) + len(v) for k, v in fields.items())
     whole = len(fields) <= DEAD_MAX_FIELDS and size <= max_bytes + 4096
-    out: list = []
+    out: list[bytes | str] = []
     for n, (name, value) in enumerate(fields.items()):
         if n >= DEAD_MAX_FIELDS:
             break
@@ -107,8 +109,8 @@ def dead_fields(fields: dict, extra: dict, max_bytes: int) -> list:
         out += [name, value]
     if not whole:
         extra = {**extra, **entry_summary(fields), b"truncated": "1"}
-    for name, value in extra.items():
-        out += [name, value]
+    for key, text in extra.items():
+        out += [key, text]
     return out
 
 
@@ -171,7 +173,7 @@ class StreamBroker:
         fields = checked_fields(event, self.settings.max_event_bytes)
         call = publish_once_call(self.keys, event.id, fields, conversation_ids, self.settings.publish_dedup_ms)
         if call is None:
-            stream_id = _s(await self.redis.xadd(self.stream, fields))
+            stream_id = _s(await self.redis.xadd(self.stream, cast("dict[FieldT, EncodableT]", fields)))
         else:
             stream_id = _s(await self._publish_once(keys=call[0], args=call[1]))
         event.stream_id = stream_id
@@ -192,7 +194,7 @@ class StreamBroker:
             convs = conversation_ids[i] if conversation_ids else ()
             call = publish_once_call(self.keys, event.id, fields, convs, dedup_ms)
             if call is None:
-                pipe.xadd(self.stream, fields)
+                pipe.xadd(self.stream, cast("dict[FieldT, EncodableT]", fields))
             else:
                 await self._publish_once(keys=call[0], args=call[1], client=pipe)
         ids = [_s(x) for x in await pipe.execute()]
@@ -205,7 +207,7 @@ class StreamBroker:
         """XREADGROUP up to ``count`` new entries (``>``), blocking up to ``block_ms``."""
         if count <= 0:
             return []
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
         )
         if not reply:
@@ -295,7 +297,7 @@ class StreamBroker:
             b"consumer": self.consumer,
             b"group": self.group,
         }
-        head: list = [self.group, self.consumer, delivery.stream_id, self.settings.dead_maxlen]
+        head: list[Any] = [self.group, self.consumer, delivery.stream_id, self.settings.dead_maxlen]
         try:
             result = await self._dead(keys=[self.stream, self.keys.dead],
                                       args=head + dead_fields(delivery.fields, extra, self.settings.max_event_bytes))
@@ -312,12 +314,12 @@ class StreamBroker:
 
     async def owns(self, stream_id: str) -> bool:
         """Whether this consumer still holds ``stream_id`` (it is pending for us)."""
-        reply = await self.redis.xpending_range(self.stream, self.group, stream_id, stream_id, 1)
+        reply: list[dict[str, Any]] = await self.redis.xpending_range(self.stream, self.group, stream_id, stream_id, 1)
         return bool(reply) and _s(reply[0]["consumer"]) == self.consumer
 
     async def pending_ids(self, limit: int = 100_000) -> set[str]:
         """Every entry id pending for this consumer."""
-        reply = await self.redis.xpending_range(self.stream, self.group, "-", "+", limit, self.consumer)
+        reply: list[dict[str, Any]] = await self.redis.xpending_range(self.stream, self.group, "-", "+", limit, self.consumer)
         return {_s(r["message_id"]) for r in reply}
 
     async def owned(self, stream_ids: Sequence[str]) -> set[str]:
@@ -325,7 +327,7 @@ class StreamBroker:
         if not stream_ids:
             return set()
         lo, hi = id_bounds(stream_ids)
-        reply = await self.redis.xpending_range(self.stream, self.group, lo, hi, 1_000_000, self.consumer)
+        reply: list[dict[str, Any]] = await self.redis.xpending_range(self.stream, self.group, lo, hi, 1_000_000, self.consumer)
         wanted = set(stream_ids)
         return {sid for sid in (_s(r["message_id"]) for r in reply) if sid in wanted}
 
@@ -335,7 +337,7 @@ class StreamBroker:
         return int(await self._trim(keys=[self.stream], args=[self.settings.stream_maxlen, TRIM_MAX_DROP]))
 
     # -- inspection ----------------------------------------------------------------------
-    async def group_state(self) -> dict:
+    async def group_state(self) -> dict[str, Any]:
         """``{"length", "pending", "lag", "consumers", "last_delivered"}`` for our group
         (zeros if the stream or group does not exist yet)."""
         try:

@@ -43,7 +43,7 @@ from orchestrator.chat.conversations import ConversationStore, check_memory, sha
 from orchestrator.errors import FencingError, InvalidArgumentError, describe_error
 from orchestrator.keys import Keys
 from orchestrator.locks import RedisLock, check_lease, conversation_lock
-from orchestrator.workflow.result import WorkflowRunResult
+from orchestrator.workflow.result import RunStatus, WorkflowRunResult
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def _honour_lost_cancel(cancels: int) -> None:
 
 def will_be_redone(result: Any) -> bool:
     """Whether a run's event is to be redone rather than settled: its memory write was fenced
-    out, or its lock was lost during the run (both report a ``FencingError``). The workflow
-    registry leaves such an event pending (its retry outcome), so the run keeps its turn."""
-    error = getattr(result, "error", None)
-    return isinstance(error, dict) and error.get("name") == "FencingError"
+    out, or its lock was lost during the run (the executor then keeps the ``FencingError`` as
+    the result's ``exception``). The workflow registry leaves such an event pending (its
+    verdict is ``FENCED_OUT``), so the run keeps its turn."""
+    return isinstance(getattr(result, "exception", None), FencingError)
 
 
 class ChatflowExecutor:
@@ -196,8 +196,8 @@ class ChatflowExecutor:
         redone), and the memory it started from (it saved nothing)."""
         exc = FencingError(f"conversation {cid!r}: the conversation lock was lost during the run "
                            f"({lock.lost_reason}); the run was cancelled and saved nothing", name=lock.key)
-        result.status = "cancelled"
-        result.error = describe_error(exc)
+        result.status = RunStatus.CANCELLED
+        result.error, result.exception = describe_error(exc), exc
         result.memory = dict(stored)
         return result
 
@@ -219,8 +219,8 @@ class ChatflowExecutor:
         except FencingError as exc:
             log.warning("chatflow %s of conversation %r: memory refused: %s",
                         getattr(result, "run_id", "?"), cid, exc)
-            result.status = "failed"
-            result.error = describe_error(exc)
+            result.status = RunStatus.FAILED
+            result.error, result.exception = describe_error(exc), exc
             result.memory = await self.store.get(cid)
             return
         if not applied:

@@ -18,10 +18,11 @@ import click
 from redis.exceptions import RedisError
 
 from orchestrator.broker.connection import create_redis
+from orchestrator.cli import exitcodes
 from orchestrator.cli.producer import (
+    F,
     build_app,
     common_options,
-    exitcodes,
     report_redis_error,
     run_async,
     setup_logging,
@@ -86,7 +87,7 @@ def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Ins
     app = build_app(app_spec, mode="producer", **settings)
 
     async def go() -> int:
-        close = app.close
+        close: Callable[[], Awaitable[None]] = app.close
         try:
             inspector, close = await _open(app)
             data = await call(inspector)
@@ -103,7 +104,7 @@ def _execute(settings: dict[str, Any], app_spec: str | None, call: Callable[[Ins
     sys.exit(run_async(go()))
 
 
-def leaf(func: Callable) -> Callable:
+def leaf(func: F) -> F:
     """The options every inspect command has: --json plus the shared connection options."""
     return json_option(common_options(func))
 
@@ -128,7 +129,7 @@ def _render_streams(streams: list[dict[str, Any]]) -> str:
 
 @inspect_group.command()
 @leaf
-def streams(as_json, app_spec, **settings) -> None:
+def streams(as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Stream lengths, groups, consumers, lag and pending counts."""
     _execute(settings, app_spec, lambda i: i.streams(), as_json, _render_streams)
 
@@ -147,7 +148,7 @@ def _render_pending(data: dict[str, Any]) -> str:
 @click.option("--limit", default=100, show_default=True, help="Most entries to list (oldest first).")
 @click.option("--consumer", default=None, help="Only this consumer's entries.")
 @leaf
-def pending(limit, consumer, as_json, app_spec, **settings) -> None:
+def pending(limit: int, consumer: str | None, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Entries delivered but not acked: per consumer, idle time, deliveries."""
     _execute(settings, app_spec, lambda i: i.pending(limit=limit, consumer=consumer), as_json, _render_pending)
 
@@ -182,7 +183,7 @@ def dead() -> None:
 @dead.command("list")
 @click.option("--limit", default=50, show_default=True, help="Most entries to list (newest first).")
 @leaf
-def dead_list(limit, as_json, app_spec, **settings) -> None:
+def dead_list(limit: int, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """The newest dead letters."""
     _execute(settings, app_spec, lambda i: i.dead_list(limit=limit), as_json, _render_dead)
 
@@ -190,7 +191,7 @@ def dead_list(limit, as_json, app_spec, **settings) -> None:
 @dead.command("show")
 @click.argument("dead_id")
 @leaf
-def dead_show(dead_id, as_json, app_spec, **settings) -> None:
+def dead_show(dead_id: str, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """One dead letter with its decoded event."""
     _execute(settings, app_spec, lambda i: i.dead_show(dead_id), as_json, _render_dead_one)
 
@@ -209,7 +210,7 @@ def _render_requeued(rows: list[dict[str, Any]]) -> str:
 @click.argument("dead_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Requeue every dead letter (oldest first).")
 @leaf
-def dead_requeue(dead_ids, all_, as_json, app_spec, **settings) -> None:
+def dead_requeue(dead_ids: tuple[str, ...], all_: bool, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Put dead letters back on the events stream (DEAD_ID … or --all)."""
     if bool(dead_ids) == all_:
         raise click.UsageError("give DEAD_ID(s) or --all, not both or neither")
@@ -223,7 +224,7 @@ def dead_requeue(dead_ids, all_, as_json, app_spec, **settings) -> None:
 @dead.command("purge")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @leaf
-def dead_purge(yes, as_json, app_spec, **settings) -> None:
+def dead_purge(yes: bool, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Delete every dead letter."""
     if not yes:
         click.confirm("Delete every dead letter?", abort=True)
@@ -237,7 +238,7 @@ def dead_purge(yes, as_json, app_spec, **settings) -> None:
 # -- leases, workers, runs --------------------------------------------------------------------
 @inspect_group.command()
 @leaf
-def leaders(as_json, app_spec, **settings) -> None:
+def leaders(as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Leader leases: role, holder, ttl, fencing epoch."""
     cols = [("ROLE", "role"), ("HOLDER", "holder"), ("TTL_MS", "ttl_ms"), ("EPOCH", "epoch")]
     _execute(settings, app_spec, lambda i: i.leaders(), as_json, listing("leader leases", cols))
@@ -245,7 +246,7 @@ def leaders(as_json, app_spec, **settings) -> None:
 
 @inspect_group.command()
 @leaf
-def locks(as_json, app_spec, **settings) -> None:
+def locks(as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Conversation locks: conversation, holder token, ttl, fencing epoch."""
     cols = [("CONVERSATION", "conversation_id"), ("HOLDER", "holder"), ("TTL_MS", "ttl_ms"), ("EPOCH", "epoch")]
     _execute(settings, app_spec, lambda i: i.locks(), as_json, listing("conversation locks", cols))
@@ -253,7 +254,7 @@ def locks(as_json, app_spec, **settings) -> None:
 
 @inspect_group.command()
 @leaf
-def workers(as_json, app_spec, **settings) -> None:
+def workers(as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Worker heartbeats: host, pid, in flight, processed, age, stale."""
     cols = [("ID", "id"), ("HOST", "host"), ("PID", "pid"), ("MODE", "mode"), ("IN_FLIGHT", "in_flight"),
             ("PROCESSED", "processed"), ("FAILED", "failed"), ("AGE_S", "age_s"), ("STALE", "stale")]
@@ -294,7 +295,7 @@ def _render_run(r: dict[str, Any]) -> str:
 @click.option("--workflow", default=None, help="Workflow name or id.")
 @click.option("--limit", default=50, show_default=True)
 @leaf
-def runs_list(status, workflow, limit, as_json, app_spec, **settings) -> None:
+def runs_list(status: str | None, workflow: str | None, limit: int, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Runs, newest first."""
     _execute(settings, app_spec, lambda i: i.runs(status=status, workflow=workflow, limit=limit),
              as_json, _render_runs)
@@ -304,6 +305,6 @@ def runs_list(status, workflow, limit, as_json, app_spec, **settings) -> None:
 @click.argument("run_id")
 @click.option("--tail", default=None, type=int, help="Only the last N log lines.")
 @leaf
-def runs_show(run_id, tail, as_json, app_spec, **settings) -> None:
+def runs_show(run_id: str, tail: int | None, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """One run: status, nodes, error and log lines."""
     _execute(settings, app_spec, lambda i: i.run(run_id, tail=tail), as_json, _render_run)

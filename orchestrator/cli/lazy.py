@@ -4,6 +4,7 @@ does not load the relay, process management or inspect code (it keeps idle RSS d
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -11,7 +12,7 @@ import click
 class LazyGroup(click.Group):
     """``lazy={"name": "package.module:attribute"}`` adds commands imported on first use."""
 
-    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = dict(lazy or {})
 

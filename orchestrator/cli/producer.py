@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import click
 from redis.exceptions import RedisError
@@ -24,6 +25,8 @@ from orchestrator.cli.lazy import LazyGroup
 from orchestrator.cli.loader import load_app
 from orchestrator.errors import ConfigError, TokiwaError
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -31,7 +34,7 @@ def setup_logging(level: str | None) -> None:
     logging.basicConfig(level=(level or "INFO").upper(), format=LOG_FORMAT, stream=sys.stderr)
 
 
-def common_options(func):
+def common_options(func: F) -> F:
     """Options every command shares."""
     options = [
         click.option("--app", "app_spec", default=None, envvar="TOKIWA_APP",
@@ -54,7 +57,7 @@ def build_app(app_spec: str | None, *, mode: str, **settings: Any) -> Orchestrat
     try:
         if config_file:  # an app module may build its Orchestrator at import time
             os.environ["TOKIWA_CONFIG"] = str(config_file)
-        app = load_app(app_spec) if app_spec else Orchestrator()
+        app: Orchestrator = load_app(app_spec) if app_spec else Orchestrator()
         app.mode = mode  # type: ignore[assignment]
         app.configure(config_file=config_file, **settings)
     except ConfigError as exc:
@@ -69,7 +72,7 @@ def build_app(app_spec: str | None, *, mode: str, **settings: Any) -> Orchestrat
     return app
 
 
-def run_async(coro) -> int:
+def run_async(coro: Coroutine[Any, Any, Any]) -> int:
     """Run a coroutine; turn tokiwa errors into a message and an exit code."""
     try:
         result = _event_loop_runner()(coro)
@@ -102,14 +105,15 @@ def redis_exit_code(exc: BaseException) -> int:
     return exitcodes.FAILURE
 
 
-def _event_loop_runner():
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
     """``asyncio.run``, or ``uvloop.run`` with ``TOKIWA_LOOP=uvloop`` (``pip install
     'tokiwa[uvloop]'``). Opt-in: on this project's benchmark it did not beat asyncio clearly
     and costs ~2.4 MB of RSS."""
     if os.environ.get("TOKIWA_LOOP", "asyncio") == "uvloop":
         import uvloop
 
-        return uvloop.run
+        runner: Callable[[Coroutine[Any, Any, Any]], Any] = uvloop.run
+        return runner
     return asyncio.run
 
 
@@ -136,7 +140,8 @@ def _parse_json(text: str | None, what: str) -> Any:
 @click.option("--batch", default=500, show_default=True, help="Events per pipelined round trip (--file).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a TTY).")
 @common_options
-def publish(event_type, payload, metadata, file_, batch, progress, app_spec, **settings) -> None:
+def publish(event_type: str | None, payload: str | None, metadata: str | None, file_: str | None, batch: int,
+            progress: bool | None, app_spec: str | None, **settings: Any) -> None:
     """Publish one event (TYPE --payload JSON) or many (--file events.jsonl)."""
     setup_logging(settings.pop("log_level") or "WARNING")
     if bool(event_type) == bool(file_):
@@ -147,7 +152,7 @@ def publish(event_type, payload, metadata, file_, batch, progress, app_spec, **s
 
     async def one() -> int:
         try:
-            event = await app.publish(event_type, payload_v, metadata_v)
+            event = await app.publish(cast(str, event_type), payload_v, metadata_v)  # given (checked above)
             click.echo(json.dumps({"id": event.id, "stream_id": event.stream_id, "type": event.type}))
         finally:
             await app.close()
@@ -156,7 +161,7 @@ def publish(event_type, payload, metadata, file_, batch, progress, app_spec, **s
     async def bulk() -> int:
         from orchestrator.broker.bulk import publish_file
         try:
-            count = await publish_file(app, Path(file_), batch=batch, progress=progress)
+            count = await publish_file(app, Path(cast(str, file_)), batch=batch, progress=progress)
             click.echo(json.dumps({"published": count}))
         finally:
             await app.close()
@@ -165,7 +170,7 @@ def publish(event_type, payload, metadata, file_, batch, progress, app_spec, **s
     sys.exit(run_async(one() if event_type else bulk()))
 
 
-def observability_options(func):
+def observability_options(func: F) -> F:
     """--metrics-port / --api-port / --api-token (see docs/observability.md)."""
     for option in reversed([
         click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port."),
@@ -179,7 +184,7 @@ def observability_options(func):
 @cli.command()
 @observability_options
 @common_options
-def run(app_spec, **settings) -> None:
+def run(app_spec: str | None, **settings: Any) -> None:
     """Run the producer: cron jobs fire under leader election until SIGTERM / Ctrl+C."""
     setup_logging(settings.pop("log_level"))
     if not app_spec:
@@ -198,7 +203,8 @@ def run(app_spec, **settings) -> None:
 @click.option("--wait/--no-wait", default=False, help="Wait for the result and print it.")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait with --wait.")
 @common_options
-def trigger(workflow, input_, context, conversation_id, wait, timeout, app_spec, **settings) -> None:
+def trigger(workflow: str, input_: str | None, context: str | None, conversation_id: str | None, wait: bool,
+            timeout: float | None, app_spec: str | None, **settings: Any) -> None:
     """Start a registered WORKFLOW (name or id) on a worker, through the stream."""
     setup_logging(settings.pop("log_level") or "WARNING")
     if not app_spec:
@@ -227,7 +233,7 @@ def trigger(workflow, input_, context, conversation_id, wait, timeout, app_spec,
 @click.option("--plain", is_flag=True, help="Plain trace lines instead of the cute ones (or TOKIWA_CUTE=0).")
 @click.option("--no-trace", is_flag=True, help="No trace lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
-def run_file(path, input_, plain, no_trace, as_json) -> None:
+def run_file(path: str, input_: str | None, plain: bool, no_trace: bool, as_json: bool) -> None:
     """Run a declarative workflow file (YAML / TOML / JSON) here, without Redis."""
     setup_logging("WARNING")
     from orchestrator.declarative.files import run_workflow_file
@@ -260,7 +266,7 @@ def cron() -> None:
 @cron.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @common_options
-def cron_list(as_json, app_spec, **settings) -> None:
+def cron_list(as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Each job: expression, next fire time, last fired slot, current leader."""
     setup_logging(settings.pop("log_level") or "WARNING")
     if not app_spec:

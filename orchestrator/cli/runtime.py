@@ -17,16 +17,17 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgpack
+import redis.asyncio as aioredis
 
 from orchestrator import faults
 from orchestrator.app import Orchestrator
 from orchestrator.cli import exitcodes
 from orchestrator.faults import Fault
 from orchestrator.locks import cancel_and_wait
-from orchestrator.ops.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 
 log = logging.getLogger("tokiwa.worker")
 
@@ -39,12 +40,16 @@ class Heartbeat:
         self.app = app
         self.extra = extra or {}
         self.started = time.time()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        return cast(aioredis.Redis, self.app.redis)  # the heartbeat runs on a connected app
 
     def payload(self) -> bytes:
         consumer = self.app.consumer
         stats = consumer.stats if consumer else None
-        return msgpack.packb({
+        blob: bytes = msgpack.packb({
             "id": self.app.worker_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -57,24 +62,19 @@ class Heartbeat:
             "concurrency": self.app.settings.concurrency,
             **self.extra,
         })
+        return blob
 
     async def beat(self) -> None:
         keys = self.app.keys
-        await self.app.redis.hset(keys.workers, self.app.worker_id, self.payload())
+        await self._redis.hset(keys.workers, self.app.worker_id, self.payload())
         await self._prune()
 
     async def _prune(self) -> None:
         limit_s = STALE_HEARTBEATS * self.app.settings.heartbeat_interval_s
-        now = time.time()
-        entries = await self.app.redis.hgetall(self.app.keys.workers)
-        stale = []
-        for wid, blob in entries.items():
-            beat = decode_heartbeat(blob)
-            age = None if beat is None else heartbeat_age(beat, now)
-            if age is None or age > limit_s:
-                stale.append(wid)
+        entries = cast("dict[bytes, bytes]", await self._redis.hgetall(self.app.keys.workers))  # bytes replies
+        stale = [w.key for w in worker_beats(entries, now=time.time(), stale_after_s=limit_s) if w.stale]
         if stale:
-            await self.app.redis.hdel(self.app.keys.workers, *stale)
+            await self._redis.hdel(self.app.keys.workers, *stale)
 
     async def _loop(self) -> None:
         """Beat every interval. Transient Redis faults (unreachable, full, failing over) are
@@ -102,7 +102,7 @@ class Heartbeat:
             await cancel_and_wait(self._task)
             self._task = None
         try:
-            await self.app.redis.hdel(self.app.keys.workers, self.app.worker_id)
+            await self._redis.hdel(self.app.keys.workers, self.app.worker_id)
         except Exception as exc:
             log.warning("could not remove heartbeat: %s", faults.describe(exc))
 

@@ -1,25 +1,28 @@
 """The Orchestrator's cron side: jobs registered on the app, fired by a LeaderScheduler.
 
 Jobs are validated when they are registered (croniter via :class:`orchestrator.cron.expr.Cron`),
-kept on the app, and handed to a :class:`LeaderScheduler` when the app starts in ``producer``
-or ``all`` mode: every producer campaigns for ``{ns}:leader:cron``, only the leader fires,
-and each (job, slot) fires at most once cluster-wide. Worker mode never runs cron.
+kept here, and handed to a :class:`LeaderScheduler` when the app starts in ``producer`` or
+``all`` mode: every producer campaigns for ``{ns}:leader:cron``, only the leader fires, and
+each (job, slot) fires at most once cluster-wide. Worker mode never runs cron.
+
+The registry does not know the app: it uses the few things :class:`CronHost` lists.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError
+from orchestrator.keys import Keys
 
 if TYPE_CHECKING:  # imported lazily: an app without cron never loads croniter
-    from orchestrator.app import Orchestrator
     from orchestrator.cron.scheduler import LeaderScheduler
     from orchestrator.leader import LeaderElector
+    from orchestrator.workflow.model import Workflow
 
 log = logging.getLogger("tokiwa.cron")
 
@@ -33,13 +36,42 @@ class CronSpec:
     kind: str  # job | event | workflow
 
 
+class CronHooks(Protocol):
+    """The app's hook that the cron registry calls (``orchestrator.app.AppHooks`` has it)."""
+
+    #: ``fn(leading)`` when this process gains (True) or loses (False) cron leadership
+    on_cron_leadership: Callable[[bool], Any] | None
+
+
+class CronHost(Protocol):
+    """What the cron registry uses of the app: its Redis, key names and worker id (the leader
+    election and the fired-slot markers), its mode (a worker never runs cron), what the jobs
+    do (publish an event, start a workflow) and its hooks."""
+
+    @property
+    def redis(self) -> Any: ...  # the async Redis client, None until connect()
+    @property
+    def keys(self) -> Keys: ...
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def hooks(self) -> CronHooks: ...
+    async def connect(self) -> None: ...
+    async def publish(self, type: str, payload: Any = None,  # noqa: A002
+                      metadata: Mapping[str, Any] | None = None) -> Any: ...
+    async def run_workflow(self, workflow: str, input: Any = None, context: Any = None,  # noqa: A002
+                           *, wait: bool = True) -> Any: ...
+
+
 class CronRegistry:
     """Cron jobs of one app, and the leader-elected scheduler that fires them."""
 
-    def __init__(self, app: Orchestrator, *, tz: str | None = None, lease_ms: int = 15_000,
+    def __init__(self, host: CronHost, *, tz: str | None = None, lease_ms: int = 15_000,
                  missed_policy: str = "latest", missed_window_s: float = 3_600.0,
                  check_interval_s: float | None = None) -> None:
-        self.app = app
+        self.host = host
         self.tz = tz
         self.lease_ms = lease_ms
         self.missed_policy = missed_policy
@@ -48,8 +80,6 @@ class CronRegistry:
         self._specs: dict[str, CronSpec] = {}
         self.scheduler: LeaderScheduler | None = None
         self.elector: LeaderElector | None = None
-        #: called with True / False when this process gains / loses cron leadership
-        self.on_leadership: Callable[[bool], Any] | None = None
 
     # -- registration -----------------------------------------------------------------------
     def add(self, expr: str, name: str, handler: Callable[..., Any], kind: str = "job") -> str:
@@ -91,18 +121,18 @@ class CronRegistry:
     def event_handler(self, event_type: str, payload: Any, metadata: dict | None) -> Callable[..., Any]:
         async def fire(job_name: str, slot: Any) -> None:
             meta = {"source": f"cron:{job_name}", **(metadata or {})}
-            await self.app.publish(event_type, payload, meta)
+            await self.host.publish(event_type, payload, meta)
         return fire
 
-    def workflow_handler(self, workflow_ref: str, input: Any, context: Any) -> Callable[..., Any]:  # noqa: A002
-        reg = self.app.workflows.get(workflow_ref)  # NotFoundError for unknown ids
-        if reg.workflow.type == "chatflow":
+    def workflow_handler(self, workflow: Workflow, input: Any, context: Any) -> Callable[..., Any]:  # noqa: A002
+        """Start ``workflow`` (a registered one) without waiting; chatflows are refused."""
+        if workflow.type == "chatflow":
             raise InvalidArgumentError(
-                f"register_cron_workflow: {reg.workflow.name!r} is a chatflow, which needs a conversation "
+                f"register_cron_workflow: {workflow.name!r} is a chatflow, which needs a conversation "
                 "id; publish an event from cron (register_cron_event) and map its conversation id instead")
 
         async def fire(job_name: str, slot: Any) -> None:
-            await self.app.run_workflow(reg.workflow.id, input=input, context=context, wait=False)
+            await self.host.run_workflow(workflow.id, input=input, context=context, wait=False)
         return fire
 
     # -- running ---------------------------------------------------------------------------------
@@ -112,36 +142,37 @@ class CronRegistry:
             from orchestrator.cron.scheduler import LeaderScheduler
             from orchestrator.leader import LeaderElector
 
-            app = self.app
-            self.elector = LeaderElector(app.redis, app.keys, "cron", app.worker_id, ttl_ms=self.lease_ms,
+            host = self.host
+            self.elector = LeaderElector(host.redis, host.keys, "cron", host.worker_id, ttl_ms=self.lease_ms,
                                          on_elected=lambda *_: self._leadership(True),
                                          on_demoted=lambda *_: self._leadership(False))
             options: dict[str, Any] = {"tz": self.tz}
             if self.check_interval_s is not None:
                 options["check_interval_s"] = self.check_interval_s
-            self.scheduler = LeaderScheduler(self.elector, app.redis, app.keys, missed_policy=self.missed_policy,
+            self.scheduler = LeaderScheduler(self.elector, host.redis, host.keys, missed_policy=self.missed_policy,
                                              missed_window_s=self.missed_window_s, **options)
             for spec in self._specs.values():
                 self.scheduler.add_job(spec.expr, spec.name, spec.handler)
         return self.scheduler
 
     def _leadership(self, leading: bool) -> None:
-        log.info("cron leadership %s (%s)", "gained" if leading else "lost", self.app.worker_id)
-        if self.on_leadership is not None:
-            self.on_leadership(leading)
+        log.info("cron leadership %s (%s)", "gained" if leading else "lost", self.host.worker_id)
+        hook = self.host.hooks.on_cron_leadership
+        if hook is not None:
+            hook(leading)
 
     async def start(self) -> None:
-        if self.app.mode == "worker" or not self._specs:
+        if self.host.mode == "worker" or not self._specs:
             return
         await self.build().start()
-        log.info("cron: %d jobs, campaigning for leadership as %s", len(self._specs), self.app.worker_id)
+        log.info("cron: %d jobs, campaigning for leadership as %s", len(self._specs), self.host.worker_id)
 
     async def stop(self) -> None:
         if self.scheduler is not None:
             await self.scheduler.stop()  # idempotent
 
     async def describe(self) -> list[dict[str, Any]]:
-        await self.app.connect()
+        await self.host.connect()
         rows = await self.build().describe()
         kinds = {s.name: s.kind for s in self._specs.values()}
         for row in rows:

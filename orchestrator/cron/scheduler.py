@@ -18,7 +18,6 @@ test can also call :meth:`Scheduler.tick` with any ``now``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from datetime import datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
+from orchestrator.callbacks import call_maybe_async
 from orchestrator.clock import SystemClock
 from orchestrator.cron.expr import Cron, parse_slot, slot_iso
 from orchestrator.errors import ConflictError, InvalidArgumentError
@@ -169,12 +169,7 @@ class Scheduler:
 
     async def _call(self, job: CronJob, slot: datetime) -> None:
         try:
-            if inspect.iscoroutinefunction(job.handler):
-                await job.handler(job.name, slot)
-            else:
-                result = await asyncio.to_thread(job.handler, job.name, slot)
-                if inspect.isawaitable(result):
-                    await result
+            await call_maybe_async(job.handler, job.name, slot)
         except asyncio.CancelledError:
             raise
         except Exception:

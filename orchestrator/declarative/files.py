@@ -30,7 +30,7 @@ import tomllib
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 from pydantic import (
@@ -44,8 +44,9 @@ from pydantic import (
 )
 
 from orchestrator import errors
+from orchestrator.callbacks import call_maybe_async
 from orchestrator.config import default_state_dir
-from orchestrator.declarative.steps import StepContext, call_maybe_async, get_step_type
+from orchestrator.declarative.steps import StepContext, get_step_type
 from orchestrator.declarative.templates import Redactor, evaluate, render, secrets_from_env, syntax_problem
 from orchestrator.errors import CyclicDependencyError, NotFoundError, StepExecutionError, WorkflowFileError
 from orchestrator.runs.stores import RunStore
@@ -250,7 +251,7 @@ def load_workflow_spec(data: dict[str, Any], *, base_dir: str | Path | None = No
     return _build(data, base_dir=Path(base_dir or ".").resolve(), source=source, lines={})
 
 
-def _parse(text: str, file: Path) -> tuple[Any, dict[tuple, int]]:
+def _parse(text: str, file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     suffix = file.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
@@ -273,7 +274,7 @@ def _parse(text: str, file: Path) -> tuple[Any, dict[tuple, int]]:
                             path=str(file))
 
 
-def _yaml_lines(text: str, file: Path, strict: bool = True) -> dict[tuple, int]:
+def _yaml_lines(text: str, file: Path, strict: bool = True) -> dict[tuple[Any, ...], int]:
     """Map each path in the document (("steps", 1, "type")) to its 1-based line; duplicate
     mapping keys (which YAML would silently overwrite) are errors."""
     try:
@@ -282,8 +283,8 @@ def _yaml_lines(text: str, file: Path, strict: bool = True) -> dict[tuple, int]:
         if strict:
             raise
         return {}
-    lines: dict[tuple, int] = {}
-    stack: list[tuple[tuple, Any]] = [((), root)] if root is not None else []
+    lines: dict[tuple[Any, ...], int] = {}
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), root)] if root is not None else []
     visited: set[int] = set()  # aliases share nodes: visit each once (recursive aliases exist)
     while stack:
         path, node = stack.pop()
@@ -306,14 +307,14 @@ def _yaml_lines(text: str, file: Path, strict: bool = True) -> dict[tuple, int]:
     return lines
 
 
-def _dotted(loc: tuple) -> str:
+def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(file)"
 
 
-def _existing(loc: tuple, data: Any) -> tuple:
+def _existing(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     """The longest prefix of ``loc`` that exists in ``data`` (drops pydantic's union tags)."""
     kept: list[Any] = []
     for part in loc:
@@ -330,14 +331,14 @@ def _existing(loc: tuple, data: Any) -> tuple:
     return tuple(kept)
 
 
-def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
     for end in range(len(loc), -1, -1):
         if loc[:end] in lines:
             return lines[loc[:end]]
     return None
 
 
-def _fail(problems: list[tuple[tuple, str]], data: Any, lines: dict[tuple, int], source: str | None) -> None:
+def _fail(problems: list[tuple[tuple[Any, ...], str]], data: Any, lines: dict[tuple[Any, ...], int], source: str | None) -> NoReturn:
     rows = []
     for loc, message in problems:
         where = _existing(loc, data)
@@ -348,7 +349,7 @@ def _fail(problems: list[tuple[tuple, str]], data: Any, lines: dict[tuple, int],
                             field=first_field, line=first_line, problems=rows)
 
 
-def _build(data: Any, *, base_dir: Path, source: str | None, lines: dict[tuple, int]) -> DeclarativeWorkflow:
+def _build(data: Any, *, base_dir: Path, source: str | None, lines: dict[tuple[Any, ...], int]) -> DeclarativeWorkflow:
     if not isinstance(data, dict):
         _fail([((), f"the top level must be a mapping, got {type(data).__name__}")], data, lines, source)
     try:
@@ -369,9 +370,9 @@ def _build(data: Any, *, base_dir: Path, source: str | None, lines: dict[tuple, 
         raise  # unreachable: _fail raises
 
 
-def _check_steps(spec: WorkflowSpec) -> list[tuple[tuple, str]]:
+def _check_steps(spec: WorkflowSpec) -> list[tuple[tuple[Any, ...], str]]:
     """Checks that need the whole file: unique ids, known dependencies and types, params."""
-    problems: list[tuple[tuple, str]] = []
+    problems: list[tuple[tuple[Any, ...], str]] = []
     ids = [s.step_id for s in spec.steps]
     for i, step in enumerate(spec.steps):
         id_field = "id" if step.id is not None else "name"
@@ -395,7 +396,7 @@ def _is_template(value: Any) -> bool:
     return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
-def _templates_in(value: Any, loc: tuple = ()) -> list[tuple[tuple, str]]:
+def _templates_in(value: Any, loc: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str]]:
     if isinstance(value, dict):
         return [x for k, v in value.items() for x in _templates_in(v, (*loc, k))]
     if isinstance(value, list):
@@ -403,7 +404,7 @@ def _templates_in(value: Any, loc: tuple = ()) -> list[tuple[tuple, str]]:
     return [(loc, value)] if _is_template(value) else []
 
 
-def _check_params(step_type: Any, params: dict[str, Any]) -> list[tuple[tuple, str]]:
+def _check_params(step_type: Any, params: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     """Load-time params check: template syntax, then the type's model. Errors caused by a
     value that is still a template are left for run time, when it has been rendered; a raw
     param (one the type renders itself) is checked as written, which is what it gets."""
@@ -445,6 +446,7 @@ async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any
         else default_state_dir() / "artifacts")
     services = SimpleNamespace(artifacts=FileArtifactStore(root).scoped(run_id))
     options = workflow.run_options
+    result: WorkflowRunResult | None
     try:
         result = await (runner or Runner()).run(
             workflow, input=input, context=context, conversation_id=conversation_id, run_id=run_id,

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from orchestrator.callbacks import call_maybe_async
 from orchestrator.declarative.templates import (
     VALUE_ENV_PREFIX,
     Redactor,
@@ -116,7 +117,7 @@ class StepContext:
         return resolved if full.name in ("", "..") else folder / full.name
 
 
-class _RedactingLogger(logging.LoggerAdapter):
+class _RedactingLogger(logging.LoggerAdapter[logging.Logger]):
     """Wraps a node's logger so that every line is redacted before it is recorded."""
 
     def __init__(self, inner: Any, redactor: Redactor) -> None:
@@ -207,7 +208,7 @@ async def run_shell(step: StepContext, params: dict[str, Any]) -> dict[str, Any]
     p = ShellParams.model_validate(params)
     cwd = str(step.path(p.cwd, field="params.cwd")) if p.cwd else str(step.base_dir)
     env = {k: _text(v) for k, v in p.env.items()}
-    common = {"cwd": cwd, "timeout": p.timeout_s, "ok_codes": p.ok_exit_codes, "input": p.input}
+    common: dict[str, Any] = {"cwd": cwd, "timeout": p.timeout_s, "ok_codes": p.ok_exit_codes, "input": p.input}
     where = f"step {step.step_id} params.command"
     if p.shell:
         script, values = render_command(p.command or "", step.namespace, where=where).shell()
@@ -414,7 +415,8 @@ def import_callable(ref: str, base_dir: Path | str = ".") -> Callable[..., Any]:
         target = getattr(target, part)
     if not callable(target):
         raise NotFoundError(f"{ref!r} is not callable")
-    return target
+    fn: Callable[..., Any] = target
+    return fn
 
 
 def _load_file_module(path: Path) -> Any:
@@ -443,14 +445,6 @@ async def run_python(step: StepContext, params: dict[str, Any]) -> Any:
     except NotFoundError as exc:
         raise StepExecutionError(f"step {step.step_id!r}: {exc}", node=step.step_id) from exc
     return await call_maybe_async(fn, step.node, **p.kwargs)
-
-
-async def call_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Await ``fn`` if it is async, else run it in a thread; await an awaitable result."""
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):  # noqa: B004
-        return await fn(*args, **kwargs)
-    value = await asyncio.to_thread(fn, *args, **kwargs)
-    return await value if inspect.isawaitable(value) else value
 
 
 # --- registry ---------------------------------------------------------------------------------

@@ -35,14 +35,15 @@ import os
 import re
 import secrets as _secrets
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, pass_context
+from jinja2.exceptions import SecurityError
 from jinja2.runtime import Undefined
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
 
 from orchestrator.errors import ConfigError, TemplateError
@@ -77,7 +78,8 @@ class _NamingUndefined(StrictUndefined):
 
     def __init__(self, hint: str | None = None, obj: Any = missing, name: str | None = None, exc: Any = None):
         label = None if name is None else str(name)
-        super().__init__(hint, obj, name, lambda message: MissingNameError(label, message))
+        # jinja2 only calls ``exc`` with the message, so a factory works where its stubs say a class
+        super().__init__(hint, obj, name, lambda message: MissingNameError(label, message))  # type: ignore[arg-type]
 
 
 class _DataEnvironment(SandboxedEnvironment):
@@ -463,7 +465,7 @@ class _ShellQuoter:
         else:
             self._push("backtick", 1)
 
-    _COMMON = {"\\": _escape, "$": _dollar, "`": _backtick,
+    _COMMON: ClassVar[dict[str, Callable[[_ShellQuoter], None]]] = {"\\": _escape, "$": _dollar, "`": _backtick,
                "'": lambda self: self._push("single", 1), '"': lambda self: self._push("double", 1)}
 
     def _single(self, char: str) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
+    "WorkerBeat": "heartbeats",
     "decode_heartbeat": "heartbeats",
     "heartbeat_age": "heartbeats",
+    "worker_beats": "heartbeats",
     "ApiServer": "http_api",
     "MetricsServer": "http_api",
     "Inspector": "inspector",

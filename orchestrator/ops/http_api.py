@@ -26,9 +26,10 @@ import asyncio
 import hmac
 import json
 import logging
-from typing import Any
+from typing import Any, overload
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError
@@ -50,6 +51,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+@overload
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int | None) -> int: ...
+@overload
+def _int_param(request: web.Request, name: str, default: None, lo: int, hi: int | None) -> int | None: ...
 def _int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int | None) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -71,7 +76,7 @@ class ApiServer:
     back from :attr:`port`), ``await stop()`` closes it; both idempotent. Requests use the
     app's Redis connection, so start the app (or ``await app.connect()``) first."""
 
-    routes = ("runs", "workers", "healthz", "readyz", "metrics")
+    routes: tuple[str, ...] = ("runs", "workers", "healthz", "readyz", "metrics")
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
                  *, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -132,7 +137,7 @@ class ApiServer:
 
     # -- middlewares ------------------------------------------------------------------------
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.token is not None and request.path != "/healthz":
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
@@ -142,7 +147,7 @@ class ApiServer:
         return await handler(request)
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except InvalidArgumentError as exc:

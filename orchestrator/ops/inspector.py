@@ -20,7 +20,7 @@ from orchestrator.errors import EventDecodeError, InvalidArgumentError, NotFound
 from orchestrator.events import decode_fields
 from orchestrator.faults import Fault, classify, is_missing_key
 from orchestrator.keys import Keys
-from orchestrator.ops.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 from orchestrator.runs.stores import RedisRunStore, RunStore
 from orchestrator.workflow.result import RUN_STATUSES
 
@@ -236,7 +236,7 @@ class Inspector:
 
     async def requeue_one(self, dead_id: str) -> str:
         """Requeue one dead letter; returns its new stream id. NotFoundError if absent."""
-        new_id = (await self.requeue([dead_id]))[0]["stream_id"]
+        new_id: str | None = (await self.requeue([dead_id]))[0]["stream_id"]
         if new_id is None:
             raise NotFoundError(f"no requeueable dead letter {dead_id} in {self.keys.dead}")
         return new_id
@@ -296,14 +296,9 @@ class Inspector:
     # -- workers and runs -------------------------------------------------------------------
     async def workers(self) -> list[dict[str, Any]]:
         """Worker heartbeats from ``{ns}:workers`` with their age and a ``stale`` flag."""
-        now = self._clock()
-        rows = []
-        for wid, blob in (await self.redis.hgetall(self.keys.workers)).items():
-            beat = decode_heartbeat(blob) or {"error": "undecodable heartbeat"}
-            age = heartbeat_age(beat, now)
-            stale = age is None or age > STALE_HEARTBEATS * self.heartbeat_interval_s
-            rows.append({**beat, "id": _s(wid), "age_s": age, "stale": stale})
-        return sorted(rows, key=lambda r: r["id"])
+        beats = worker_beats(await self.redis.hgetall(self.keys.workers), now=self._clock(),
+                             stale_after_s=STALE_HEARTBEATS * self.heartbeat_interval_s)
+        return [{**w.fields(), "id": w.id, "age_s": w.age_s, "stale": w.stale} for w in beats]
 
     async def runs(self, *, status: str | None = None, workflow: str | None = None,
                    limit: int = 50) -> list[dict[str, Any]]:

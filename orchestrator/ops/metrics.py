@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,16 @@ class ClusterGauges:
     )
 
     def __init__(self) -> None:
-        self.values: dict[str, dict[str, float]] = {name: {} for name, _, _ in self.FAMILIES}
+        self.values: dict[str, Mapping[str, float]] = {name: {} for name, _, _ in self.FAMILIES}
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, doc, label in self.FAMILIES:
             family = GaugeMetricFamily(name, doc, labels=[label])
             for value_label, value in sorted(self.values[name].items()):
                 family.add_metric([value_label], value)
             yield family
 
-    def describe(self):
+    def describe(self) -> list[GaugeMetricFamily]:
         return [GaugeMetricFamily(name, doc, labels=[label]) for name, doc, label in self.FAMILIES]
 
 
@@ -242,7 +243,7 @@ class MetricsHooks(WorkflowHooks):
         self._running: dict[str, Any] = {}  # run id -> its in-progress gauge child, for the dec()
         # labelled children cached per workflow / node: ``labels()`` takes a lock and builds a
         # tuple on every call, which doubled the cost of the hooks on a tiny run.
-        self._children: dict[tuple, Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)

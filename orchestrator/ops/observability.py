@@ -9,26 +9,49 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from orchestrator.app import Orchestrator
+    from orchestrator.config import Settings
+    from orchestrator.workflow.runner import Runner
 
 log = logging.getLogger("tokiwa.observability")
 
 
-def metrics_wanted(app: Orchestrator) -> bool:
+class ObservedHooks(Protocol):
+    """The app's hooks that observability installs (``orchestrator.app.AppHooks`` has them)."""
+
+    #: ``fn(event_type, outcome)``, outcome ok / failed / dead, for every consumed event
+    event_observer: Callable[[str, str], None] | None
+    #: ``fn(leading)`` when this process gains or loses cron leadership
+    on_cron_leadership: Callable[[bool], Any] | None
+
+
+class ObservedApp(Protocol):
+    """What :func:`enable` uses of the app: its settings (what is configured), its runner
+    (to add run hooks) and its hooks. The HTTP servers it builds are given the app itself."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def runner(self) -> Runner: ...
+    @property
+    def hooks(self) -> ObservedHooks: ...
+
+
+def metrics_wanted(app: ObservedApp) -> bool:
     s = app.settings
     return s.metrics_port is not None or s.api_port is not None or bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def _add_runner_hooks(app: Orchestrator, hooks: Any) -> None:
+def _add_runner_hooks(app: ObservedApp, hooks: Any) -> None:
     current = app.runner.hooks
     current = [] if current is None else list(current) if isinstance(current, (list, tuple)) else [current]
     app.runner.hooks = [*current, hooks]
 
 
-def _event_observer(metrics: Any):
+def _event_observer(metrics: Any) -> Callable[[str, str], None]:
     def observe(event_type: str, outcome: str) -> None:
         metrics.observe_event(event_type, outcome)
         if outcome == "dead":
@@ -36,7 +59,7 @@ def _event_observer(metrics: Any):
     return observe
 
 
-def enable(app: Orchestrator) -> list[Any]:
+def enable(app: ObservedApp) -> list[Any]:
     """Install hooks and return the lifecycle components (servers, notifier) to start."""
     components: list[Any] = []
     s = app.settings
@@ -44,8 +67,8 @@ def enable(app: Orchestrator) -> list[Any]:
         from orchestrator.ops import metrics
 
         _add_runner_hooks(app, metrics.MetricsHooks())
-        app.event_observer = _event_observer(metrics)
-        app.cron.on_leadership = lambda leading: metrics.set_leader("cron", leading)
+        app.hooks.event_observer = _event_observer(metrics)
+        app.hooks.on_cron_leadership = lambda leading: metrics.set_leader("cron", leading)
         if s.metrics_port is not None:
             from orchestrator.ops.http_api import MetricsServer
 

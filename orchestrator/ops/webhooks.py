@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -159,7 +159,7 @@ class WebhookNotifier(WorkflowHooks):
         self.settings = settings if settings is not None else load_webhook_settings()
         self._sleep = sleep
         self.max_pending = max_pending
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None  # created on the first delivery
         self.stats = {"sent": 0, "failed": 0, "dropped": 0, "attempts": 0}
 
@@ -177,7 +177,7 @@ class WebhookNotifier(WorkflowHooks):
             return
         self.submit(body)
 
-    def submit(self, body: dict[str, Any]) -> asyncio.Task | None:
+    def submit(self, body: dict[str, Any]) -> asyncio.Task[Any] | None:
         """Queue one delivery of ``body``; returns its task (None if dropped: too many pending)."""
         if len(self._tasks) >= self.max_pending:
             self.stats["dropped"] += 1
@@ -192,7 +192,8 @@ class WebhookNotifier(WorkflowHooks):
     # -- delivery ---------------------------------------------------------------------------
     def _backoff_s(self, retry: int) -> float:
         s = self.settings
-        return min(s.backoff_s * 2 ** (retry - 1), s.backoff_max_s)
+        delay: float = s.backoff_s * 2 ** (retry - 1)
+        return min(delay, s.backoff_max_s)
 
     async def _deliver(self, body: dict[str, Any]) -> bool:
         try:
@@ -237,7 +238,8 @@ class WebhookNotifier(WorkflowHooks):
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         started = time.monotonic()
         try:
-            async with self._session.post(self.settings.url, data=data, headers=headers,
+            url = cast(str, self.settings.url)  # only enabled settings (a url) deliver
+            async with self._session.post(url, data=data, headers=headers,
                                           timeout=timeout) as response:
                 await response.read()
                 return None if 200 <= response.status < 300 else f"HTTP {response.status}"

@@ -1,6 +1,6 @@
 """Runs of registered workflows: triggers (which event starts what), the workflow registry
-that executes triggered runs and records them, remote ``run_workflow`` requests, and the
-run stores.
+that executes triggered runs and remote ``run_workflow`` requests, the typed result of
+processing an event (outcome), the recorder that saves run records, and the run stores.
 """
 
 from __future__ import annotations
@@ -8,9 +8,15 @@ from __future__ import annotations
 from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
+    "ProcessResult": "outcome",
+    "Verdict": "outcome",
+    "RecorderHost": "recorder",
+    "RunHooks": "recorder",
+    "RunRecorder": "recorder",
     "Registration": "registry",
     "RemoteRunError": "registry",
-    "RunRecorder": "registry",
+    "RunServices": "registry",
+    "RunsHost": "registry",
     "WorkflowRegistry": "registry",
     "run_id_for": "registry",
     "FileRunStore": "stores",

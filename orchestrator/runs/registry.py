@@ -1,10 +1,12 @@
-"""The Orchestrator's workflow side: registration, event triggers, triggered runs, run
-records, and ``run_workflow`` requests that travel through the stream to a worker.
+"""Registered workflows: registration, event triggers, triggered runs, and ``run_workflow``
+requests that travel through the stream to a worker.
 
 A remote run request is an event of the reserved type ``tokiwa.workflow.run``; the worker
 that takes it runs the workflow and answers under ``{ns}:result:{run_id}`` (msgpack record,
 expiring) and pushes to ``{ns}:result:{run_id}:notify``, which the caller BLPOPs.
 Event types starting with ``tokiwa.`` are reserved and not passed to subscribers.
+
+The registry does not know the app: it uses the few things :class:`RunsHost` lists.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
 from orchestrator import faults
+from orchestrator.chat.chatflow import ChatflowExecutor, will_be_redone
 from orchestrator.errors import (
     ConflictError,
     InvalidArgumentError,
@@ -28,17 +32,19 @@ from orchestrator.errors import (
     describe_error,
 )
 from orchestrator.events import Event
+from orchestrator.keys import Keys
+from orchestrator.runs.outcome import OK, ProcessResult, Verdict
+from orchestrator.runs.recorder import OwnedFn, RecorderHost, RunRecorder, call_hook
 from orchestrator.runs.triggers import Trigger, mapped, parse_trigger
 from orchestrator.workflow.model import Workflow, workflow_id_for
-from orchestrator.workflow.result import WorkflowRunResult, format_log
+from orchestrator.workflow.result import WorkflowRunResult
 
 if TYPE_CHECKING:
-    from orchestrator.app import Orchestrator
+    from orchestrator.workflow.runner import Runner
 
 log = logging.getLogger("tokiwa.workflows")
 
 RUN_REQUEST = "tokiwa.workflow.run"
-_NO_ERRORS: list[str] = []  # shared, never mutated by callers (they concatenate)
 RESULT_TTL_S = 3600  # a run_workflow answer waits this long for its caller
 WAIT_SLICE_S = 1.0  # a waiting run_workflow BLPOPs in slices this long (below the socket timeout)
 _RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory"}
@@ -60,6 +66,25 @@ class Registration:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class RunsHost(RecorderHost, Protocol):
+    """What the workflow registry uses of the app that holds it (besides what the recorder
+    reads): Redis and its key names (run requests and their answers), the runner (plain
+    workflows), the conversation executor (chatflows), each run's services, and publishing
+    (a run request is an event)."""
+
+    @property
+    def keys(self) -> Keys: ...
+    @property
+    def redis(self) -> Any: ...  # the async Redis client, None until connect()
+    @property
+    def runner(self) -> Runner: ...
+    async def connect(self) -> None: ...
+    def chatflows(self) -> ChatflowExecutor: ...
+    def services_for(self, run_id: str) -> Any: ...
+    async def publish(self, type: str, payload: Any = None,  # noqa: A002
+                      metadata: Mapping[str, Any] | None = None) -> Event: ...
+
+
 def _as_workflow(obj: Any) -> Workflow:
     if isinstance(obj, Workflow):
         return obj
@@ -75,108 +100,47 @@ def run_id_for(event: Event, workflow: Workflow) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:{event.id}:{workflow.id}"))
 
 
-class RunRecorder:
-    """Group commit of run records: callers wait for their record to be saved (so an event is
-    acked only after its run is on record), while one flusher saves everything that queued up
-    meanwhile in one ownership check and one ``save_many``."""
+class RunServices:
+    """``services`` of one run: ``publish_topic``, and ``artifacts`` (the run's folder in the
+    app's artifact store), built only if a node touches it."""
 
-    def __init__(self, app: Orchestrator) -> None:
-        self.app = app
-        self._queue: list[tuple[WorkflowRunResult, Event | None, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+    __slots__ = ("_store", "_run_id", "_artifacts", "publish_topic")
 
-    async def record(self, result: WorkflowRunResult, event: Event | None) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((result, event, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await future
+    def __init__(self, artifact_store: Callable[[], Any], publish_topic: Callable[[str, Any], Awaitable[int]],
+                 run_id: str) -> None:
+        self._store, self._run_id, self._artifacts = artifact_store, run_id, None
+        self.publish_topic = publish_topic
 
     @property
-    def _patience_s(self) -> float:
-        return self.app.settings.visibility_timeout_s
-
-    async def _owned(self, batch: list) -> set[str]:
-        app = self.app
-        ids = [e.stream_id for _, e, _ in batch if e is not None and e.stream_id]
-        if not ids or app.consumer is None:
-            return set(ids)
-        in_flight = app.consumer.in_flight
-        return await app.broker.owned([i for i in ids if not getattr(in_flight.get(i), "lost", False)])
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                # a Redis that is unreachable, full or failing over is waited out (one log line
-                # per episode) for up to the visibility timeout: after that the event may have
-                # been reclaimed elsewhere, and the ownership check decides
-                owned = await faults.retry_transient(lambda b=batch: self._owned(b), deadline_s=self._patience_s)
-                keep = []
-                for result, event, future in batch:
-                    if event is not None and event.stream_id and event.stream_id not in owned:
-                        log.warning("run %s finished after its event was reclaimed elsewhere; not recording it",
-                                    result.run_id)
-                        future.set_result(None)
-                    else:
-                        keep.append((result, future))
-                await self._save(keep)
-            except Exception as exc:  # ownership query failed (Redis down): fail the callers
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-
-    async def _save(self, items: list[tuple[WorkflowRunResult, asyncio.Future]]) -> None:
-        store = self.app.run_store
-        records = [result.to_record() for result, _ in items]
-        try:
-            await faults.retry_transient(lambda: store.save_many(records), deadline_s=self._patience_s)
-            for result, _ in items:
-                if getattr(result, "logs", None):
-                    await store.append_logs(result.run_id, [format_log(x) for x in result.logs])
-        except Exception as exc:
-            for (result, future), record in zip(items, records, strict=True):
-                await self._store_failed(exc, result, record, future)
-            return
-        for _, future in items:
-            future.set_result(None)
-
-    async def _store_failed(self, exc: Exception, result: WorkflowRunResult, record: dict,
-                            future: asyncio.Future) -> None:
-        hook = self.app.on_run_store_error
-        if hook is None:
-            log.error("run store failed to save run %s (%s, status %s): %r", result.run_id,
-                      result.workflow_name, result.status, exc)
-            future.set_exception(exc)
-            return
-        try:
-            value = hook(exc, record)
-            if asyncio.iscoroutine(value):
-                await value
-        except Exception:
-            log.exception("on_run_store_error hook failed")
-        future.set_result(None)
+    def artifacts(self) -> Any:
+        if self._artifacts is None:
+            self._artifacts = self._store().scoped(self._run_id)
+        return self._artifacts
 
 
-RETRY_MARK = "retry:"  # an error string starting with this asks the consumer to redeliver
-
-
-def _fenced(result: WorkflowRunResult) -> bool:
-    error = getattr(result, "error", None)
-    return isinstance(error, dict) and error.get("name") == "FencingError"
+def _run_result(name: str, result: WorkflowRunResult) -> ProcessResult:
+    """What a triggered run that ended (did not raise) means for its event."""
+    if result.succeeded:
+        return OK
+    if will_be_redone(result):  # a newer lock holder exists: redo this event, do not ack it
+        return ProcessResult(Verdict.FENCED_OUT, f"workflow {name}: memory write fenced out")
+    return ProcessResult(Verdict.FAILED, f"workflow {name} {result.status}")
 
 
 class WorkflowRegistry:
-    """Registered workflows of one Orchestrator and everything that runs them."""
+    """Registered workflows of one Orchestrator and everything that runs them.
 
-    def __init__(self, app: Orchestrator, *, workflow_concurrency: int | None = None) -> None:
+    ``owned`` is the consumer's ownership rule (which of these stream entries does this worker
+    still hold): a run is recorded only if its event is still ours."""
+
+    def __init__(self, host: RunsHost, owned: OwnedFn, *, workflow_concurrency: int | None = None) -> None:
         if workflow_concurrency is not None and workflow_concurrency < 1:
             raise InvalidArgumentError(f"workflow_concurrency must be >= 1, got {workflow_concurrency}")
-        self.app = app
+        self.host = host
         self.workflow_concurrency = workflow_concurrency
         self._by_id: dict[str, Registration] = {}
         self._semaphore: asyncio.Semaphore | None = None
-        self._recorder = RunRecorder(app)
+        self._recorder = RunRecorder(host, owned)
 
     # -- registration -----------------------------------------------------------------------
     def register(self, workflow: Any, trigger: Any = None, **options: Any) -> Workflow:
@@ -232,21 +196,20 @@ class WorkflowRegistry:
         return out
 
     # -- running -----------------------------------------------------------------------------
-    async def process(self, event: Event) -> list[str]:
+    async def process(self, event: Event) -> ProcessResult:
         """The Orchestrator's processor: serve run requests, run triggered workflows."""
         if event.type == RUN_REQUEST:  # answered even by a worker that knows no workflows
             return await self._serve_request(event)
         if not self._by_id:
-            return _NO_ERRORS
+            return OK
         regs = self.matching(event)
         if not regs:
-            return []
+            return OK
         if self._semaphore is None:  # default: as many triggered runs as the worker has slots
-            self._semaphore = asyncio.Semaphore(self.workflow_concurrency or self.app.settings.concurrency)
-        results = await asyncio.gather(*(self._triggered(reg, event) for reg in regs))
-        return [err for errs in results for err in errs]
+            self._semaphore = asyncio.Semaphore(self.workflow_concurrency or self.host.settings.concurrency)
+        return ProcessResult.combine(await asyncio.gather(*(self._triggered(reg, event) for reg in regs)))
 
-    async def _triggered(self, reg: Registration, event: Event) -> list[str]:
+    async def _triggered(self, reg: Registration, event: Event) -> ProcessResult:
         opts = reg.options
         trig = reg.trigger
         run = self.execute(
@@ -267,98 +230,98 @@ class WorkflowRegistry:
             raise
         except Exception as exc:
             await self._workflow_error(exc, reg, event)
-            if isinstance(exc, LockError) or faults.is_transient(exc):
-                # the conversation's lock was not had in time, or Redis failed under the run:
-                # the event itself did not fail, so it is redone, whatever ack_policy says
-                return [f"{RETRY_MARK}workflow {reg.workflow.name}: {type(exc).__name__}: {exc}"]
-            return [f"workflow {reg.workflow.name}: {type(exc).__name__}: {exc}"]
-        if result.status != "succeeded":
-            if _fenced(result):  # a newer lock holder exists: redo this event, do not ack it
-                return [f"{RETRY_MARK}workflow {reg.workflow.name}: memory write fenced out"]
-            return [f"workflow {reg.workflow.name} {result.status}"]
-        return []
+            # the conversation's lock was not had in time, or Redis failed under the run: the
+            # event itself did not fail, so it is redone, whatever ack_policy says
+            redo = isinstance(exc, LockError) or faults.is_transient(exc)
+            return ProcessResult.of_exception(Verdict.RETRY_LATER if redo else Verdict.FAILED,
+                                              f"workflow {reg.workflow.name}", exc)
+        return _run_result(reg.workflow.name, result)
+
+    async def run(self, ref: str, *, input: Any, context: Any, conversation_id: str | None,  # noqa: A002
+                  wait: bool, timeout: float | None, local: bool) -> WorkflowRunResult | str:
+        """``Orchestrator.run_workflow``: run here (``local``), or send a run request that a
+        worker answers. ``wait=False`` returns the run id of a remote run."""
+        reg = self.get(ref)
+        await self.host.connect()
+        if not local:
+            return await self.request(reg, input=input, context=context, conversation_id=conversation_id,
+                                      wait=wait, timeout=timeout)
+        coro = self.execute(reg, event=None, run_id=str(uuid.uuid4()), input=input, context=context,
+                            conversation_id=conversation_id)
+        return await asyncio.wait_for(coro, timeout)
 
     async def execute(self, reg: Registration, *, event: Event | None, run_id: str, input: Any,  # noqa: A002
                       context: Any, conversation_id: str | None) -> WorkflowRunResult:
         """Run one registered workflow here (chatflows through the conversation executor) and
-        record it in the run store."""
+        record it in the run store (unless its event was reclaimed by another worker meanwhile)."""
         wf, opts = reg.workflow, reg.options
         kwargs = {k: opts[k] for k in ("concurrency", "fail_fast", "timeout") if k in opts}
+        services = self.host.services_for(run_id)
         if wf.type == "chatflow":
-            executor = self.app.chatflows()
-            result = await executor.run(wf, conversation_id=conversation_id, event=event, input=input,
-                                        context=context, memory=opts.get("memory"), run_id=run_id,
-                                        services=self.app.services_for(run_id), **kwargs)
+            result = await self.host.chatflows().run(
+                wf, conversation_id=conversation_id, event=event, input=input, context=context,
+                memory=opts.get("memory"), run_id=run_id, services=services, **kwargs)
         else:
-            result = await self.app.runner.run(wf, input=input, context=context, event=event, run_id=run_id,
-                                               memory=opts.get("memory"), services=self.app.services_for(run_id),
-                                               **kwargs)
-        await self._record(result, event)
-        return result
-
-    async def _record(self, result: WorkflowRunResult, event: Event | None) -> None:
-        """Save the run record, unless its event was reclaimed by another worker meanwhile.
-        Concurrent runs are group-committed: one ownership query and one pipelined save."""
+            result = await self.host.runner.run(wf, input=input, context=context, event=event, run_id=run_id,
+                                                memory=opts.get("memory"), services=services, **kwargs)
         await self._recorder.record(result, event)
+        return result
 
     async def _workflow_error(self, exc: Exception, reg: Registration, event: Event) -> None:
         log.warning("workflow %s failed to run for %s: %r", reg.workflow.name, event.type, exc)
-        hook = self.app.on_workflow_error
-        if hook is None:
-            return
-        try:
-            value = hook(exc, {"workflow_id": reg.workflow.id, "event": event, "trigger": reg.trigger})
-            if asyncio.iscoroutine(value):
-                await value
-        except Exception:
-            log.exception("on_workflow_error hook failed")
+        hook = self.host.hooks.on_workflow_error
+        if hook is not None:
+            await call_hook(hook, "on_workflow_error", exc,
+                            {"workflow_id": reg.workflow.id, "event": event, "trigger": reg.trigger})
 
     # -- remote runs ---------------------------------------------------------------------------
-    async def request(self, ref: str, *, input: Any, context: Any, conversation_id: str | None,  # noqa: A002
-                      wait: bool, timeout: float | None) -> WorkflowRunResult | str:
-        reg = self.get(ref)
+    async def request(self, reg: Registration, *, input: Any, context: Any,  # noqa: A002
+                      conversation_id: str | None, wait: bool, timeout: float | None) -> WorkflowRunResult | str:
+        """Send a run request for ``reg`` through the stream; with ``wait``, wait for the answer."""
         if reg.workflow.type == "chatflow" and not (isinstance(conversation_id, str) and conversation_id.strip()):
             raise InvalidArgumentError(f"chatflow {reg.workflow.name!r} needs a conversation_id")
         run_id = str(uuid.uuid4())
         payload = {"workflow_id": reg.workflow.id, "run_id": run_id, "input": input, "context": context,
                    "conversation_id": conversation_id, "reply": wait}
-        await self.app.publish(RUN_REQUEST, payload)
+        await self.host.publish(RUN_REQUEST, payload)
         if not wait:
             return run_id
-        keys = self.app.keys
+        redis, keys = self.host.redis, self.host.keys
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:  # short BLPOPs: one long block would outlast the connection's socket timeout
             left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
             if left <= 0:
                 raise TimeoutError(f"workflow {reg.workflow.name!r} run {run_id} did not finish within {timeout}s")
-            reply = await self.app.redis.blpop([keys.run_result_notify(run_id)], timeout=max(left, 0.01))
+            reply = await redis.blpop([keys.run_result_notify(run_id)], timeout=max(left, 0.01))
             if reply is not None:
                 break
-        answer = msgpack.unpackb(await self.app.redis.get(keys.run_result(run_id)), raw=False)
+        answer = msgpack.unpackb(await redis.get(keys.run_result(run_id)), raw=False)
         if "error" in answer:
             err = answer["error"]
             raise RemoteRunError(f"worker could not run {reg.workflow.name!r}: {err.get('name')}: "
                                  f"{err.get('message')}", err)
         return WorkflowRunResult.from_record(answer["record"])
 
-    async def _serve_request(self, event: Event) -> list[str]:
+    async def _serve_request(self, event: Event) -> ProcessResult:
         p = event.payload if isinstance(event.payload, dict) else {}
         run_id = str(p.get("run_id") or uuid.uuid4())
+        outcome = OK
         try:
             reg = self.get(str(p.get("workflow_id")))
             result = await self.execute(reg, event=event, run_id=run_id, input=p.get("input"),
                                         context=p.get("context"), conversation_id=p.get("conversation_id"))
             answer: dict[str, Any] = {"record": result.to_record()}
-            errors = [] if result.status == "succeeded" else [f"run {run_id} {result.status}"]
+            if not result.succeeded:
+                outcome = ProcessResult(Verdict.FAILED, f"run {run_id} {result.status}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            answer, errors = {"error": describe_error(exc)}, []  # answered: retrying cannot help
+            answer = {"error": describe_error(exc)}  # answered: retrying cannot help
         if p.get("reply"):
-            keys = self.app.keys
-            pipe = self.app.redis.pipeline(transaction=True)
+            keys = self.host.keys
+            pipe = self.host.redis.pipeline(transaction=True)
             pipe.set(keys.run_result(run_id), msgpack.packb(answer, default=repr), ex=RESULT_TTL_S)
             pipe.rpush(keys.run_result_notify(run_id), b"1")
             pipe.expire(keys.run_result_notify(run_id), RESULT_TTL_S)
             await pipe.execute()
-        return errors
+        return outcome

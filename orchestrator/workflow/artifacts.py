@@ -4,8 +4,8 @@ A node calls ``ctx.artifacts.store("report.csv", data)`` and ``ctx.artifacts.loa
 Give each run its own scope (``store.scoped(run_id)``) so two runs never see each other's
 files. The node context records every stored artifact in the run record (name, node, size,
 location = the uri ``store`` returns); ``scope.manifest()`` adds sha256 and stored_at. The
-bytes themselves never go into a run record. The interface (``store``, ``load``, ``list``)
-is the one :class:`orchestrator.workflow.context.InMemoryArtifacts` has, so either can back a run.
+bytes themselves never go into a run record. A run without ``services.artifacts`` uses an
+:class:`InMemoryArtifactStore`.
 
 The methods are synchronous on purpose: sync handlers run in a thread pool and must be able
 to call them, and artifacts are small local writes. Names are relative paths made of
@@ -15,6 +15,7 @@ letters, digits, ``.``, ``_`` and ``-`` segments separated by ``/`` (no ``..``, 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import re
@@ -63,17 +64,18 @@ class ArtifactStore:
         """
         payload = _as_bytes(check_name(name), data)
         self._put(name, payload)
-        entry = {
+        uri = self._uri(name)
+        entry: dict[str, Any] = {
             "name": name,
             "size": len(payload),
             "sha256": hashlib.sha256(payload).hexdigest(),
-            "uri": self._uri(name),
+            "uri": uri,
             "stored_at": time.time(),
         }
         with self._lock:
             self._manifest.pop(name, None)  # re-stored names move to the end
             self._manifest[name] = entry
-        return entry["uri"]
+        return uri
 
     def load(self, name: str) -> bytes:
         """The bytes stored under ``name``; NotFoundError if there are none."""
@@ -100,7 +102,7 @@ class ArtifactStore:
         other store objects sharing the backend."""
         return sorted(self._names())
 
-    def manifest(self) -> list[dict[str, Any]]:
+    def manifest(self) -> builtins.list[dict[str, Any]]:
         """What this store object has stored (and not deleted), in storing order."""
         with self._lock:
             return [dict(entry) for entry in self._manifest.values()]
@@ -122,7 +124,7 @@ class ArtifactStore:
     def _uri(self, name: str) -> str:
         raise NotImplementedError
 
-    def _names(self) -> list[str]:
+    def _names(self) -> builtins.list[str]:
         raise NotImplementedError
 
 

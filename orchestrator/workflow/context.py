@@ -1,5 +1,6 @@
-"""What a node handler sees: :class:`NodeContext`, the run's :class:`AbortSignal`, and the
-default in-memory artifact store.
+"""What a node handler sees: :class:`NodeContext` and the run's :class:`AbortSignal`. A run
+stores artifacts in ``services.artifacts`` (any object with ``store(name, data)``,
+``load(name)`` and ``list()``), else in an :class:`~orchestrator.workflow.artifacts.InMemoryArtifactStore`.
 
 One ``NodeContext`` is built per attempt; it is cheap (a few slots) because everything the
 nodes of one run share lives once in the run (``RunShared``).
@@ -10,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.callbacks import call_and_await
 from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError, WorkflowAborted
+from orchestrator.workflow.artifacts import InMemoryArtifactStore
 
 if TYPE_CHECKING:
     from orchestrator.workflow.model import Graph, Node, Workflow
@@ -35,7 +38,7 @@ class AbortSignal:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._lock = threading.Lock()
         self.reason: WorkflowAborted | None = None
 
@@ -76,7 +79,7 @@ class AbortSignal:
                 if (loop, fut) in self._waiters:
                     self._waiters.remove((loop, fut))
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, None]:
         return self.wait_async().__await__()
 
     def raise_if_aborted(self) -> None:
@@ -85,41 +88,9 @@ class AbortSignal:
             raise self.reason or WorkflowAborted("workflow aborted")
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-class InMemoryArtifacts:
-    """The default artifact store: name -> bytes, kept for the lifetime of the object.
-
-    Any object with ``store(name, data)``, ``load(name)`` and ``list()`` can replace it
-    (``services.artifacts``), e.g. a filesystem store.
-    """
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    def store(self, name: str, data: bytes) -> str:
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidArgumentError(f"artifact name must be a non-blank string, got {name!r}")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"artifact {name!r}: data must be bytes, got {type(data).__name__}")
-        with self._lock:
-            self._data[name] = bytes(data)
-        return name
-
-    def load(self, name: str) -> bytes:
-        with self._lock:
-            try:
-                return self._data[name]
-            except KeyError:
-                raise NotFoundError(f"no artifact named {name!r}") from None
-
-    def list(self) -> list[str]:
-        with self._lock:
-            return sorted(self._data)
 
 
 class _RecordingArtifacts:
@@ -130,24 +101,29 @@ class _RecordingArtifacts:
     def __init__(self, store: Any, shared: RunShared, node: str) -> None:
         self._store, self._shared, self._node = store, shared, node
 
-    def store(self, name: str, data: bytes) -> Any:
+    def store(self, name: str, data: bytes | str) -> Any:
         location = self._store.store(name, data)
-        entry = {"name": name, "node": self._node, "size": len(data)}
+        size = len(data.encode() if isinstance(data, str) else data)
+        entry = {"name": name, "node": self._node, "size": size}
         if isinstance(location, (str, int, float)):
             entry["location"] = location
         self._shared.result.artifacts.append(entry)
         return location
 
     def load(self, name: str) -> bytes:
-        return self._store.load(name)
+        data: bytes = self._store.load(name)
+        return data
 
     def list(self) -> list[str]:
-        return self._store.list()
+        names: list[str] = self._store.list()
+        return names
 
 
-class _NodeLogger(logging.LoggerAdapter):
+class _NodeLogger(logging.LoggerAdapter[logging.Logger]):
     """Logs through ``tokiwa.workflow`` and keeps the line in ``result.logs`` (capped at
     ``MAX_LOG_LINES``; each entry is ``{timestamp, node, level, message}``)."""
+
+    extra: dict[str, Any]
 
     def __init__(self, shared: RunShared, node: Node, attempt: int) -> None:
         super().__init__(logger, {"run_id": shared.result.run_id, "node": node.name, "attempt": attempt})
@@ -173,7 +149,7 @@ class RunShared:
                  "results", "memory", "signal", "_artifacts", "services", "clock", "result", "loop")
 
     def __init__(self, *, workflow: Workflow, graph: Graph, input: Any, context: Any,
-                 event: Any, conversation_id: str | None, memory: dict, signal: AbortSignal,
+                 event: Any, conversation_id: str | None, memory: dict[str, Any], signal: AbortSignal,
                  artifacts: Any, services: Any, clock: Callable[[], float], result: WorkflowRunResult,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.workflow, self.graph = workflow, graph
@@ -188,7 +164,7 @@ class RunShared:
         """The run's artifact store: ``services.artifacts`` or an in-memory one, made on first
         use (most runs never store an artifact)."""
         if self._artifacts is None:
-            self._artifacts = getattr(self.services, "artifacts", None) or InMemoryArtifacts()
+            self._artifacts = getattr(self.services, "artifacts", None) or InMemoryArtifactStore()
         return self._artifacts
 
 
@@ -205,7 +181,7 @@ class NodeContext:
 
     def __init__(self, shared: RunShared, node: Node, attempt: int) -> None:
         self._shared, self.node, self.attempt = shared, node, attempt
-        self._logger: logging.LoggerAdapter | None = None
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     input = property(lambda self: self._shared.input)
     context = property(lambda self: self._shared.context)
@@ -219,27 +195,27 @@ class NodeContext:
     node_name = property(lambda self: self.node.name)
 
     @property
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         """pyoco's name for the run parameters: ``input`` when it is a dict, else ``{}``."""
         value = self._shared.input
         return value if isinstance(value, dict) else {}
 
     @property
-    def memory(self) -> dict:
+    def memory(self) -> dict[str, Any]:
         """The run's memory (conversation memory for chatflows); mutate via update/set_memory."""
         return self._shared.memory
 
-    def get_memory(self) -> dict:
+    def get_memory(self) -> dict[str, Any]:
         return self._shared.memory
 
-    def update_memory(self, patch: dict) -> dict:
+    def update_memory(self, patch: dict[str, Any]) -> dict[str, Any]:
         """Shallow-merge ``patch`` into the memory and return it."""
         if not isinstance(patch, dict):
             raise InvalidArgumentError(f"update_memory expects a dict, got {type(patch).__name__}")
         self._shared.memory.update(patch)
         return self._shared.memory
 
-    def set_memory(self, memory: dict) -> dict:
+    def set_memory(self, memory: dict[str, Any]) -> dict[str, Any]:
         """Replace the memory with (a shallow copy of) ``memory``."""
         if not isinstance(memory, dict):
             raise InvalidArgumentError(f"set_memory expects a dict, got {type(memory).__name__}")
@@ -269,7 +245,7 @@ class NodeContext:
         return _RecordingArtifacts(self._shared.artifacts, self._shared, self.node.name)
 
     @property
-    def logger(self) -> logging.LoggerAdapter:
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
         if self._logger is None:
             self._logger = _NodeLogger(self._shared, self.node, self.attempt)
         return self._logger
@@ -287,7 +263,7 @@ class NodeContext:
         loop = self._shared.loop
         if _in_loop(loop):
             return _as_awaitable(publish(topic, message))
-        return asyncio.run_coroutine_threadsafe(_call_async(publish, topic, message), loop).result()
+        return asyncio.run_coroutine_threadsafe(call_and_await(publish, topic, message), loop).result()
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -295,13 +271,6 @@ def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-async def _call_async(fn: Callable, *args: Any) -> Any:
-    value = fn(*args)
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        value = await value
-    return value
 
 
 def _as_awaitable(value: Any) -> Any:

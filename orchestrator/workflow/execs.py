@@ -125,6 +125,19 @@ def _timed_out(argv: list[str], timeout: float, out: bytes | None, err: bytes | 
     )
 
 
+def _prepare(argv: Sequence[str], cwd: str | os.PathLike[str] | None, env: Mapping[str, str] | None,
+             timeout: float | None, ok_codes: Iterable[int], input: bytes | str | None,  # noqa: A002
+             ) -> tuple[list[str], tuple[int, ...], bytes | None, dict[str, Any]]:
+    """What both twins check and start with: the argv, the ok exit codes, the stdin bytes and
+    the process options (own session, so a kill reaches the command's whole group)."""
+    args = check_argv(argv)
+    codes = _check_options(timeout, ok_codes)
+    data = input.encode() if isinstance(input, str) else input
+    options = {"cwd": cwd, "env": _environment(env), "stdin": subprocess.PIPE if data is not None else subprocess.DEVNULL,
+               "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "start_new_session": True}
+    return args, codes, data, options
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -142,20 +155,10 @@ def exec_command(
     input: bytes | str | None = None,
 ) -> ExecResult:
     """Run ``argv`` without a shell and wait for it; CommandError unless its exit code is ok."""
-    args = check_argv(argv)
-    codes = _check_options(timeout, ok_codes)
-    data = input.encode() if isinstance(input, str) else input
+    args, codes, data, options = _prepare(argv, cwd, env, timeout, ok_codes, input)
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=_environment(env),
-            stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(args, **options)
     except OSError as exc:
         raise _not_started(args, exc) from exc
     try:
@@ -206,20 +209,10 @@ async def exec_command_async(
     input: bytes | str | None = None,
 ) -> ExecResult:
     """Async twin of :func:`exec_command`; cancelling the caller kills the command's group."""
-    args = check_argv(argv)
-    codes = _check_options(timeout, ok_codes)
-    data = input.encode() if isinstance(input, str) else input
+    args, codes, data, options = _prepare(argv, cwd, env, timeout, ok_codes, input)
     started = time.monotonic()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            cwd=cwd,
-            env=_environment(env),
-            stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        proc = await asyncio.create_subprocess_exec(*args, **options)
     except OSError as exc:
         raise _not_started(args, exc) from exc
     communicate = asyncio.ensure_future(proc.communicate(data))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.errors import DependencyError, InvalidArgumentError, StateError
 from orchestrator.workflow.model import Node, Workflow
@@ -47,7 +47,7 @@ class Task:
 
     __slots__ = ("name", "func", "inputs", "retries", "timeout_sec", "retry_delay_s", "signature")
 
-    def __init__(self, name: str, func: Callable, inputs: dict | None = None, retries: int = 0,
+    def __init__(self, name: str, func: Callable[..., Any], inputs: dict[str, Any] | None = None, retries: int = 0,
                  timeout_sec: float | None = None, retry_delay_s: float = PYOCO_RETRY_DELAY_S) -> None:
         if not isinstance(name, str) or not name.strip():
             raise InvalidArgumentError(f"task name must be a non-blank string, got {name!r}")
@@ -68,7 +68,7 @@ class Task:
         self.inputs: dict[str, Any] = {}
         self.set_inputs(inputs or {})
 
-    def set_inputs(self, inputs: dict) -> None:
+    def set_inputs(self, inputs: dict[str, Any]) -> None:
         """Add inputs (parameter -> literal or ``$`` reference); unknown parameters are an error."""
         params = self.signature.parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -79,7 +79,7 @@ class Task:
         self.inputs.update(inputs)
 
     def copy(self, **changes: Any) -> Task:
-        fields = {"name": self.name, "func": self.func, "inputs": dict(self.inputs), "retries": self.retries,
+        fields: dict[str, Any] = {"name": self.name, "func": self.func, "inputs": dict(self.inputs), "retries": self.retries,
                   "timeout_sec": self.timeout_sec, "retry_delay_s": self.retry_delay_s}
         fields.update({k: v for k, v in changes.items() if v is not None})
         return Task(**fields)
@@ -112,7 +112,7 @@ class TaskWrapper:
         return self.task.name
 
     @property
-    def func(self) -> Callable:
+    def func(self) -> Callable[..., Any]:
         return self.task.func
 
     def __call__(self, *args: Any, **inputs: Any) -> TaskWrapper:
@@ -122,7 +122,7 @@ class TaskWrapper:
                 f"to call the function itself use {self.name}.func(...)")
         return TaskWrapper(self.task.copy(inputs={**self.task.inputs, **inputs}))
 
-    def configure(self, *, name: str | None = None, inputs: dict | None = None, retries: int | None = None,
+    def configure(self, *, name: str | None = None, inputs: dict[str, Any] | None = None, retries: int | None = None,
                   timeout_sec: float | None = None, retry_delay_s: float | None = None) -> TaskWrapper:
         """A copy with other settings, e.g. ``add.configure(name="add_again")`` to use a function twice."""
         merged = None if inputs is None else {**self.task.inputs, **inputs}
@@ -130,7 +130,8 @@ class TaskWrapper:
                                           retry_delay_s=retry_delay_s))
 
     def __rshift__(self, other: Any) -> Chain:
-        return Chain.of(self) >> other
+        chain: Chain = Chain.of(self) >> other
+        return chain
 
     def __rrshift__(self, other: Any) -> Chain:
         return Chain.of(other) >> self
@@ -142,11 +143,11 @@ class TaskWrapper:
         return f"<task {self.name}>"
 
 
-def task(func: Callable | None = None, *, name: str | None = None, retries: int = 0,
+def task(func: Callable[..., Any] | None = None, *, name: str | None = None, retries: int = 0,
          timeout_sec: float | None = None, retry_delay_s: float = PYOCO_RETRY_DELAY_S,
-         inputs: dict | None = None) -> Any:
+         inputs: dict[str, Any] | None = None) -> Any:
     """Decorator: ``@task`` or ``@task(name=..., retries=2, timeout_sec=3, inputs={...})``."""
-    def wrap(fn: Callable) -> TaskWrapper:
+    def wrap(fn: Callable[..., Any]) -> TaskWrapper:
         return TaskWrapper(Task(name or fn.__name__, fn, inputs, retries, timeout_sec, retry_delay_s))
     if func is None:
         return wrap
@@ -227,7 +228,7 @@ def _unique(items: list[str]) -> list[str]:
 class Flow:
     """A named set of tasks and dependencies; ``flow >> x`` appends ``x`` after the current tail."""
 
-    def __init__(self, name: str = "main", *, type: str = "workflow") -> None:  # noqa: A002
+    def __init__(self, name: str = "main", *, type: Literal["workflow", "chatflow"] = "workflow") -> None:  # noqa: A002
         if not isinstance(name, str) or not name.strip():
             raise InvalidArgumentError(f"flow name must be a non-blank string, got {name!r}")
         self.name, self.type = name, type
@@ -274,7 +275,7 @@ class Engine:
         self.concurrency, self.fail_fast = concurrency, fail_fast
         self.runner = runner or Runner()
 
-    def run(self, flow: Flow | Workflow, params: dict | None = None, **options: Any) -> WorkflowRunResult:
+    def run(self, flow: Flow | Workflow, params: dict[str, Any] | None = None, **options: Any) -> WorkflowRunResult:
         """Run synchronously (``asyncio.run`` inside); ``params`` become the run's input."""
         try:
             asyncio.get_running_loop()
@@ -283,7 +284,7 @@ class Engine:
         raise StateError("Engine.run cannot be called inside a running event loop; "
                          "use `await engine.run_async(flow)` there")
 
-    async def run_async(self, flow: Flow | Workflow, params: dict | None = None, **options: Any) -> WorkflowRunResult:
+    async def run_async(self, flow: Flow | Workflow, params: dict[str, Any] | None = None, **options: Any) -> WorkflowRunResult:
         workflow = flow.to_workflow() if isinstance(flow, Flow) else flow
         if not isinstance(workflow, Workflow):
             raise InvalidArgumentError(f"Engine.run expects a Flow or Workflow, got {flow!r}")

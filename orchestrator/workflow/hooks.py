@@ -10,9 +10,10 @@ must not change outcomes.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from typing import Any
+
+from orchestrator.callbacks import call_and_await
 
 logger = logging.getLogger("tokiwa.runner")
 
@@ -42,10 +43,10 @@ class WorkflowHooks:
         """After the run settled (also when it timed out; not when the caller was cancelled)."""
 
 
-def collect_hooks(*sources: Any) -> dict[str, tuple]:
+def collect_hooks(*sources: Any) -> dict[str, tuple[Any, ...]]:
     """Hook callables by name from hook objects (or lists of them); absent methods are skipped,
     and so are :class:`WorkflowHooks`' no-op defaults (they cost nothing per node)."""
-    found: dict[str, list] = {name: [] for name in HOOK_NAMES}
+    found: dict[str, list[Any]] = {name: [] for name in HOOK_NAMES}
     for source in sources:
         for hooks in source if isinstance(source, (list, tuple)) else (source,):
             if hooks is None:
@@ -57,13 +58,11 @@ def collect_hooks(*sources: Any) -> dict[str, tuple]:
     return {name: tuple(fns) for name, fns in found.items()}
 
 
-async def call_hooks(name: str, fns: tuple, *args: Any) -> None:
+async def call_hooks(name: str, fns: tuple[Any, ...], *args: Any) -> None:
     """Call each hook in order; a failing hook is logged, never fatal."""
     for fn in fns:
         try:
-            value = fn(*args)
-            if inspect.isawaitable(value):
-                await value
+            await call_and_await(fn, *args)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -16,12 +16,12 @@ id for it. ``depends_on`` entries may be a node name, a detached id or an attach
 from __future__ import annotations
 
 import heapq
-import inspect
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from orchestrator.callbacks import is_async_callable
 from orchestrator.errors import ConflictError, CyclicDependencyError, DependencyError, InvalidArgumentError
 from orchestrator.workflow.retry import RetryPolicy
 
@@ -51,13 +51,6 @@ def _check_name(kind: str, name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidArgumentError(f"{kind} name must be a non-blank string, got {name!r}")
     return name
-
-
-def _is_async(handler: Any) -> bool:
-    if inspect.iscoroutinefunction(handler):
-        return True
-    call = getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 class Node:
@@ -100,7 +93,7 @@ class Node:
         self.timeout = None if timeout is None else float(timeout)
         self.handler = handler
         self.description = description
-        self.is_async = _is_async(handler)
+        self.is_async = is_async_callable(handler)
         self.inline = bool(inline) and not self.is_async
         self._workflow_name: str | None = None
         self._id = detached_node_id(name)
@@ -168,7 +161,7 @@ class Workflow:
         self.id = workflow_id_for(name)
         self._nodes: dict[str, Node] = {}
         self._graph: Graph | None = None
-        self._graph_key: tuple | None = None
+        self._graph_key: tuple[Any, ...] | None = None
         for node in nodes or ():
             self.add_node(node)
         if nodes:

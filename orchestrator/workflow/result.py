@@ -11,12 +11,50 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from orchestrator.errors import describe_error
 
-NODE_STATUSES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
-RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+
+class RunStatus(StrEnum):
+    """A run's status. Members are strings: records, Redis and the HTTP API carry the values."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class NodeStatus(StrEnum):
+    """A node's status within its run (recorded as the value, like :class:`RunStatus`)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+NODE_STATUSES: tuple[NodeStatus, ...] = tuple(NodeStatus)
+RUN_STATUSES: tuple[RunStatus, ...] = tuple(RunStatus)
+
+_Status = TypeVar("_Status", RunStatus, NodeStatus)
+
+
+def _status(kind: type[_Status], value: Any) -> _Status | Any:
+    """``value`` read from a record as a member of ``kind``; a value that this version does not
+    know (a record written by a newer one) stays as it was."""
+    try:
+        return kind(value)
+    except ValueError:
+        return value
+
+
+def _plain(status: Any) -> Any:
+    """A status as a record carries it: the plain string."""
+    return status.value if isinstance(status, StrEnum) else status
 
 
 def json_safe(value: Any, _depth: int = 0) -> Any:
@@ -41,26 +79,28 @@ class NodeResult:
 
     node_id: str
     name: str
-    status: str = "pending"
+    status: NodeStatus = NodeStatus.PENDING
     output: Any = None
-    error: dict | None = None
+    error: dict[str, Any] | None = None
     attempts: int = 0
     duration_ms: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
-    def to_record(self) -> dict:
-        return {"node_id": self.node_id, "name": self.name, "status": self.status,
+    def to_record(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "name": self.name, "status": _plain(self.status),
                 "output": json_safe(self.output), "error": self.error, "attempts": self.attempts,
                 "duration_ms": self.duration_ms, "started_at": self.started_at,
                 "finished_at": self.finished_at}
 
     @classmethod
-    def from_record(cls, record: dict) -> NodeResult:
+    def from_record(cls, record: dict[str, Any]) -> NodeResult:
         fields = ("node_id", "name", "status", "output", "error", "attempts", "duration_ms",
                   "started_at", "finished_at")
-        return cls(**{k: record.get(k) for k in fields if k in record})
+        node = cls(**{k: record[k] for k in fields if k in record})
+        node.status = _status(NodeStatus, node.status)
+        return node
 
 
 @dataclass(slots=True)
@@ -71,42 +111,45 @@ class WorkflowRunResult:
     **id** (as in tokiwa). ``timeline`` lists state transitions in the order they happened,
     each a small dict with ``type`` and ``timestamp`` (epoch seconds) and, for node entries,
     ``node_id``, ``node`` (name) and ``attempt``. ``error`` describes why the run as a whole
-    failed (the first node failure, a timeout or a cancellation), None if it succeeded.
+    failed (the first node failure, a timeout or a cancellation), None if it succeeded, and
+    ``exception``, in this process only (never recorded), the exception itself when the code
+    that ended the run kept it (a chatflow fenced out keeps its ``FencingError``).
     """
 
     run_id: str
     workflow_id: str
     workflow_name: str
-    status: str = "running"
+    status: RunStatus = RunStatus.RUNNING
     started_at: float = 0.0
     finished_at: float | None = None
     duration_ms: float | None = None
     nodes: dict[str, NodeResult] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
-    errors: dict[str, dict] = field(default_factory=dict)
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
-    timeline: list[dict] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
     conversation_id: str | None = None
-    memory: dict | None = None
-    artifacts: list[dict] = field(default_factory=list)
-    logs: list[dict] = field(default_factory=list)
-    error: dict | None = None
+    memory: dict[str, Any] | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
     workflow_type: str = "workflow"
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "succeeded"
+        return self.status == RunStatus.SUCCEEDED
 
     def output_of(self, name: str) -> Any:
         """The output of the node called ``name`` (None if it produced none)."""
         node = self.nodes.get(name)
         return None if node is None else node.output
 
-    def to_record(self) -> dict:
+    def to_record(self) -> dict[str, Any]:
         """Plain JSON/msgpack-safe data (logs excluded: stores keep them separately)."""
         return {
             "run_id": self.run_id, "workflow_id": self.workflow_id, "workflow_name": self.workflow_name,
-            "workflow_type": self.workflow_type, "status": self.status, "started_at": self.started_at,
+            "workflow_type": self.workflow_type, "status": _plain(self.status), "started_at": self.started_at,
             "finished_at": self.finished_at, "duration_ms": self.duration_ms,
             "nodes": {name: n.to_record() for name, n in self.nodes.items()},
             "results": json_safe(self.results), "errors": json_safe(self.errors),
@@ -116,7 +159,7 @@ class WorkflowRunResult:
         }
 
     @classmethod
-    def from_record(cls, record: dict) -> WorkflowRunResult:
+    def from_record(cls, record: dict[str, Any]) -> WorkflowRunResult:
         """Rebuild a result from ``to_record()`` data (outputs stay as recorded)."""
         result = cls(run_id=record["run_id"], workflow_id=record.get("workflow_id", ""),
                      workflow_name=record.get("workflow_name", ""))
@@ -124,6 +167,7 @@ class WorkflowRunResult:
                     "memory", "error", "workflow_type"):
             if key in record:
                 setattr(result, key, record[key])
+        result.status = _status(RunStatus, result.status)
         result.nodes = {name: NodeResult.from_record(n) for name, n in (record.get("nodes") or {}).items()}
         result.results = dict(record.get("results") or {})
         result.errors = dict(record.get("errors") or {})
@@ -147,13 +191,13 @@ class RunRecorder:
         self.result, self.clock = result, clock
         self.first_error: BaseException | None = None
 
-    def event(self, kind: str, nr: NodeResult, attempt: int) -> dict:
+    def event(self, kind: str, nr: NodeResult, attempt: int) -> dict[str, Any]:
         entry = {"type": kind, "timestamp": self.clock(), "node_id": nr.node_id, "node": nr.name,
                  "attempt": attempt}
         self.result.timeline.append(entry)
         return entry
 
-    def _finish(self, nr: NodeResult, status: str, t0: float | None) -> None:
+    def _finish(self, nr: NodeResult, status: NodeStatus, t0: float | None) -> None:
         nr.status, nr.finished_at = status, self.clock()
         if t0 is not None:
             nr.duration_ms = (time.perf_counter() - t0) * 1000.0
@@ -161,17 +205,17 @@ class RunRecorder:
             self.result.attempts[nr.node_id] = nr.attempts
 
     def succeeded(self, nr: NodeResult, output: Any, t0: float) -> None:
-        if nr.status != "running":
+        if nr.status != NodeStatus.RUNNING:
             return  # an abandoned node finishing after its run was settled
-        self._finish(nr, "succeeded", t0)
+        self._finish(nr, NodeStatus.SUCCEEDED, t0)
         nr.output = output
         self.result.results[nr.node_id] = output
         self.event("node_complete", nr, nr.attempts)["duration_ms"] = nr.duration_ms
 
     def failed(self, nr: NodeResult, error: BaseException, t0: float) -> None:
-        if nr.status != "running":
+        if nr.status != NodeStatus.RUNNING:
             return
-        self._finish(nr, "failed", t0)
+        self._finish(nr, NodeStatus.FAILED, t0)
         nr.exception, nr.error = error, describe_error(error)
         self.result.errors[nr.node_id] = nr.error
         if self.first_error is None:
@@ -179,14 +223,14 @@ class RunRecorder:
         self.event("node_error", nr, nr.attempts)["error"] = nr.error
 
     def cancelled(self, nr: NodeResult, reason: BaseException, t0: float | None = None) -> None:
-        if nr.status not in ("pending", "running"):
+        if nr.status not in (NodeStatus.PENDING, NodeStatus.RUNNING):
             return
-        self._finish(nr, "cancelled", t0)
+        self._finish(nr, NodeStatus.CANCELLED, t0)
         nr.exception, nr.error = reason, describe_error(reason)
         self.event("node_cancelled", nr, nr.attempts)["error"] = nr.error
 
     def skipped(self, nr: NodeResult, reason: str) -> None:
-        self._finish(nr, "skipped", None)
+        self._finish(nr, NodeStatus.SKIPPED, None)
         self.event("node_skipped", nr, 0)["reason"] = reason
 
 

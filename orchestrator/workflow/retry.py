@@ -17,7 +17,7 @@ import asyncio
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from orchestrator.errors import InvalidArgumentError, UnsafePathError, WorkflowAborted
 
@@ -83,7 +83,7 @@ class RetryPolicy:
         if self.backoff == "fixed":
             delay = self.initial_delay_s
         elif self.backoff == "linear":
-            delay = self.initial_delay_s + self.increment_s * (attempt - 1)
+            delay = self.initial_delay_s + cast(float, self.increment_s) * (attempt - 1)  # set by __post_init__
         else:
             exponent = min(attempt - 1, 1024)  # avoid float overflow; the cap applies anyway
             try:

@@ -27,7 +27,6 @@ import contextvars
 import copy
 import functools
 import heapq
-import inspect
 import logging
 import time
 import uuid
@@ -36,11 +35,12 @@ from concurrent.futures import Executor
 from typing import Any
 
 from orchestrator import errors
+from orchestrator.callbacks import call_and_await, call_in_thread, resolve
 from orchestrator.errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
 from orchestrator.workflow.context import AbortSignal, NodeContext, RunShared
 from orchestrator.workflow.hooks import WorkflowHooks, call_hooks, collect_hooks
 from orchestrator.workflow.model import Graph, Node, Workflow
-from orchestrator.workflow.result import NodeResult, RunRecorder, WorkflowRunResult
+from orchestrator.workflow.result import NodeResult, NodeStatus, RunRecorder, RunStatus, WorkflowRunResult
 from orchestrator.workflow.retry import NO_RETRY, RetryPolicy
 
 __all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "WorkflowHooks"]
@@ -65,7 +65,7 @@ class Runner:
         self.executor = executor
         self.cancel_grace_s = cancel_grace_s
         self._runs: dict[str, _Run] = {}
-        self._abandoned: set[asyncio.Task] = set()
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     @property
     def active_runs(self) -> list[str]:
@@ -73,7 +73,7 @@ class Runner:
 
     async def run(self, workflow: Workflow, input: Any = None, context: Any = None,  # noqa: A002
                   concurrency: int | None = None, fail_fast: bool = True, timeout: float | None = None,
-                  event: Any = None, conversation_id: str | None = None, memory: dict | None = None,
+                  event: Any = None, conversation_id: str | None = None, memory: dict[str, Any] | None = None,
                   run_id: str | None = None, hooks: Any = None, services: Any = None) -> WorkflowRunResult:
         """Run ``workflow`` once and return its result (a failed node does not raise).
 
@@ -114,7 +114,7 @@ class Runner:
         run.request_cancel(reason)
         return True
 
-    def _adopt_abandoned(self, task: asyncio.Task) -> None:
+    def _adopt_abandoned(self, task: asyncio.Task[Any]) -> None:
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
 
@@ -123,8 +123,8 @@ class _Run:
     """The state of one run; scheduling and node execution."""
 
     def __init__(self, runner: Runner, workflow: Workflow, graph: Graph, *, run_id: str, input: Any,  # noqa: A002
-                 context: Any, event: Any, conversation_id: str | None, memory: dict, concurrency: int,
-                 fail_fast: bool, hooks: dict[str, tuple], services: Any) -> None:
+                 context: Any, event: Any, conversation_id: str | None, memory: dict[str, Any], concurrency: int,
+                 fail_fast: bool, hooks: dict[str, tuple[Any, ...]], services: Any) -> None:
         self.runner, self.workflow, self.graph = runner, workflow, graph
         self.concurrency, self.fail_fast, self.hooks = concurrency, fail_fast, hooks
         self.clock = getattr(services, "clock", None) or time.time
@@ -142,7 +142,7 @@ class _Run:
                                 conversation_id=conversation_id, memory=memory, signal=self.signal,
                                 artifacts=artifacts, services=services, clock=self.clock,
                                 result=self.result, loop=self.loop)
-        self.running: dict[int, asyncio.Task] = {}
+        self.running: dict[int, asyncio.Task[Any]] = {}
         self.done: deque[int] = deque()
         self.wake = asyncio.Event()
         self.stopping = False
@@ -180,15 +180,15 @@ class _Run:
     def _complete(self, t0: float) -> None:
         result = self.result
         if self.cancelled:
-            result.status = "cancelled"
+            result.status = RunStatus.CANCELLED
             result.error = describe_error(self.signal.reason) if self.signal.reason else None
         elif self.timed_out is not None:
-            result.status, result.error = "failed", describe_error(self.timed_out)
-        elif self.rec.first_error is not None or any(nr.status != "succeeded" for nr in self.node_results):
-            result.status = "failed"
+            result.status, result.error = RunStatus.FAILED, describe_error(self.timed_out)
+        elif self.rec.first_error is not None or any(nr.status != NodeStatus.SUCCEEDED for nr in self.node_results):
+            result.status = RunStatus.FAILED
             result.error = describe_error(self.rec.first_error) if self.rec.first_error else None
         else:
-            result.status = "succeeded"
+            result.status = RunStatus.SUCCEEDED
         result.finished_at = self.clock()
         result.duration_ms = (time.perf_counter() - t0) * 1000.0
         result.timeline.append({"type": "run_complete", "timestamp": result.finished_at,
@@ -253,7 +253,7 @@ class _Run:
         self.running[i] = task
         task.add_done_callback(functools.partial(self._task_done, i))
 
-    def _task_done(self, i: int, _task: asyncio.Task) -> None:
+    def _task_done(self, i: int, _task: asyncio.Task[Any]) -> None:
         self.done.append(i)
         self.wake.set()
 
@@ -283,18 +283,18 @@ class _Run:
         stack = list(self.graph.dependents[i])
         while stack:
             j = stack.pop()
-            if self.node_results[j].status == "pending":
+            if self.node_results[j].status == NodeStatus.PENDING:
                 self.rec.skipped(self.node_results[j], f"dependency {self.graph.nodes[i].name!r} failed")
                 stack.extend(self.graph.dependents[j])
 
     def _settle_leftovers(self) -> None:
         for nr in self.node_results:
-            if nr.status == "pending":
+            if nr.status == NodeStatus.PENDING:
                 if self.cancelled:
                     self.rec.cancelled(nr, self._abort_reason())
                 else:
                     self.rec.skipped(nr, "run aborted" if self.stopping else "dependency did not succeed")
-            elif nr.status == "running":
+            elif nr.status == NodeStatus.RUNNING:
                 self.rec.cancelled(nr, self._abort_reason())
 
     # ----------------------------------------------------------------- one node
@@ -302,7 +302,7 @@ class _Run:
         """Run node ``i`` with its retries; record the outcome; True if it succeeded."""
         node, nr, hooks = self.graph.nodes[i], self.node_results[i], self.hooks
         policy = node.retry or NO_RETRY
-        nr.status, nr.started_at = "running", self.clock()
+        nr.status, nr.started_at = NodeStatus.RUNNING, self.clock()
         t0 = time.perf_counter()
         attempt = 0
         try:
@@ -356,17 +356,12 @@ class _Run:
         if node.is_async:
             return await node.handler(ctx)
         if node.inline:
-            output = node.handler(ctx)
-            return await output if inspect.isawaitable(output) else output
+            return await call_and_await(node.handler, ctx)
         executor = self.runner.executor
         if executor is None:
-            output = await asyncio.to_thread(node.handler, ctx)
-        else:
-            call = functools.partial(contextvars.copy_context().run, node.handler, ctx)
-            output = await self.loop.run_in_executor(executor, call)
-        if inspect.isawaitable(output):
-            output = await output
-        return output
+            return await call_in_thread(node.handler, ctx)
+        call = functools.partial(contextvars.copy_context().run, node.handler, ctx)
+        return await resolve(await self.loop.run_in_executor(executor, call))
 
     async def _retry_pause(self, nr: NodeResult, ctx: NodeContext, policy: RetryPolicy, error: Exception) -> None:
         attempt = ctx.attempt

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.callbacks import is_async_callable
 from orchestrator.errors import TemplateError
 
 if TYPE_CHECKING:
@@ -115,7 +116,8 @@ def bind_arguments(task: Task, ctx: NodeContext) -> dict[str, Any]:
 def build_handler(task: Task) -> Callable[[Any], Any]:
     """A node handler (async if the function is) that calls ``task.func`` with bound arguments."""
     func = task.func
-    if inspect.iscoroutinefunction(func):
+    handler: Callable[[NodeContext], Any]
+    if is_async_callable(func):
         async def handler(ctx: NodeContext) -> Any:
             return await func(**bind_arguments(task, ctx))
     else:

@@ -41,14 +41,6 @@ pytestmark = pytest.mark.timeout(60)
 
 # -- helpers ------------------------------------------------------------------------------------
 @pytest.fixture
-def processes():
-    started: list[RelayProcess] = []
-    yield started
-    for process in started:
-        process.cleanup()
-
-
-@pytest.fixture
 async def relays():
     started = []
     yield started

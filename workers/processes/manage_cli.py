@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -25,7 +25,7 @@ from orchestrator.cli import exitcodes
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError, InvalidArgumentError, TokiwaError
 from orchestrator.keys import Keys
-from orchestrator.ops.heartbeats import STALE_HEARTBEATS, decode_heartbeat, heartbeat_age
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 from workers.processes.procman import Instance, ProcessManager
 
 STOP_MARGIN_S = 5.0  # stop waits the worker's own grace period plus this, then SIGKILLs
@@ -131,26 +131,22 @@ def _local_rows(instances: list[Instance], now: float) -> list[list[Any]]:
     ]
 
 
-def cluster_workers(entries: Mapping[bytes | str, bytes], *, now: float, stale_after_s: float) -> list[dict]:
+def cluster_workers(entries: Mapping[bytes | str, bytes], *, now: float, stale_after_s: float) -> list[dict[str, Any]]:
     """Decode the ``{ns}:workers`` hash (worker id -> msgpack heartbeat) into sorted records.
 
     Each record is the heartbeat plus ``id``, ``status`` (``live``, ``stale`` when its
     ``last_seen`` is older than ``stale_after_s``, or ``undecodable``) and ``age_s``.
     """
-    records = []
-    for raw_id, blob in entries.items():
-        worker_id = raw_id.decode(errors="replace") if isinstance(raw_id, bytes) else str(raw_id)
-        beat = decode_heartbeat(blob)
-        if beat is None:
-            records.append({"id": worker_id, "status": "undecodable", "age_s": None})
-            continue
-        age = heartbeat_age(beat, now)
-        status = "live" if age is not None and age <= stale_after_s else "stale"
-        records.append({**beat, "id": worker_id, "status": status, "age_s": age})
+    records: list[dict[str, Any]] = []
+    for w in worker_beats(entries, now=now, stale_after_s=stale_after_s):
+        if w.beat is None:
+            records.append({"id": w.id, "status": "undecodable", "age_s": None})
+        else:
+            records.append({**w.beat, "id": w.id, "status": "stale" if w.stale else "live", "age_s": w.age_s})
     return sorted(records, key=lambda r: (str(r.get("host", "")), r["id"]))
 
 
-def _cluster_rows(records: list[dict], now: float) -> list[list[Any]]:
+def _cluster_rows(records: list[dict[str, Any]], now: float) -> list[list[Any]]:
     rows = []
     for r in records:
         started = r.get("started")
@@ -163,7 +159,7 @@ def _cluster_rows(records: list[dict], now: float) -> list[list[Any]]:
     return rows
 
 
-def _read_cluster(settings: Settings, now: float) -> list[dict]:
+def _read_cluster(settings: Settings, now: float) -> list[dict[str, Any]]:
     if not settings.redis_url:
         raise ConfigError("ps --cluster needs a shared Redis: pass --redis-url or set TOKIWA_REDIS_URL",
                           field="redis_url")
@@ -173,7 +169,7 @@ def _read_cluster(settings: Settings, now: float) -> list[dict]:
 
     client = create_sync_redis(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
     try:
-        entries = client.hgetall(Keys(settings.namespace).workers)
+        entries = cast("dict[bytes | str, bytes]", client.hgetall(Keys(settings.namespace).workers))  # bytes values
     except redis.RedisError as exc:
         from orchestrator.cli.producer import report_redis_error
 
@@ -236,7 +232,7 @@ def stop_command(name: str | None, stop_all: bool, grace_s: float | None, state_
     settings = _settings(state_dir)
     grace = settings.grace_period_s + STOP_MARGIN_S if grace_s is None else grace_s
     manager = ProcessManager(settings.state_dir)
-    results = manager.stop_all(grace_s=grace) if stop_all else [manager.stop(name, grace_s=grace)]
+    results = manager.stop_all(grace_s=grace) if stop_all else [manager.stop(cast(str, name), grace_s=grace)]  # name given (checked above)
     if not results:
         click.echo("no local workers")
     for result in results:

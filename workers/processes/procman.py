@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, cast
 
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError, StateError
 from workers.processes.proctools import group_alive, pid_alive, process_start_ticks, signal_group, tail_file
@@ -185,7 +186,7 @@ class ProcessManager:
     # -- reading state
 
     def _read(self, folder: Path) -> Instance:
-        meta: dict = {}
+        meta: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             meta = json.loads((folder / CMD_FILE).read_text(encoding="utf-8"))
         pid: int | None
@@ -257,7 +258,8 @@ class ProcessManager:
             _write_atomic(folder / PID_FILE, str(pid))
             return self._read(folder)
 
-    def _launch(self, folder: Path, argv: list[str], env: Mapping[str, str] | None, cwd) -> int:
+    def _launch(self, folder: Path, argv: list[str], env: Mapping[str, str] | None,
+                cwd: str | os.PathLike[str] | None) -> int:
         spec = {
             "argv": argv,
             "out": str(folder / OUT_LOG),
@@ -301,10 +303,10 @@ class ProcessManager:
             found = [self._read(f) for f in folders if stack.enter_context(self._locked(f)).is_dir()]
             running = [inst for inst in found if inst.alive and inst.pid is not None]
             for inst in running:
-                signal_group(inst.pid, signal.SIGTERM)
+                signal_group(cast(int, inst.pid), signal.SIGTERM)
             survivors = self._wait_gone(running, grace_s)
             for inst in survivors:
-                signal_group(inst.pid, signal.SIGKILL)
+                signal_group(cast(int, inst.pid), signal.SIGKILL)  # survivors of running: pids set
             unkillable = self._wait_gone(survivors, kill_wait_s)
             results = [_outcome(inst, survivors, unkillable) for inst in found]
             for inst in found:
@@ -319,7 +321,8 @@ class ProcessManager:
         """Wait until each leader and every member of its group are gone; return the rest."""
         deadline = self._monotonic() + timeout_s
         while True:
-            left = [i for i in instances if pid_alive(i.pid, i.proc_start) or group_alive(i.pid)]
+            left = [i for i in instances  # those of running: pids set
+                    if pid_alive(cast(int, i.pid), i.proc_start) or group_alive(cast(int, i.pid))]
             if not left or self._monotonic() >= deadline:
                 return left
             self._sleep(self.poll_interval_s)
@@ -359,7 +362,7 @@ class ProcessManager:
             handle.seek(0, os.SEEK_END)
             yield from self._follow_handle(name, handle, should_stop)
 
-    def _follow_handle(self, name: str, handle, should_stop: Callable[[], bool] | None) -> Iterator[str]:
+    def _follow_handle(self, name: str, handle: IO[bytes], should_stop: Callable[[], bool] | None) -> Iterator[str]:
         pending = b""
         while True:
             chunk = handle.read(65536)

@@ -143,7 +143,8 @@ class Supervisor:
 
     def backoff_s(self, failures: int) -> float:
         """Delay before the restart after ``failures`` quick exits in a row (1 -> base delay)."""
-        return min(self.max_backoff_s, self.restart_backoff_s * 2 ** max(0, failures - 1))
+        delay: float = self.restart_backoff_s * 2 ** max(0, failures - 1)
+        return min(self.max_backoff_s, delay)
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to stop gracefully (safe from a signal handler)."""

@@ -50,6 +50,7 @@ DRAIN_AFTER_EXIT_S = 0.5
 WRITE_BATCH = 256
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux: no parent-death signal, shutdown still kills the group

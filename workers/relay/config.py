@@ -162,7 +162,8 @@ class TaskConfig(BaseModel):
         below the base)."""
         base = max(self.restart_backoff_s, RESTART_MIN_DELAY_S)
         cap = max(self.restart_backoff_max_s, base)
-        return min(cap, base * 2 ** min(max(0, quick_exits - 1), 30))
+        delay: float = base * 2 ** min(max(0, quick_exits - 1), 30)
+        return min(cap, delay)
 
 
 class RelayConfig(BaseModel):
@@ -275,7 +276,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"relay config {path} is not valid TOML: {exc}") from exc
 
 
-def _resolve_dirs(entries: Any, base: Path, origin: Path) -> list[Any]:
+def _resolve_dirs(entries: Any, base: Path, origin: Path) -> Any:  # a list of dirs resolved, else as it was
     if not isinstance(entries, list):
         return entries
     out = []

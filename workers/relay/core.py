@@ -35,7 +35,7 @@ non-zero. A relay that says it runs, runs.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import functools
 import logging
 import os
 import socket
@@ -47,6 +47,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from orchestrator.callbacks import call_and_await
 from orchestrator.errors import BrokerError, InvalidArgumentError, RelayError, StateError
 from orchestrator.faults import TRANSIENT, classify
 from orchestrator.keys import Keys
@@ -179,7 +180,7 @@ class Relay:
         for slot in self._slots.values():
             child, error = await self._launch(slot)
             self._supervisors.add(self._guard.spawn(
-                f"supervisor of {slot.spec.task_name}", lambda s=slot, c=child, e=error: self._supervise(s, c, e),
+                f"supervisor of {slot.spec.task_name}", functools.partial(self._supervise, slot, child, error),
                 restart=False))
         self._guard.spawn("heartbeat", self._heartbeat_loop, restart=True)
         self._started = True
@@ -332,9 +333,7 @@ class Relay:
         if hook is None:
             return
         try:
-            result = hook(*args)
-            if inspect.isawaitable(result):
-                await result
+            await call_and_await(hook, *args)
         except Exception:  # a failing hook is logged, never fatal
             log.exception("relay: callback %r failed", hook)
 

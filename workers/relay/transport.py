@@ -727,7 +727,7 @@ class RelayTransport:
         """The id of the newest entry of ``key`` ("0-0" when it has none): reading after it
         gets what was added since."""
         try:
-            last = await self.redis.xrevrange(key, count=1)
+            last: Any = await self.redis.xrevrange(key, count=1)  # bytes replies: no decode_responses
         except RedisError as exc:
             if classify(exc) is Fault.FATAL:
                 raise self.fatal(exc, "read the stream", key, f"~{self.stream_key('*')}", "key") from exc
@@ -764,7 +764,7 @@ class RelayTransport:
             try:
                 if state.cursor is None:
                     state.cursor = await self._stream_end(key)
-                response = await self.redis.xread({key: state.cursor}, count=STREAM_READ_COUNT, block=STREAM_BLOCK_MS)
+                response: Any = await self.redis.xread({key: state.cursor}, count=STREAM_READ_COUNT, block=STREAM_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
             except RelayFatalError:

@@ -1,4 +1,4 @@
-"""Helper process for tests/integration/test_leader.py (not a test module).
+"""Helper process for tests/faults/test_leader_processes.py (not a test module).
 
 Runs a LeaderElector + LeaderScheduler with a 6-field every-second job. Records into Redis,
 under ``<namespace>:test:*``:
