@@ -197,3 +197,14 @@ def decode_fields(
                                entry_id=entry_id)
     event.stream_id = entry_id
     return event
+
+
+def check_conversation_id(conversation_id: Any, *, chatflow: str | None = None) -> str:
+    """``conversation_id`` if it is a non-blank string, else InvalidArgumentError (naming the
+    chatflow that needs it, when given). The one check every part uses."""
+    if not isinstance(conversation_id, str) or not conversation_id.strip():
+        if chatflow is not None:
+            raise InvalidArgumentError(f"chatflow {chatflow!r} needs a non-blank conversation id, "
+                                       f"got {conversation_id!r}")
+        raise InvalidArgumentError(f"conversation id must be a non-blank string, got {conversation_id!r}")
+    return conversation_id

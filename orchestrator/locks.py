@@ -50,6 +50,7 @@ from types import EllipsisType
 from typing import Any
 
 from orchestrator.errors import InvalidArgumentError, LockError
+from orchestrator.events import check_conversation_id
 from orchestrator.faults import Backoff, Condition, describe, is_transient
 from orchestrator.keys import Keys
 
@@ -397,7 +398,6 @@ class RedisLock:
 
 def conversation_lock(redis: Any, keys: Keys, conversation_id: str, **options: Any) -> RedisLock:
     """The lock of one conversation (``keys.conversation_lock`` / ``..._epoch``)."""
-    if not isinstance(conversation_id, str) or not conversation_id.strip():
-        raise InvalidArgumentError(f"conversation id must be a non-blank string, got {conversation_id!r}")
+    check_conversation_id(conversation_id)
     return RedisLock(redis, keys.conversation_lock(conversation_id),
                      keys.conversation_lock_epoch(conversation_id), **options)

@@ -41,6 +41,7 @@ from typing import Any
 
 from orchestrator.chat.conversations import ConversationStore, check_memory, shallow_diff
 from orchestrator.errors import FencingError, InvalidArgumentError, describe_error
+from orchestrator.events import check_conversation_id
 from orchestrator.keys import Keys
 from orchestrator.locks import RedisLock, check_lease, conversation_lock
 from orchestrator.workflow.result import RunStatus, WorkflowRunResult
@@ -107,9 +108,7 @@ class ChatflowExecutor:
                   memory: dict[str, Any] | None = None, **runner_kwargs: Any) -> Any:
         """Run ``workflow`` for one conversation (see the module docstring); returns the
         runner's result with the saved memory."""
-        if not isinstance(conversation_id, str) or not conversation_id.strip():
-            name = getattr(workflow, "name", workflow)
-            raise InvalidArgumentError(f"chatflow {name!r} needs a non-blank conversation id")
+        conversation_id = check_conversation_id(conversation_id, chatflow=str(getattr(workflow, "name", workflow)))
         if memory is not None and not isinstance(memory, dict):
             raise InvalidArgumentError(f"memory must be a dict, got {type(memory).__name__}")
         cid = conversation_id

@@ -32,6 +32,7 @@ from urllib.parse import quote
 import msgpack
 
 from orchestrator.errors import FencingError, InvalidArgumentError, StateError
+from orchestrator.events import check_conversation_id
 from orchestrator.keys import Keys
 
 Patch = dict[str, Any]  # {"set": {key: value}, "remove": [key, ...]}
@@ -41,9 +42,7 @@ DEFAULT_DEDUPE_KEEP = 10_000
 
 
 def check_cid(conversation_id: Any) -> str:
-    if not isinstance(conversation_id, str) or not conversation_id.strip():
-        raise InvalidArgumentError(f"conversation id must be a non-blank string, got {conversation_id!r}")
-    return conversation_id
+    return check_conversation_id(conversation_id)
 
 
 def check_memory(memory: Any) -> dict[str, Any]:

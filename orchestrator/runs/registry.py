@@ -31,7 +31,7 @@ from orchestrator.errors import (
     TokiwaError,
     describe_error,
 )
-from orchestrator.events import Event
+from orchestrator.events import Event, check_conversation_id
 from orchestrator.keys import Keys
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import OwnedFn, RecorderHost, RunRecorder, call_hook
@@ -278,8 +278,8 @@ class WorkflowRegistry:
     async def request(self, reg: Registration, *, input: Any, context: Any,  # noqa: A002
                       conversation_id: str | None, wait: bool, timeout: float | None) -> WorkflowRunResult | str:
         """Send a run request for ``reg`` through the stream; with ``wait``, wait for the answer."""
-        if reg.workflow.type == "chatflow" and not (isinstance(conversation_id, str) and conversation_id.strip()):
-            raise InvalidArgumentError(f"chatflow {reg.workflow.name!r} needs a conversation_id")
+        if reg.workflow.type == "chatflow":
+            check_conversation_id(conversation_id, chatflow=reg.workflow.name)
         run_id = str(uuid.uuid4())
         payload = {"workflow_id": reg.workflow.id, "run_id": run_id, "input": input, "context": context,
                    "conversation_id": conversation_id, "reply": wait}

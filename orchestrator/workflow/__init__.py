@@ -39,7 +39,7 @@ _EXPORTS = {
     "NodeResult": "result",
     "NodeStatus": "result",
     "RunStatus": "result",
-    "RunRecorder": "result",
+    "RunTimeline": "result",
     "WorkflowRunResult": "result",
     "format_log": "result",
     "json_safe": "result",

@@ -178,7 +178,7 @@ class WorkflowRunResult:
         return result
 
 
-class RunRecorder:
+class RunTimeline:
     """Writes node outcomes and timeline entries into a :class:`WorkflowRunResult`.
 
     ``t0`` arguments are ``time.perf_counter()`` values of the node's first attempt; the

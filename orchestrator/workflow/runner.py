@@ -37,10 +37,11 @@ from typing import Any
 from orchestrator import errors
 from orchestrator.callbacks import call_and_await, call_in_thread, resolve
 from orchestrator.errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
+from orchestrator.events import check_conversation_id
 from orchestrator.workflow.context import AbortSignal, NodeContext, RunShared
 from orchestrator.workflow.hooks import WorkflowHooks, call_hooks, collect_hooks
 from orchestrator.workflow.model import Graph, Node, Workflow
-from orchestrator.workflow.result import NodeResult, NodeStatus, RunRecorder, RunStatus, WorkflowRunResult
+from orchestrator.workflow.result import NodeResult, NodeStatus, RunStatus, RunTimeline, WorkflowRunResult
 from orchestrator.workflow.retry import NO_RETRY, RetryPolicy
 
 __all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "WorkflowHooks"]
@@ -83,8 +84,8 @@ class Runner:
         if not isinstance(workflow, Workflow):
             raise InvalidArgumentError(f"Runner.run expects a Workflow, got {workflow!r}")
         graph = workflow.validate()
-        if workflow.type == "chatflow" and (not isinstance(conversation_id, str) or not conversation_id.strip()):
-            raise InvalidArgumentError(f"chatflow {workflow.name!r} needs a non-blank conversation_id")
+        if workflow.type == "chatflow":
+            check_conversation_id(conversation_id, chatflow=workflow.name)
         concurrency = DEFAULT_CONCURRENCY[workflow.type] if concurrency is None else concurrency
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgumentError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -148,7 +149,7 @@ class _Run:
         self.stopping = False
         self.cancelled = False
         self.timed_out: errors.TimeoutError | None = None
-        self.rec = RunRecorder(self.result, self.clock)
+        self.rec = RunTimeline(self.result, self.clock)
 
     # ----------------------------------------------------------------- run level
     async def execute(self, timeout: float | None) -> WorkflowRunResult:

@@ -474,7 +474,7 @@ async def test_bad_run_arguments_are_rejected(kwargs, match):
 async def test_a_chatflow_needs_a_conversation_id():
     flow = Workflow("chat", [Node("a", lambda ctx: 1)], type="chatflow")
     for conversation_id in (None, "  "):
-        with pytest.raises(errors.InvalidArgumentError, match="conversation_id"):
+        with pytest.raises(errors.InvalidArgumentError, match="conversation id"):
             await Runner().run(flow, conversation_id=conversation_id)
 
 
