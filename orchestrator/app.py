@@ -20,16 +20,14 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import faults
-from orchestrator.broker.connection import create_redis, read_block_ms
 from orchestrator.broker.consumer import Consumer, Outcome
-from orchestrator.broker.embedded import EmbeddedRedis
+from orchestrator.broker.session import BrokerSession
 from orchestrator.broker.streams import StreamBroker
 from orchestrator.chat.chatflow import ChatflowExecutor
 from orchestrator.config import Settings, load_settings
@@ -39,6 +37,7 @@ from orchestrator.errors import InvalidArgumentError, StateError
 from orchestrator.events import Event
 from orchestrator.keys import Keys
 from orchestrator.locks import claim_once
+from orchestrator.ops.snapshot import app_snapshot, registered_workers
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import ErrorHook
 from orchestrator.runs.registry import RunServices, WorkflowRegistry
@@ -47,6 +46,9 @@ from orchestrator.topics import encode_topic_frame
 from orchestrator.workflow.runner import Runner
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from orchestrator.broker.sync_publish import SyncPublisher
     from orchestrator.workflow.model import Workflow
     from orchestrator.workflow.result import WorkflowRunResult
 
@@ -126,15 +128,13 @@ class Orchestrator:
         self.hooks = AppHooks(on_workflow_error=on_workflow_error, on_run_store_error=on_run_store_error)
         self.source = source
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.redis = None
-        self.broker: StreamBroker | None = None
+        self._session = BrokerSession()  # the Redis client and the broker, once connected
         self.consumer: Consumer | None = None
-        self._embedded: EmbeddedRedis | None = None
         self._processors: list[EventProcessor] = []
         self._lifecycle: list[Any] = []  # objects with async start()/stop() run with the app
-        self._consume_task: asyncio.Task | None = None
+        self._consume_task: asyncio.Task[None] | None = None
         self._started = False
-        self._sync_publisher: Any = None
+        self._sync_publisher: SyncPublisher | None = None
         self._observability_on = False
         self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
         self.runner = runner or Runner()
@@ -179,53 +179,42 @@ class Orchestrator:
         consumer group. Called by ``start()`` and ``publish()`` as needed; idempotent."""
         if self.broker is not None:
             return
-        url = self.settings.redis_url
-        if url is None:
-            self._embedded = EmbeddedRedis(self.settings.state_dir / "redis")
-            await asyncio.to_thread(self._embedded.start)
-            url = self._embedded.url
-            log.info("started embedded redis-server at %s", url)
-        # every slot may hold a connection (plus reads, acks, renewals, heartbeats)
-        self.redis = create_redis(url, timeout_ms=self.settings.redis_timeout_ms,
-                                  block_ms=read_block_ms(self.settings.block_ms, self.settings.redis_timeout_ms),
-                                  max_connections=max(100, 2 * self.settings.concurrency + 32))
         consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
-        self.broker = StreamBroker(self.redis, self.settings, consumer)
-        if self.mode == "worker":
-            # a worker waits for Redis (unreachable, loading, full without a group yet) as its
-            # consumer would, logging once per condition; callers that publish fail fast
-            await faults.retry_transient(self.broker.ensure_group)
-        else:
-            await self.broker.ensure_group()
+        await self._session.open(self.settings, consumer, wait_for_group=self.mode == "worker")
+        redis = self._session.client()
 
         async def claim_once_cluster_wide(name: str) -> bool:
             # a resent claim that finds our own id counts as ours (see locks.claim_once)
-            return await claim_once(self.redis, self.keys.once(name), self.worker_id)
+            return await claim_once(redis, self.keys.once(name), self.worker_id)
 
         self.dispatcher.once_claim = claim_once_cluster_wide
         if not self._run_store_given:
-            self.run_store = RedisRunStore(self.redis, self.keys)
+            self.run_store = RedisRunStore(redis, self.keys)
         if self.conversation_store is None:
             from orchestrator.chat.conversations import RedisConversationStore
 
-            self.conversation_store = RedisConversationStore(self.redis, self.keys)
+            self.conversation_store = RedisConversationStore(redis, self.keys)
+
+    @property
+    def redis(self) -> aioredis.Redis | None:
+        """The asyncio Redis client; None until ``connect()`` and after ``close()``."""
+        return self._session.redis
+
+    @property
+    def broker(self) -> StreamBroker | None:
+        """The stream broker on that client; None until ``connect()`` and after ``close()``."""
+        return self._session.broker
 
     @property
     def redis_url(self) -> str | None:
-        return self._embedded.url if self._embedded else self.settings.redis_url
+        return self._session.embedded_url or self.settings.redis_url
 
     async def close(self) -> None:
         """Close the Redis connections and stop an embedded server. Idempotent."""
         if self._sync_publisher is not None:
             self._sync_publisher.close()
             self._sync_publisher = None
-        if self.redis is not None:
-            await self.redis.aclose()
-        self.redis = None
-        self.broker = None
-        if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
-            self._embedded = None
+        await self._session.close()
 
     # -- publishing -----------------------------------------------------------------------
     async def publish(self, type: str, payload: Any = None, metadata: Mapping[str, Any] | None = None) -> Event:  # noqa: A002
@@ -237,7 +226,7 @@ class Orchestrator:
     async def enqueue(self, event: Event) -> str:
         """Add an already built event to the stream; returns its stream id."""
         await self.connect()
-        stream_id = await self.broker.publish(event, conversation_ids=self._conversations_of(event))
+        stream_id = await self._session.stream_broker().publish(event, conversation_ids=self._conversations_of(event))
         self.metrics["published"] += 1
         return stream_id
 
@@ -246,7 +235,7 @@ class Orchestrator:
         await self.connect()
         events = list(events)
         convs = [self._conversations_of(e) for e in events]
-        ids = await self.broker.publish_many(events, conversation_ids=convs if any(convs) else None)
+        ids = await self._session.stream_broker().publish_many(events, conversation_ids=convs if any(convs) else None)
         self.metrics["published"] += len(ids)
         return ids
 
@@ -266,7 +255,7 @@ class Orchestrator:
         self.metrics["published"] += len(ids)
         return ids
 
-    def _sync(self) -> Any:
+    def _sync(self) -> SyncPublisher:
         if self._sync_publisher is None:
             from orchestrator.broker.sync_publish import SyncPublisher
 
@@ -338,8 +327,8 @@ class Orchestrator:
         for component in self._lifecycle:
             await component.start()
         if self.mode != "producer":
-            self.consumer = self._new_consumer()
-            self._consume_task = asyncio.create_task(self.consumer.run(), name="tokiwa-consumer")
+            consumer = self.consumer = self._new_consumer()
+            self._consume_task = asyncio.create_task(consumer.run(), name="tokiwa-consumer")
 
     async def stop(self) -> None:
         """Stop fetching, finish in-flight work within the grace period, hand back the rest,
@@ -379,14 +368,15 @@ class Orchestrator:
         await asyncio.wait_for(consumer.run(until_drained=True), timeout)
 
     def _new_consumer(self) -> Consumer:
-        consumer = Consumer(self.broker, self.settings, self.process_event, self._event_dead)
+        consumer = Consumer(self._session.stream_broker(), self.settings, self.process_event, self._event_dead)
         consumer.observe = self.hooks.event_observer
         return consumer
 
     async def _wait_drained(self) -> None:
         while True:
-            state = await self.broker.group_state()
-            if state["pending"] == 0 and state["lag"] == 0 and not self.consumer.in_flight_count:
+            state = await self._session.stream_broker().group_state()
+            in_flight = self.consumer.in_flight_count if self.consumer is not None else 0
+            if state["pending"] == 0 and state["lag"] == 0 and not in_flight:
                 return
             await asyncio.sleep(0.05)
 
@@ -416,38 +406,16 @@ class Orchestrator:
         """Counters and cluster state: published, processed, failed, dead, in flight, pending,
         stream length and lag, and the workers registered in Redis."""
         await self.connect()
-        state = await self.broker.group_state()
-        workers = await self.workers()
-        stats = self.consumer.stats if self.consumer else None
-        return {
-            "mode": self.mode,
-            "is_running": self._started,
-            "namespace": self.settings.namespace,
-            "published": self.metrics["published"],
-            "processed": self.metrics["processed"],
-            "failed": self.metrics["failed"],
-            "dispatch_errors": self.metrics["dispatch_errors"],
-            "dead": await self.broker.dead_count(),
-            "in_flight": self.consumer.in_flight_count if self.consumer else 0,
-            "pending": state["pending"],
-            "lag": state["lag"],
-            "stream_length": state["length"],
-            "consumer": {} if stats is None else {
-                k: getattr(stats, k) for k in stats.__slots__  # type: ignore[attr-defined]
-            },
-            "workers": workers,
-            "timestamp": time.time(),
-            **{name: fn() for name, fn in self.hooks.extra_snapshots.items()},
-        }
+        return await app_snapshot(broker=self._session.stream_broker(), consumer=self.consumer,
+                                  workers=self.workers, mode=self.mode, is_running=self._started,
+                                  namespace=self.settings.namespace, metrics=self.metrics,
+                                  extra=self.hooks.extra_snapshots)
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Worker id → heartbeat dict, from ``{ns}:workers``."""
         await self.connect()
-        from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
-
-        beats = worker_beats(await self.redis.hgetall(self.keys.workers), now=time.time(),
-                             stale_after_s=STALE_HEARTBEATS * self.settings.heartbeat_interval_s)
-        return {w.id: w.fields() for w in beats}
+        return await registered_workers(self._session.client(), self.keys.workers,
+                                        heartbeat_interval_s=self.settings.heartbeat_interval_s)
 
     # -- shortcuts to two hooks (workers.assemble reads them) ------------------------------
     @property
@@ -507,9 +475,9 @@ class Orchestrator:
     def chatflows(self) -> ChatflowExecutor:
         """The conversation executor (locks, order, fenced memory) on this app's Redis."""
         if self._chatflows is None:
-            if self.redis is None:
+            if (redis := self.redis) is None:
                 raise StateError("chatflows need a Redis connection: call connect() or start() first")
-            self._chatflows = ChatflowExecutor(self.redis, self.keys, self.conversation_store, self.runner,
+            self._chatflows = ChatflowExecutor(redis, self.keys, self.conversation_store, self.runner,
                                                lock_ttl_ms=self.conversation_lock_ttl_ms)
         return self._chatflows
 
@@ -518,7 +486,7 @@ class Orchestrator:
         host subscribed to ``topic`` receive as ``topic:message``."""
         await self.connect()
         frame = encode_topic_frame(f"app-{self.worker_id}", socket.gethostname(), "app", str(message))
-        return await self.redis.publish(self.keys.topic(topic), frame)
+        return await self._session.client().publish(self.keys.topic(topic), frame)
 
     # -- cron: delegated to the cron registry ------------------------------------------------
     def register_cron_job(self, expr: str, name: str, handler: Callable[..., Any]) -> str:

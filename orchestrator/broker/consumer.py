@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -91,7 +92,7 @@ class _InFlight:
 
     def __init__(self, delivery: Delivery) -> None:
         self.delivery = delivery
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[Any] | None = None
         self.lost = False
 
 
@@ -131,9 +132,9 @@ class Consumer:
         self._stopping = asyncio.Event()
         # ready entries and idle slots; see _slot() for the lazy wake-up
         self._ready: deque[_InFlight] = deque()
-        self._idle: deque[asyncio.Future] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
         self._wake_scheduled = False
-        self._read_task: asyncio.Task | None = None
+        self._read_task: asyncio.Task[list[Delivery]] | None = None
         #: extra slots only reclaimed entries may fill: older work of a dead worker can always
         #: be rescued, even when every regular slot waits (say, for a conversation's turn that
         #: belongs to exactly that entry)
@@ -178,7 +179,9 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def _finish(self, acker: asyncio.Task, helpers: list[asyncio.Task], slots: list[asyncio.Task]) -> None:
+    async def _finish(
+        self, acker: asyncio.Task[None], helpers: list[asyncio.Task[None]], slots: list[asyncio.Task[None]]
+    ) -> None:
         deadline = time.monotonic() + self.settings.grace_period_s
         while self._working() and time.monotonic() < deadline:
             self._slot_freed.clear()
@@ -366,7 +369,8 @@ class Consumer:
         if self.in_flight or self._ack_buffer or self._redeliver:
             return False
         state = await self.broker.group_state()
-        return state["pending"] == 0 and state["lag"] == 0
+        drained: bool = state["pending"] == 0 and state["lag"] == 0
+        return drained
 
     # -- processing -----------------------------------------------------------------------
     def _start(self, delivery: Delivery) -> None:
@@ -580,16 +584,16 @@ class Consumer:
                 log.warning("%d entries were no longer ours at ack time: %s", len(lost), lost[:5])
         while self._redeliver:
             sent = True
-            batch, self._redeliver = self._redeliver, []
+            handbacks, self._redeliver = self._redeliver, []
             by_delay: dict[int, list[str]] = {}
-            for sid, delay in batch:
+            for sid, delay in handbacks:
                 by_delay.setdefault(delay // 10 * 10, []).append(sid)
             try:
                 for delay, ids in by_delay.items():
                     await self.broker.redeliver_after(ids, delay)
                     self.stats.redelivered += len(ids)
             except Exception:
-                self._redeliver[:0] = batch  # a repeat hand-back is harmless
+                self._redeliver[:0] = handbacks  # a repeat hand-back is harmless
                 raise
         if sent:  # only a reply from Redis ends a failover
             faults.recovered(Fault.FAILOVER)

@@ -150,7 +150,7 @@ async def serve(app: Orchestrator, *, components: list[Any] | None = None, heart
             beat.start()
         log.info("%s %s running (namespace %s, concurrency %d)", app.mode, app.worker_id,
                  app.settings.namespace, app.settings.concurrency)
-        waiters = [asyncio.create_task(stopper.event.wait())]
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stopper.event.wait())]
         if app._consume_task is not None:
             waiters.append(app._consume_task)
         # a component that can fail for good (a relay refused by an ACL) says so through

@@ -118,7 +118,7 @@ class CronRegistry:
         return list(self._specs.values())
 
     # -- the three kinds ------------------------------------------------------------------------
-    def event_handler(self, event_type: str, payload: Any, metadata: dict | None) -> Callable[..., Any]:
+    def event_handler(self, event_type: str, payload: Any, metadata: dict[str, Any] | None) -> Callable[..., Any]:
         async def fire(job_name: str, slot: Any) -> None:
             meta = {"source": f"cron:{job_name}", **(metadata or {})}
             await self.host.publish(event_type, payload, meta)

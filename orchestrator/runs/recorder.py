@@ -10,6 +10,7 @@ once, and saves the owned ones in one ``save_many``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -93,7 +94,7 @@ class RunRecorder:
                 # a Redis that is unreachable, full or failing over is waited out (one log line
                 # per episode) for up to the visibility timeout: after that the event may have
                 # been reclaimed elsewhere, and the ownership check decides
-                owned = await faults.retry_transient(lambda b=batch: self._owned(b), deadline_s=self._patience_s)
+                owned = await faults.retry_transient(functools.partial(self._owned, batch), deadline_s=self._patience_s)
                 keep = []
                 for result, event, future in batch:
                     if event is not None and event.stream_id and event.stream_id not in owned:

@@ -54,7 +54,7 @@ class RemoteRunError(TokiwaError):
     """Raised by ``run_workflow`` when the worker could not run the workflow at all (unknown
     workflow, chatflow without a conversation id ...); ``error`` is the worker's description."""
 
-    def __init__(self, message: str, error: dict | None = None) -> None:
+    def __init__(self, message: str, error: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.error = error or {}
 
@@ -90,7 +90,8 @@ def _as_workflow(obj: Any) -> Workflow:
         return obj
     to_workflow = getattr(obj, "to_workflow", None)  # a pyoco-style Flow
     if callable(to_workflow):
-        return to_workflow()
+        workflow: Workflow = to_workflow()
+        return workflow
     raise InvalidArgumentError(f"register_workflow expects a Workflow or Flow, got {type(obj).__name__}")
 
 
@@ -257,6 +258,7 @@ class WorkflowRegistry:
         wf, opts = reg.workflow, reg.options
         kwargs = {k: opts[k] for k in ("concurrency", "fail_fast", "timeout") if k in opts}
         services = self.host.services_for(run_id)
+        result: WorkflowRunResult
         if wf.type == "chatflow":
             result = await self.host.chatflows().run(
                 wf, conversation_id=conversation_id, event=event, input=input, context=context,

@@ -20,6 +20,7 @@ hosts), so pruning by age uses an injectable wall clock (``clock=time.time``).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import copy
 import json
 import os
@@ -28,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -146,11 +147,11 @@ class RunStore:
         newest, with their logs. Returns how many runs were deleted."""
         raise NotImplementedError
 
-    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+    async def append_logs(self, run_id: str, lines: builtins.list[str]) -> None:
         """Append log lines to a run; only the newest ``max_log_lines`` are kept."""
         raise NotImplementedError
 
-    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+    async def get_logs(self, run_id: str, tail: int | None = None) -> builtins.list[str]:
         """A run's log lines, oldest first; ``tail`` = only the last N."""
         raise NotImplementedError
 
@@ -187,12 +188,14 @@ class InMemoryRunStore(RunStore):
         found = self._records.get(check_run_id(run_id))
         return copy.deepcopy(found) if found is not None else None
 
-    async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
+    async def list(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int | None = 50
+    ) -> builtins.list[dict[str, Any]]:
         _check_count("limit", limit, 1)
         chosen = [r for r in self._records.values() if matches(r, status, workflow)]
         return [copy.deepcopy(r) for r in newest_first(chosen)[:limit]]
 
-    async def prune(self, *, older_than_s=None, keep=None) -> int:
+    async def prune(self, *, older_than_s: float | None = None, keep: int | None = None) -> int:
         _check_prune(older_than_s, keep)
         index = [(rid, r["started_at"]) for rid, r in self._records.items()]
         doomed = select_pruned(index, older_than_s, keep, self._clock())
@@ -201,12 +204,12 @@ class InMemoryRunStore(RunStore):
             self._logs.pop(run_id, None)
         return len(doomed)
 
-    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+    async def append_logs(self, run_id: str, lines: builtins.list[str]) -> None:
         check_run_id(run_id)
         buffer = self._logs.setdefault(run_id, deque(maxlen=self.max_log_lines))
         buffer.extend(_check_lines(lines))
 
-    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+    async def get_logs(self, run_id: str, tail: int | None = None) -> builtins.list[str]:
         _check_count("tail", tail, 0)
         return _tail(list(self._logs.get(check_run_id(run_id), ())), tail)
 
@@ -244,7 +247,7 @@ class FileRunStore(RunStore):
 
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return cast("dict[str, Any] | None", json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None
 
@@ -268,12 +271,14 @@ class FileRunStore(RunStore):
     async def get(self, run_id: str) -> dict[str, Any] | None:
         return await asyncio.to_thread(self._read, self._path(run_id))
 
-    async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
+    async def list(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int | None = 50
+    ) -> builtins.list[dict[str, Any]]:
         _check_count("limit", limit, 1)
         records = await asyncio.to_thread(self._all)
         return newest_first(r for r in records if matches(r, status, workflow))[:limit]
 
-    def _prune_sync(self, older_than_s, keep) -> int:
+    def _prune_sync(self, older_than_s: float | None, keep: int | None) -> int:
         index = [(r["run_id"], r["started_at"]) for r in self._all()]
         doomed = select_pruned(index, older_than_s, keep, self._clock())
         for run_id in doomed:
@@ -281,18 +286,18 @@ class FileRunStore(RunStore):
             self._logs_path(run_id).unlink(missing_ok=True)
         return len(doomed)
 
-    async def prune(self, *, older_than_s=None, keep=None) -> int:
+    async def prune(self, *, older_than_s: float | None = None, keep: int | None = None) -> int:
         _check_prune(older_than_s, keep)
         return await asyncio.to_thread(self._prune_sync, older_than_s, keep)
 
-    def _read_logs(self, run_id: str) -> list[str]:
+    def _read_logs(self, run_id: str) -> builtins.list[str]:
         try:
             text = self._logs_path(run_id).read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line]
 
-    def _append_sync(self, run_id: str, lines: list[str]) -> None:
+    def _append_sync(self, run_id: str, lines: builtins.list[str]) -> None:
         path = self._logs_path(run_id)
         self.directory.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
@@ -304,13 +309,13 @@ class FileRunStore(RunStore):
             body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept[-self.max_log_lines :])
             self._write(path, body)
 
-    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+    async def append_logs(self, run_id: str, lines: builtins.list[str]) -> None:
         checked = _check_lines(lines)
         check_run_id(run_id)
         if checked:
             await asyncio.to_thread(self._append_sync, run_id, checked)
 
-    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+    async def get_logs(self, run_id: str, tail: int | None = None) -> builtins.list[str]:
         _check_count("tail", tail, 0)
         lines = await asyncio.to_thread(self._read_logs, check_run_id(run_id))
         return _tail(lines[-self.max_log_lines :], tail)
@@ -438,7 +443,9 @@ class RedisRunStore(RunStore):
             raws = await pipe.execute()
         return [(rid, None if raw is None else msgpack.unpackb(raw, raw=False)) for rid, raw in zip(run_ids, raws, strict=True)]
 
-    async def list(self, *, status=None, workflow=None, limit=50) -> list[dict[str, Any]]:
+    async def list(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int | None = 50
+    ) -> builtins.list[dict[str, Any]]:
         _check_count("limit", limit, 1)
         found: list[dict[str, Any]] = []
         dangling: list[str] = []
@@ -457,7 +464,7 @@ class RedisRunStore(RunStore):
             await self.redis.zrem(self.keys.runs, *dangling)
         return found[:limit]
 
-    async def prune(self, *, older_than_s=None, keep=None) -> int:
+    async def prune(self, *, older_than_s: float | None = None, keep: int | None = None) -> int:
         _check_prune(older_than_s, keep)
         entries = await self.redis.zrange(self.keys.runs, 0, -1, withscores=True)
         index = [(_text(member), float(score)) for member, score in entries]
@@ -471,7 +478,7 @@ class RedisRunStore(RunStore):
             await pipe.execute()
         return len(doomed)
 
-    async def append_logs(self, run_id: str, lines: list[str]) -> None:
+    async def append_logs(self, run_id: str, lines: builtins.list[str]) -> None:
         checked = _check_lines(lines)
         key = self.keys.run_logs(check_run_id(run_id))
         if not checked:
@@ -482,7 +489,7 @@ class RedisRunStore(RunStore):
             pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
-    async def get_logs(self, run_id: str, tail: int | None = None) -> list[str]:
+    async def get_logs(self, run_id: str, tail: int | None = None) -> builtins.list[str]:
         _check_count("tail", tail, 0)
         if tail == 0:
             return []
