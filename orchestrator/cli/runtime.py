@@ -82,20 +82,34 @@ class Heartbeat:
         is logged with its traceback each time (the worker goes on: a missing heartbeat makes
         it look dead, never healthy)."""
         while True:
-            try:
-                await self.beat()
-                faults.recovered(Fault.OOM, Fault.FAILOVER)  # a write went through
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if faults.classify(exc) in faults.TRANSIENT:
-                    faults.report(exc)
-                else:
-                    log.exception("heartbeat failed")
+            await self.beat_once()
             await asyncio.sleep(self.app.settings.heartbeat_interval_s)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="tokiwa-heartbeat")
+    async def beat_once(self) -> bool:
+        """One beat; a failure is handled as :meth:`_loop` says. Returns whether it was written."""
+        try:
+            await self.beat()
+            faults.recovered(Fault.OOM, Fault.FAILOVER)  # a write went through
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if faults.classify(exc) in faults.TRANSIENT:
+                faults.report(exc)
+            else:
+                log.exception("heartbeat failed")
+            return False
+
+    async def start(self) -> None:
+        """Write the first beat (so a worker that says it runs is registered), then beat on in
+        a task; the first interval's wait replaces the loop's first beat."""
+        await self.beat_once()
+
+        async def later() -> None:
+            await asyncio.sleep(self.app.settings.heartbeat_interval_s)
+            await self._loop()
+
+        self._task = asyncio.create_task(later(), name="tokiwa-heartbeat")
 
     async def stop(self) -> None:
         if self._task:
@@ -147,7 +161,7 @@ async def serve(app: Orchestrator, *, components: list[Any] | None = None, heart
             await component.start()
         if heartbeat:
             beat = Heartbeat(app)
-            beat.start()
+            await beat.start()
         log.info("%s %s running (namespace %s, concurrency %d)", app.mode, app.worker_id,
                  app.settings.namespace, app.settings.concurrency)
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stopper.event.wait())]
