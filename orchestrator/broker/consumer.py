@@ -492,7 +492,8 @@ class Consumer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if classify(exc) not in TRANSIENT and classify(exc) is not Fault.NOGROUP:
+            fault = classify(exc)
+            if fault not in TRANSIENT and fault is not Fault.NOGROUP:
                 raise
             faults.report(exc)
             self._dead_waiting[d.stream_id] = (d, reason, error)
@@ -526,18 +527,21 @@ class Consumer:
             for sid, (d, reason, error) in list(self._dead_waiting.items()):
                 entry = self.in_flight.get(sid)
                 if entry is None or entry.lost:
-                    self._dead_waiting.pop(sid, None)
-                    self.in_flight.pop(sid, None)
+                    self._forget_dead_waiting(sid)
                     continue
                 dead_id = await self.broker.dead_letter(d, reason=reason, error=error)  # errors: _on_fault
-                self._dead_waiting.pop(sid, None)
-                self.in_flight.pop(sid, None)
-                self.stats.dead_waiting = len(self._dead_waiting)
-                self._slot_freed.set()
+                self._forget_dead_waiting(sid)
                 faults.recovered(Fault.OOM)
                 backoff.reset()
                 self._dead_done(d, dead_id, reason, error)
                 await self._after_dead(d, dead_id)
+
+    def _forget_dead_waiting(self, sid: str) -> None:
+        """The entry no longer waits for its dead-lettering (done, or lost to another worker)."""
+        self._dead_waiting.pop(sid, None)
+        self.in_flight.pop(sid, None)
+        self.stats.dead_waiting = len(self._dead_waiting)
+        self._slot_freed.set()
 
     async def _after_dead(self, d: Delivery, dead_id: str | None) -> None:
         if self.on_dead is None or not dead_id:

@@ -302,7 +302,7 @@ class StreamBroker:
             result = await self._dead(keys=[self.stream, self.keys.dead],
                                       args=head + dead_fields(delivery.fields, extra, self.settings.max_event_bytes))
         except ResponseError as exc:
-            if classify(exc) is not Fault.SCRIPT and classify(exc) is not Fault.FATAL:
+            if classify(exc) not in (Fault.SCRIPT, Fault.FATAL):
                 raise  # OOM, NOGROUP, failover: the caller waits and tries again
             log.error("dead-lettering %s with its data failed (%s); recording it without the data",
                       delivery.stream_id, exc)

@@ -4,13 +4,12 @@ dead letters and the group's state, starting worker processes of the fault app."
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
 from orchestrator.events import Event, encode_fields
-from tests.integration.procs import start_worker, worker_env
+from tests.integration.procs import start_worker, wait_until, worker_env
 
 FAULT_APP = "tests.faults.apps:app"
 
@@ -56,10 +55,5 @@ def start_fault_worker(base_env: dict[str, str], url: str, namespace: str, log: 
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> float:
-    """Wait until ``predicate()`` holds; returns the seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """:func:`tests.integration.procs.wait_until` with the description as third argument."""
+    return wait_until(predicate, timeout, interval, message=what)

@@ -10,23 +10,14 @@ import time
 import pytest
 import redis
 
-from orchestrator.events import Event, encode_fields
+from tests.faults.common import publish_jobs
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
 pytestmark = pytest.mark.slow
 
 
 def publish(client: redis.Redis, namespace: str, count: int, start: int = 0) -> None:
-    stream = f"{namespace}:events"
-    try:
-        client.xgroup_create(stream, "workers", id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        assert "BUSYGROUP" in str(exc)
-    for base in range(start, start + count, 1000):
-        pipe = client.pipeline(transaction=False)
-        for i in range(base, min(base + 1000, start + count)):
-            pipe.xadd(stream, encode_fields(Event("job", {"i": i})))
-        pipe.execute()
+    publish_jobs(client, namespace, count, start)
 
 
 def seen(client: redis.Redis, namespace: str) -> dict[int, int]:

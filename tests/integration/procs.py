@@ -46,10 +46,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05,
-               message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+               message: str = "condition") -> float:
+    """Wait until ``predicate()`` holds; returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
         if predicate():
-            return
+            return time.monotonic() - started
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
