@@ -22,7 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _suites() -> dict:
     suites = {"broker": broker_bench.run}
     for name, module in (("workflow", "workflow_bench"), ("chatflow", "chatflow_bench"),
-                         ("relay", "relay_bench"), ("faults", "faults_bench"), ("links", "links_bench")):
+                         ("relay", "relay_bench"), ("faults", "faults_bench"), ("links", "links_bench"), ("delay", "delay_bench"),
+                         ("fleet", "fleet_bench")):
         try:
             mod = __import__(f"benchmarks.{module}", fromlist=["run"])
             suites[name] = mod.run

@@ -20,27 +20,40 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import faults
 from orchestrator.broker.consumer import Consumer, Outcome
+from orchestrator.broker.delayed import DelayedEvents, DelayMover
+from orchestrator.broker.groups import ConsumerGroups, declare_groups
 from orchestrator.broker.session import BrokerSession
 from orchestrator.broker.streams import StreamBroker
 from orchestrator.chat.chatflow import ChatflowExecutor
 from orchestrator.config import Settings, load_settings
 from orchestrator.cron.jobs import CronRegistry
 from orchestrator.dispatcher import EventDispatcher
-from orchestrator.errors import InvalidArgumentError, StateError
-from orchestrator.events import Event
+from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError
+from orchestrator.events import IDEMPOTENT_PREFIX, Event, idempotent_event_id
 from orchestrator.keys import Keys
 from orchestrator.locks import claim_once
 from orchestrator.ops.snapshot import app_snapshot, registered_workers
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import ErrorHook
-from orchestrator.runs.registry import RunServices, WorkflowRegistry
+from orchestrator.runs.registry import RunServices, RunTarget, WorkflowRegistry
+from orchestrator.runs.routes import (
+    CHATFLOW,
+    PROCESSOR,
+    Route,
+    RouteBook,
+    encode_advert,
+    order_lists,
+    subscriber_routes,
+)
 from orchestrator.runs.stores import InMemoryRunStore, RedisRunStore, RunStore
 from orchestrator.topics import encode_topic_frame
 from orchestrator.workflow.runner import Runner
@@ -55,6 +68,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokiwa")
 
 RESERVED_PREFIX = "tokiwa."
+#: ms a worker's delay mover sleeps at most when nothing is due soon: an event scheduled by
+#: another process with a shorter delay than this may fire up to this late
+DELAY_IDLE_POLL_MS = 250
+
+
+def due_ms(*, delay_s: float | None = None, at: datetime | None = None) -> int:
+    """The due time (epoch ms, this host's clock) of ``delay_s`` from now or ``at``."""
+    if (delay_s is None) == (at is None):
+        raise InvalidArgumentError("give one of delay_s and at")
+    if at is not None:
+        if not isinstance(at, datetime):
+            raise InvalidArgumentError(f"at must be a datetime, got {type(at).__name__}")
+        return int(at.timestamp() * 1000)
+    if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not delay_s >= 0:
+        raise InvalidArgumentError(f"delay_s must be a number >= 0, got {delay_s!r}")
+    return int((time.time() + delay_s) * 1000)
 
 Mode = Literal["all", "producer", "worker"]
 #: a step run for every consumed event after the dispatcher (``add_processor``)
@@ -77,6 +106,8 @@ class AppHooks:
     event_observer: Callable[[str, str], None] | None = None
     #: ``fn(leading)`` when this process gains (True) or loses (False) cron leadership
     on_cron_leadership: Callable[[bool], Any] | None = None
+    #: ``fn()`` when a chatflow turn arrives that its publisher could not order (no key)
+    on_unordered: Callable[[], Any] | None = None
     #: name -> fn() giving more ``snapshot()`` sections (the relay adds its counters)
     extra_snapshots: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
@@ -129,14 +160,17 @@ class Orchestrator:
         self.source = source
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._session = BrokerSession()  # the Redis client and the broker, once connected
-        self.consumer: Consumer | None = None
+        self.consumer: ConsumerGroups | None = None
         self._processors: list[EventProcessor] = []
+        self._extra_processors: list[EventProcessor] = []  # add_processor's, each its own route
         self._lifecycle: list[Any] = []  # objects with async start()/stop() run with the app
         self._consume_task: asyncio.Task[None] | None = None
         self._started = False
         self._sync_publisher: SyncPublisher | None = None
         self._observability_on = False
-        self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0}
+        self.metrics = {"published": 0, "processed": 0, "failed": 0, "dispatch_errors": 0, "delayed": 0}
+        self._delayed: DelayedEvents | None = None
+        self.delay_mover: DelayMover | None = None  # moves due delayed events (worker / all mode)
         self.runner = runner or Runner()
         self.run_store: RunStore = run_store or InMemoryRunStore()
         self._run_store_given = run_store is not None
@@ -146,9 +180,17 @@ class Orchestrator:
         self._artifact_store: Any = None
         self._chatflows: ChatflowExecutor | None = None
         self.workflows = WorkflowRegistry(self, self._owned_entries, workflow_concurrency=workflow_concurrency)
-        self.add_processor(self.workflows.process)
+        self._processors.append(self.workflows.process)
+        self._routes: list[Route] = []  # the routes the consumers run (set by start())
+        self._book: RouteBook | None = None
         self.cron = CronRegistry(self, tz=cron_tz, lease_ms=cron_lease_ms, missed_policy=cron_missed_policy)
         self.add_lifecycle(self.cron)
+        from orchestrator.runs.cancel import CancelWatcher
+
+        # cancel requests for the runs running here (no Redis call while none runs); a watcher
+        # that fails for good stops the consumers, so the worker exits non-zero
+        self.cancel_watcher = CancelWatcher.for_app(self, on_failure=self._component_failed)
+        self.add_lifecycle(self.cancel_watcher)
 
     # -- configuration -------------------------------------------------------------------
     def configure(self, *, config_file: str | None = None, **values: Any) -> None:
@@ -165,9 +207,83 @@ class Orchestrator:
         return self.settings.concurrency
 
     def add_processor(self, processor: EventProcessor) -> None:
-        """Add a step run for every consumed event after the dispatcher (workflow triggers use
-        it). It returns a :class:`~orchestrator.runs.outcome.ProcessResult`."""
+        """Add a step run for every consumed event after the dispatcher and the workflows. It
+        returns a :class:`~orchestrator.runs.outcome.ProcessResult`; on workers it is a route of
+        its own (``proc:{qualified name}``) with its own delivery state."""
         self._processors.append(processor)
+        self._extra_processors.append(processor)
+
+    # -- routes ---------------------------------------------------------------------------
+    @property
+    def _route_book(self) -> RouteBook:
+        """The routes declared in Redis, as this process last read them."""
+        if self._book is None or self._book.keys != self.keys:
+            self._book = RouteBook(self.keys, self.settings.group)
+        return self._book
+
+    def routes(self) -> list[Route]:
+        """This app's routes (see :mod:`orchestrator.runs.routes`): one per subscriber, per
+        registered workflow and per added processor, each read through its own group."""
+        out = subscriber_routes(self.dispatcher, self._subscriber_step)
+        out += self.workflows.routes()
+        for proc in self._extra_processors:
+            name = f"{getattr(proc, '__module__', 'anon')}.{getattr(proc, '__qualname__', type(proc).__qualname__)}"
+            out.append(Route(f"proc:{name}", PROCESSOR, proc, {"kind": PROCESSOR, "name": name, "wildcard": True}))
+        return out
+
+    def _subscriber_step(self, sub: Any) -> Callable[[Event], Awaitable[ProcessResult]]:
+        async def step(event: Event) -> ProcessResult:
+            if event.type.startswith(RESERVED_PREFIX):
+                return OK
+            return self._dispatch_verdict(await self.dispatcher.dispatch_to(sub.id, event))
+        return step
+
+    def route_groups(self) -> list[str]:
+        """The consumer group of each of this app's routes."""
+        return [r.group(self.settings.group) for r in self.routes()]
+
+    async def declare_routes(self) -> list[str]:
+        """Create the groups of this app's routes that Redis lacks, and write the routes'
+        adverts to ``{ns}:routes`` (what producers without the code read). Returns the groups
+        created. The adverts are best effort: a full Redis refuses them, and the worker starts
+        anyway (its groups exist)."""
+        redis, keys = self._session.client(), self.keys
+        routes = self.routes()
+        groups = {r.group(self.settings.group): r for r in routes}
+        created = await declare_groups(redis, keys.events, groups, self.settings.group)
+        if groups:
+            now = time.time()
+            try:
+                await redis.hset(keys.routes, mapping={g: encode_advert({**r.advert, "route": r.name, "group": g,
+                                                                          "declared_at": now, "source": self.source})
+                                                       for g, r in groups.items()})
+            except Exception as exc:
+                if not faults.is_transient(exc):
+                    raise
+                log.warning("could not write the route adverts to %s (%s); producers without the app "
+                            "will not know these routes until a worker writes them", keys.routes, faults.describe(exc))
+        return created
+
+    async def remote_workflow(self, ref: str) -> RunTarget:
+        """A workflow this app does not register, by name or id, from the routes workers declared.
+        NotFoundError, naming what live workers offer, when no route has it."""
+        redis = self._session.client()
+        adverts = await self._route_book.refresh(redis, force=True)
+        for advert in adverts.values():
+            if advert.get("kind") in ("workflow", CHATFLOW) and ref in (advert.get("name"), advert.get("workflow_id")):
+                target = RunTarget(str(advert["workflow_id"]), str(advert["name"]), str(advert["kind"]))
+                live = await self.offers()
+                if not any(target.name in names for names in live.values()):
+                    log.warning("no live worker offers workflow %r now; the request waits for one", target.name)
+                return target
+        live = await self.offers()
+        offered = sorted({n for names in live.values() for n in names})
+        raise NotFoundError(f"no worker offers a workflow {ref!r}; live workers offer: "
+                            f"{', '.join(offered) if offered else 'nothing (no live worker)'}")
+
+    async def offers(self) -> dict[str, list[str]]:
+        """Worker id -> the workflow names its heartbeat says it runs (live workers only)."""
+        return {wid: list(beat.get("workflows") or []) for wid, beat in (await self.workers()).items()}
 
     def add_lifecycle(self, component: Any) -> None:
         """Start/stop ``component`` with the app (``async start()``, ``async stop()``)."""
@@ -180,8 +296,12 @@ class Orchestrator:
         if self.broker is not None:
             return
         consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
-        await self._session.open(self.settings, consumer, wait_for_group=self.mode == "worker")
+        await self._session.open(self.settings, consumer, routes=len(self.routes()))
         redis = self._session.client()
+        if self.mode == "worker":  # a worker waits out an unreachable or full Redis
+            await faults.retry_transient(self.declare_routes)
+        else:
+            await self.declare_routes()
 
         async def claim_once_cluster_wide(name: str) -> bool:
             # a resent claim that finds our own id counts as ours (see locks.claim_once)
@@ -217,16 +337,63 @@ class Orchestrator:
         await self._session.close()
 
     # -- publishing -----------------------------------------------------------------------
-    async def publish(self, type: str, payload: Any = None, metadata: Mapping[str, Any] | None = None) -> Event:  # noqa: A002
-        """Build an event, add it to the stream, and return it (with ``stream_id`` set)."""
-        event = Event(type, payload, self._with_source(metadata))
-        await self.enqueue(event)
+    async def publish(self, type: str, payload: Any = None, metadata: Mapping[str, Any] | None = None,  # noqa: A002
+                      *, key: str | None = None, idempotency_key: str | None = None,
+                      delay_s: float | None = None, at: datetime | None = None) -> Event:
+        """Build an event, add it to the stream, and return it (with ``stream_id`` set).
+
+        ``key`` orders the event: chatflows that declare no conversation key take it as the
+        conversation id. ``idempotency_key``: the event's id is derived from it, and a second
+        publish with the same key within ``idempotency_window_s`` adds nothing (the handlers
+        and workflows run once). ``delay_s`` / ``at`` (an aware datetime, or naive = local
+        time): the event waits in Redis (``{ns}:delayed``) and a worker adds it to the stream
+        when it is due (``stream_id`` stays None until then; ``inspect delayed`` lists and
+        cancels it)."""
+        event = self._build(type, payload, metadata, key, idempotency_key)
+        if delay_s is None and at is None:
+            await self.enqueue(event)
+            return event
+        await self.schedule(event, due_ms(delay_s=delay_s, at=at))
         return event
 
-    async def enqueue(self, event: Event) -> str:
-        """Add an already built event to the stream; returns its stream id."""
+    async def schedule(self, event: Event, due_at_ms: int) -> bool:
+        """Add ``event`` to the delayed events, due at ``due_at_ms`` (epoch ms, this host's
+        clock). Its conversation order is taken when it is moved to the stream. False when an
+        event of that id is already scheduled."""
         await self.connect()
-        stream_id = await self._session.stream_broker().publish(event, conversation_ids=self._conversations_of(event))
+        added = await self.delayed().schedule(event, due_at_ms, await self._order_lists(event))
+        if added:
+            self.metrics["delayed"] += 1
+        return added
+
+    def delayed(self) -> DelayedEvents:
+        """The delayed events of this namespace (after ``connect()``)."""
+        if self._delayed is None or self._delayed.keys != self.keys:
+            self._delayed = DelayedEvents(self._session.client(), self.keys, self.settings)
+        return self._delayed
+
+    def _build(self, type: str, payload: Any, metadata: Mapping[str, Any] | None,  # noqa: A002
+               key: str | None, idempotency_key: str | None) -> Event:
+        meta = self._with_source(metadata)
+        if key is not None:
+            if not isinstance(key, str) or not key.strip():
+                raise InvalidArgumentError(f"key must be a non-blank string, got {key!r}")
+            meta = {**(meta or {}), "key": key}
+        event_id = None
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key.strip():
+                raise InvalidArgumentError(f"idempotency_key must be a non-blank string, got {idempotency_key!r}")
+            event_id = idempotent_event_id(self.settings.namespace, idempotency_key)
+        return Event(type, payload, meta, id=event_id)
+
+    async def enqueue(self, event: Event) -> str:
+        """Add an already built event to the stream; returns its stream id. The same event id
+        published again within ``publish_dedup_ms`` (``idempotency_window_s`` for an id made
+        from an idempotency key) adds nothing and returns the first stream id."""
+        await self.connect()
+        lists = await self._order_lists(event)
+        stream_id = await self._session.stream_broker().publish(event, order_lists=lists,
+                                                                dedup_ms=self._dedup_ms(event))
         self.metrics["published"] += 1
         return stream_id
 
@@ -234,26 +401,47 @@ class Orchestrator:
         """Add many events in one pipelined round trip."""
         await self.connect()
         events = list(events)
-        convs = [self._conversations_of(e) for e in events]
-        ids = await self._session.stream_broker().publish_many(events, conversation_ids=convs if any(convs) else None)
+        lists = [await self._order_lists(e) for e in events]
+        ids = await self._session.stream_broker().publish_many(events, order_lists=lists if any(lists) else None)
         self.metrics["published"] += len(ids)
         return ids
 
     def publish_sync(self, type: str, payload: Any = None,  # noqa: A002
-                     metadata: Mapping[str, Any] | None = None) -> Event:
+                     metadata: Mapping[str, Any] | None = None, *, key: str | None = None,
+                     idempotency_key: str | None = None) -> Event:
         """``publish`` for synchronous code (web views, scripts): same wire form and checks,
         redis-py's sync client. Needs ``redis_url``. Thread-safe."""
-        event = Event(type, payload, self._with_source(metadata))
-        self._sync().publish(event, self._conversations_of(event))
+        event = self._build(type, payload, metadata, key, idempotency_key)
+        sync = self._sync()
+        sync.publish(event, self._order_lists_now(event, self._route_book.refresh_sync(sync.redis)),
+                     dedup_ms=self._dedup_ms(event))
         self.metrics["published"] += 1
         return event
 
     def publish_many_sync(self, events: Iterable[Event]) -> list[str]:
         """``publish_many`` for synchronous code: one pipelined round trip."""
         events = list(events)
-        ids = self._sync().publish_many(events, [self._conversations_of(e) for e in events])
+        sync = self._sync()
+        adverts = self._route_book.refresh_sync(sync.redis)
+        ids = sync.publish_many(events, [self._order_lists_now(e, adverts) for e in events])
         self.metrics["published"] += len(ids)
         return ids
+
+    def _dedup_ms(self, event: Event) -> int | None:
+        """The publish-once window of ``event``: the idempotency window for an id derived from
+        an idempotency key, else None (``publish_dedup_ms``)."""
+        if event.id.startswith(IDEMPOTENT_PREFIX):
+            return int(self.settings.idempotency_window_s * 1000)
+        return None
+
+    async def _order_lists(self, event: Event) -> list[str]:
+        """The conversation order lists ``event`` joins (its chatflow routes, this app's and
+        those workers declared in Redis)."""
+        adverts = await self._route_book.refresh(self._session.client())
+        return self._order_lists_now(event, adverts)
+
+    def _order_lists_now(self, event: Event, adverts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        return order_lists(self.keys, event, adverts, self.workflows.order_fns())
 
     def _sync(self) -> SyncPublisher:
         if self._sync_publisher is None:
@@ -267,10 +455,6 @@ class Orchestrator:
             return {**(metadata or {}), "source": self.source}
         return metadata
 
-    def _conversations_of(self, event: Event) -> list[str]:
-        """Conversation ids whose order list must record this event (chatflow triggers)."""
-        return self.workflows.conversations_of(event)
-
     # -- processing -----------------------------------------------------------------------
     async def process_event(self, event: Event) -> Outcome:
         """Run the dispatcher, then every processor (triggered workflows) for one event.
@@ -278,7 +462,15 @@ class Orchestrator:
         steps = [] if event.type.startswith(RESERVED_PREFIX) else [await self._dispatch(event)]
         for processor in self._processors:
             steps.append(await processor(event))
-        result = ProcessResult.combine(steps)
+        return self._outcome(event, ProcessResult.combine(steps))
+
+    def _route_process(self, route: Route) -> Callable[[Event], Awaitable[Outcome]]:
+        """What a route's consumer runs per event."""
+        async def process(event: Event) -> Outcome:
+            return self._outcome(event, await route.process(event))
+        return process
+
+    def _outcome(self, event: Event, result: ProcessResult) -> Outcome:
         if result.ok:
             self.metrics["processed"] += 1
             return Outcome(True)
@@ -288,9 +480,13 @@ class Orchestrator:
         return Outcome(False, result.error[:4000], retry=result.verdict.redo)
 
     async def _dispatch(self, event: Event) -> ProcessResult:
-        """The subscribers' step. One that met a transient Redis fault retries the event (the
-        event did not fail), whatever ack_policy says."""
-        result = await self.dispatcher.dispatch(event)
+        """The subscribers' step of ``process_event``."""
+        return self._dispatch_verdict(await self.dispatcher.dispatch(event))
+
+    def _dispatch_verdict(self, result: Any) -> ProcessResult:
+        """What a dispatch came to. A subscriber that met a transient Redis fault retries the
+        event (the event did not fail), whatever ack_policy says."""
+        event = result.event
         if not result.errors:
             return OK
         self.metrics["dispatch_errors"] += len(result.errors)
@@ -301,11 +497,21 @@ class Orchestrator:
                              "; ".join(f"{e.stage}:{e.name}: {type(e.error).__name__}: {e.error}" for e in result.errors))
 
     async def _event_dead(self, event: Event) -> None:
-        """A dead-lettered event gives up its turn in its conversations' order lists."""
+        """A dead-lettered event gives up its turn in its conversations' order lists (those of
+        the chatflow route whose group dead-lettered it)."""
         if event.stream_id is None:
             return
-        for cid in self.workflows.conversations_of(event):
-            await self.chatflows().abandon(cid, event.stream_id)
+        for cid in self.workflows.conversations_of(event, group=event.group):
+            await self.chatflows().abandon(cid, event.stream_id, event.group)
+
+    def _component_failed(self, exc: BaseException) -> None:
+        """A background component failed for good: stop consuming, so that ``wait()`` ends and
+        the worker exits non-zero instead of looking healthy."""
+        log.error("a background component failed for good (%s); stopping", faults.describe(exc))
+        if self.consumer is not None:
+            if self.consumer.failure is None:
+                self.consumer.failure = exc
+            self.consumer.request_stop()
 
     def _require_consumer_mode(self, what: str) -> None:
         if self.mode == "producer":
@@ -327,6 +533,10 @@ class Orchestrator:
         for component in self._lifecycle:
             await component.start()
         if self.mode != "producer":
+            self.delay_mover = DelayMover(self.delayed(), max_sleep_ms=DELAY_IDLE_POLL_MS,
+                                          on_failed=self._component_failed)
+            await self.delay_mover.start()
+            await faults.retry_transient(self.declare_routes)  # routes added since connect()
             consumer = self.consumer = self._new_consumer()
             self._consume_task = asyncio.create_task(consumer.run(), name="tokiwa-consumer")
 
@@ -345,6 +555,9 @@ class Orchestrator:
                 log.exception("the consumer ended with an error")
             finally:
                 self._consume_task = None
+        if self.delay_mover is not None:
+            await self.delay_mover.stop()
+            self.delay_mover = None
         for component in reversed(self._lifecycle):
             try:
                 await component.stop()
@@ -361,24 +574,37 @@ class Orchestrator:
         Raises StateError in producer mode."""
         self._require_consumer_mode("Drain")
         await self.connect()
+        await self.declare_routes()
         if self._consume_task is not None:
             await asyncio.wait_for(self._wait_drained(), timeout)
             return
         consumer = self.consumer = self._new_consumer()
         await asyncio.wait_for(consumer.run(until_drained=True), timeout)
 
-    def _new_consumer(self) -> Consumer:
-        consumer = Consumer(self._session.stream_broker(), self.settings, self.process_event, self._event_dead)
-        consumer.observe = self.hooks.event_observer
-        return consumer
+    def _new_consumer(self) -> ConsumerGroups:
+        """One consumer per route, each on its route's group."""
+        redis, name = self._session.client(), self._session.stream_broker().consumer
+        self._routes = self.routes()
+        consumers = {}
+        for route in self._routes:
+            group = route.group(self.settings.group)
+            broker = StreamBroker(redis, self.settings, name, group=group)
+            consumers[group] = Consumer(broker, self.settings, self._route_process(route), self._event_dead)
+        groups = ConsumerGroups(consumers)
+        groups.set_observer(self.hooks.event_observer)
+        return groups
 
     async def _wait_drained(self) -> None:
         while True:
-            state = await self._session.stream_broker().group_state()
+            state = await self.group_states()
             in_flight = self.consumer.in_flight_count if self.consumer is not None else 0
-            if state["pending"] == 0 and state["lag"] == 0 and not in_flight:
+            if all(s["pending"] == 0 and s["lag"] == 0 for s in state.values()) and not in_flight:
                 return
             await asyncio.sleep(0.05)
+
+    async def group_states(self) -> dict[str, dict[str, Any]]:
+        """group -> {length, pending, lag, consumers, last_delivered} for this app's routes."""
+        return await self._session.stream_broker().groups_state(self.route_groups())
 
     async def owns(self, event: Event) -> bool:
         """Whether this worker still holds ``event``'s stream entry.
@@ -390,23 +616,27 @@ class Orchestrator:
         if event.stream_id is None or self.broker is None:
             return False
         # the consumer's rule (it also knows the entries it lost); without one, Redis's pending list
-        owner = self.consumer if self.consumer is not None else self.broker
-        return event.stream_id in await owner.owned([event.stream_id])
+        if self.consumer is not None and self.consumer.consumer_of(event.group) is not None:
+            return bool(await self.consumer.owned_events([event]))
+        broker = self.broker if event.group is None else StreamBroker(self._session.client(), self.settings,
+                                                                      self.broker.consumer, group=event.group)
+        return event.stream_id in await broker.owned([event.stream_id])
 
-    async def _owned_entries(self, stream_ids: Sequence[str]) -> set[str]:
-        """Which of ``stream_ids`` this worker still holds, before their runs are recorded: the
-        consumer's rule, or all of them when the app is not consuming (``process_event``
-        called directly has no lease to lose)."""
+    async def _owned_entries(self, events: Sequence[Event]) -> set[tuple[str | None, str]]:
+        """Which of ``events``' entries (group, stream id) this worker still holds, before their
+        runs are recorded: the consumer's rule, or all of them when the app is not consuming
+        (``process_event`` called directly has no lease to lose)."""
         if self.consumer is None:
-            return set(stream_ids)
-        return await self.consumer.owned(stream_ids)
+            return {(e.group, e.stream_id) for e in events if e.stream_id}
+        return await self.consumer.owned_events(events)
 
     # -- inspection -----------------------------------------------------------------------
     async def snapshot(self) -> dict[str, Any]:
         """Counters and cluster state: published, processed, failed, dead, in flight, pending,
         stream length and lag, and the workers registered in Redis."""
         await self.connect()
-        return await app_snapshot(broker=self._session.stream_broker(), consumer=self.consumer,
+        return await app_snapshot(broker=self._session.stream_broker(), groups=await self.group_states(),
+                                  consumer=self.consumer,
                                   workers=self.workers, mode=self.mode, is_running=self._started,
                                   namespace=self.settings.namespace, metrics=self.metrics,
                                   extra=self.hooks.extra_snapshots)
@@ -458,6 +688,15 @@ class Orchestrator:
         return await self.workflows.run(workflow, input=input, context=context, conversation_id=conversation_id,
                                         wait=wait, timeout=timeout, local=local)
 
+    async def cancel_run(self, run_id: str, *, by: str | None = None, reason: str | None = None) -> dict[str, Any]:
+        """Cancel a run from any host: a running run stops at once (its signal, then its
+        nodes' cancellation), a queued one never starts; its record says ``cancelled``, by whom
+        and when. Returns what was done (see :func:`orchestrator.runs.cancel.cancel_run`)."""
+        from orchestrator.runs.cancel import cancel_run
+
+        await self.connect()
+        return await cancel_run(self, run_id, by=by or self.source or self.worker_id, reason=reason)
+
     def services_for(self, run_id: str) -> RunServices:
         """What a run's nodes get as ``services``: a per-run artifact folder (created on first
         use), publish_topic."""
@@ -479,6 +718,7 @@ class Orchestrator:
                 raise StateError("chatflows need a Redis connection: call connect() or start() first")
             self._chatflows = ChatflowExecutor(redis, self.keys, self.conversation_store, self.runner,
                                                lock_ttl_ms=self.conversation_lock_ttl_ms)
+            self._chatflows.on_unordered = lambda: self.hooks.on_unordered() if self.hooks.on_unordered else None
         return self._chatflows
 
     async def publish_topic(self, topic: str, message: Any) -> int:

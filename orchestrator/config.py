@@ -69,6 +69,9 @@ class Settings(BaseModel):
     # a second entry. redis-py's own resends all fall within ~15 s; a marker costs ~240 bytes.
     # 0 = plain XADD, and a retried publish may then add the event twice.
     publish_dedup_ms: int = Field(default=20_000, ge=0)
+    # seconds a publish with an idempotency_key stays unique: the same key published again
+    # within this window adds nothing (one marker of ~240 bytes per key while it lasts).
+    idempotency_window_s: float = Field(default=86_400.0, gt=0)
     # an encoded envelope larger than this is refused by the producer and dead-lettered by workers.
     max_event_bytes: int = Field(default=1_048_576, ge=1024)
     ack_policy: Literal["always", "on_success"] = "always"

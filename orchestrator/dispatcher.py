@@ -188,6 +188,17 @@ class EventDispatcher:
                 await self._deliver(sub, event, result)
         return result
 
+    async def dispatch_to(self, subscriber_id: str, event: Event) -> DispatchResult:
+        """Run one subscriber on ``event`` (its route's consumer calls this); nothing when it
+        was unsubscribed meanwhile (a ``once`` subscriber after its one run) or does not take
+        the event's type. Never raises."""
+        result = DispatchResult(event)
+        for sub in self._matching(event.type):
+            if sub.id == subscriber_id:
+                await self._deliver(sub, event, result)
+                break
+        return result
+
     async def _deliver(self, sub: Subscriber, event: Event, result: DispatchResult) -> None:
         if sub.filter is not None:
             try:

@@ -30,6 +30,16 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+#: the start of an event id derived from an idempotency key
+IDEMPOTENT_PREFIX = "idem-"
+
+
+def idempotent_event_id(namespace: str, key: str) -> str:
+    """The event id of a publish with ``idempotency_key=key``: the same for every publisher
+    of the namespace, so the publish-once marker finds a second publish of the key."""
+    return IDEMPOTENT_PREFIX + uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:{namespace}:idem:{key}").hex
+
+
 class Event:
     """One published event.
 
@@ -38,7 +48,7 @@ class Event:
     (str or None) and ``tags`` (list of str); extra metadata keys are kept as they are.
     """
 
-    __slots__ = ("id", "type", "payload", "metadata", "published_at", "stream_id", "deliveries")
+    __slots__ = ("id", "type", "payload", "metadata", "published_at", "stream_id", "deliveries", "group")
 
     def __init__(
         self,
@@ -60,6 +70,8 @@ class Event:
         self.stream_id: str | None = None
         #: how many times the stream delivered this entry (1 on first delivery)
         self.deliveries: int = 0
+        #: the consumer group (the registration's delivery state) that delivered this entry
+        self.group: str | None = None
 
     # -- convenience accessors -------------------------------------------------------
     @property
@@ -73,6 +85,13 @@ class Event:
     @property
     def source(self) -> str | None:
         return self.metadata.get("source")
+
+    @property
+    def key(self) -> str | None:
+        """The publisher's explicit ordering key (``publish(..., key=...)``): a chatflow whose
+        trigger declares no conversation key takes it as the conversation id."""
+        key = self.metadata.get("key")
+        return key if isinstance(key, str) else None
 
     @property
     def tags(self) -> list[str]:
@@ -118,6 +137,7 @@ def _from_wire(data: dict[str, Any]) -> Event:
         event.published_at = float(data["published_at"])
         event.stream_id = None
         event.deliveries = 0
+        event.group = None
         return event
     return Event(etype, data.get("payload"), meta, id=eid, published_at=data["published_at"])
 

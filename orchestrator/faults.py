@@ -23,6 +23,7 @@ when a condition starts and one when it ends, never one per failed call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import random
@@ -167,6 +168,41 @@ def hint(exc: BaseException) -> str:
     if refused == "acl":
         return "the Redis ACL user lacks a permission tokiwa needs (docs/faults.md lists them)"
     return _HINTS.get(classify(exc), "see docs/faults.md")
+
+
+#: a background task that fails this many times within RESTART_WINDOW_S on something that
+#: is not a transient Redis fault stops for good (and with it the worker)
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
+
+
+class RestartBudget:
+    """The restart rule of a background task (consumer tasks, the delay mover, the cancel
+    watcher): a failure that is not transient is logged and the task restarted, unless it is
+    a fatal Redis reply (ACL, wrong type) or the :data:`MAX_RESTARTS` + 1-th within
+    :data:`RESTART_WINDOW_S`: then the task stops for good and the worker with it."""
+
+    def __init__(self, what: str, *, stops: str = "it", limit: int = MAX_RESTARTS,
+                 window_s: float = RESTART_WINDOW_S) -> None:
+        self.what, self.stops, self.limit, self.window_s = what, stops, limit, window_s
+        self._failures: collections.deque[float] = collections.deque()
+        self.restarts = 0
+
+    def spend(self, exc: BaseException) -> bool:
+        """Count and log one failure; True when the task may restart, False when it must stop."""
+        now = time.monotonic()
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > self.window_s:
+            self._failures.popleft()
+        if (isinstance(exc, rx.RedisError) and classify(exc) is Fault.FATAL) or len(self._failures) > self.limit:
+            log.error("%s failed (%s); stopping %s", self.what, describe(exc), self.stops, exc_info=exc)
+            return False
+        self.restarts += 1
+        log.error("%s failed; restarting it (%d in the last %.0fs)", self.what, len(self._failures),
+                  self.window_s, exc_info=exc)
+        return True
+
+    def reset(self) -> None:
+        self._failures.clear()
 
 
 class Backoff:

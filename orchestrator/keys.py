@@ -102,10 +102,13 @@ class Keys:
     def run_result_notify(self, run_id: str) -> str:
         return f"{self.namespace}:result:{run_id}:notify"
 
-    # list: stream ids of a conversation's events in publish order (RPUSH'ed atomically with
-    # the XADD by the publish script); a chatflow run starts only when its id is the head.
-    def conversation_order(self, conversation_id: str) -> str:
-        return f"{self.namespace}:conv:{conversation_id}:order"
+    # list: stream ids of a conversation's events in publish order, one list per chatflow
+    # route (its consumer group), RPUSH'ed atomically with the XADD by the publish script; a
+    # chatflow run starts only when its id is the head. Without a group (``process_event``
+    # called directly) the list is the conversation's own.
+    def conversation_order(self, conversation_id: str, group: str | None = None) -> str:
+        base = f"{self.namespace}:conv:{conversation_id}:order"
+        return base if group is None else f"{base}:{group}"
 
     # hash: Miclow relay id -> msgpack heartbeat (host, pid, tasks, topics, at), written every
     # relay ``heartbeat_interval_s`` (default 2 s); entries older than 3 intervals are pruned
@@ -129,3 +132,35 @@ class Keys:
 
     def published(self, event_id: str) -> str:
         return f"{self.namespace}:published:{event_id}"
+
+    # hash: delivery group -> msgpack description of the registration behind it (kind, name,
+    # workflow id, event types or pattern, conversation key path, when first declared, last
+    # declared). Written by every worker (and producer with an app) that has the registration;
+    # read by producers without the app (conversation keys, call by name) and ``inspect groups``.
+    # An entry goes when its group is removed (``tokiwa-producer groups remove``).
+    @property
+    def routes(self) -> str:
+        return f"{self.namespace}:routes"
+
+    # zset: delayed event id -> due time (epoch ms). Moved to the stream when due (by any worker,
+    # atomically with the removal, so never twice); cancelled with ``inspect delayed cancel``.
+    @property
+    def delayed(self) -> str:
+        return f"{self.namespace}:delayed"
+
+    # hash: delayed event id -> msgpack of the stream fields and the conversation order lists to
+    # append to when it is moved; removed with its ``delayed`` member.
+    @property
+    def delayed_events(self) -> str:
+        return f"{self.namespace}:delayed:events"
+
+    # string: a cancel request for a run: msgpack {by, at, reason}, EX = 1 day. A worker running
+    # the run stops it; a worker about to start it records it ``cancelled`` instead.
+    def cancel(self, run_id: str) -> str:
+        return f"{self.namespace}:cancel:{run_id}"
+
+    # zset: run ids with a cancel request (score = request time, epoch seconds), so workers
+    # find requests with one read; pruned of entries older than a day by whoever writes.
+    @property
+    def cancels(self) -> str:
+        return f"{self.namespace}:cancels"

@@ -1,6 +1,6 @@
 """The Redis side of events: connections (the one place every client is built), the
-events stream and its Lua scripts, the consumer loop, the synchronous publisher, bulk
-publishing, and the embedded redis-server.
+events stream and its Lua scripts, the consumer loop and the consumer groups (one per route),
+delayed events, the synchronous publisher, bulk publishing, and the embedded redis-server.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ _EXPORTS = {
     "Outcome": "consumer",
     "Stats": "consumer",
     "redelivery_delay_ms": "consumer",
+    "DelayMover": "delayed",
+    "DelayedEvents": "delayed",
     "EmbeddedRedis": "embedded",
     "find_redis_server": "embedded",
     "free_port": "embedded",
+    "ConsumerGroups": "groups",
+    "declare_groups": "groups",
+    "group_names": "groups",
     "Delivery": "streams",
     "StreamBroker": "streams",
     "checked_fields": "streams",

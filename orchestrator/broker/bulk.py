@@ -15,7 +15,8 @@ from orchestrator.events import Event
 
 
 def read_events(path: Path) -> Iterator[Event]:
-    """Yield events from a JSON-lines file; a bad line is an error naming its number."""
+    """Yield events from a JSON-lines file of ``{type, payload, metadata, key}`` (``key``
+    optional: the ordering key); a bad line is an error naming its number."""
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
@@ -24,7 +25,12 @@ def read_events(path: Path) -> Iterator[Event]:
                 record = json.loads(line)
                 if not isinstance(record, dict) or "type" not in record:
                     raise ValueError("each line must be an object with a 'type'")
-                yield Event(record["type"], record.get("payload"), record.get("metadata"))
+                metadata = record.get("metadata")
+                if record.get("key") is not None:  # the ordering key, as publish(key=...) takes it
+                    if not isinstance(record["key"], str) or not record["key"].strip():
+                        raise ValueError(f"'key' must be a non-blank string, got {record['key']!r}")
+                    metadata = {**(metadata if isinstance(metadata, dict) else {}), "key": record["key"]}
+                yield Event(record["type"], record.get("payload"), metadata)
             except (ValueError, InvalidArgumentError) as exc:
                 raise InvalidArgumentError(f"{path}:{number}: {exc}") from exc
 

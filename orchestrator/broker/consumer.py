@@ -17,15 +17,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from orchestrator import faults
 from orchestrator.broker.connection import read_block_ms
 from orchestrator.broker.streams import Delivery, StreamBroker
 from orchestrator.config import Settings
 from orchestrator.errors import BrokerError, EventDecodeError
 from orchestrator.events import Event, decode_fields
-from orchestrator.faults import TRANSIENT, Backoff, Fault, classify
+from orchestrator.faults import (
+    TRANSIENT,
+    Backoff,
+    Fault,
+    RestartBudget,
+    classify,
+)
 from orchestrator.locks import cancel_and_wait
 
 log = logging.getLogger("tokiwa.consumer")
@@ -34,9 +38,6 @@ log = logging.getLogger("tokiwa.consumer")
 TRIM_INTERVAL_S = 1.0
 # a worker reconnecting after Redis failures waits min(cap, base * 2**n) with full jitter
 RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
-# a background task that fails this many times within RESTART_WINDOW_S on something that is
-# not a transient Redis fault takes the consumer down (the worker exits non-zero)
-MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 # seconds shutdown keeps retrying the last acks while Redis is unavailable
 FINAL_FLUSH_S = 5.0
 
@@ -142,7 +143,10 @@ class Consumer:
         self._closing = False
         self._next_reclaim = 0.0
         self._last_trim = 0.0
-        self._failures: deque[float] = deque()
+        #: whether this consumer trims the stream (one consumer per worker does: the trim
+        #: covers every group)
+        self.trims = True
+        self._budget = RestartBudget("consumer task", stops="the worker")
         self.failure: BaseException | None = None
         self.connected = asyncio.Event()
 
@@ -260,21 +264,13 @@ class Consumer:
     def _fail(self, name: str, exc: BaseException) -> bool:
         """A task failed on a non-transient error: log it; restart it unless that happened too
         often (or the error is a fatal Redis reply), in which case the consumer stops."""
-        now = time.monotonic()
-        self._failures.append(now)
-        while self._failures and now - self._failures[0] > RESTART_WINDOW_S:
-            self._failures.popleft()
-        fatal_redis = isinstance(exc, RedisError) and classify(exc) is Fault.FATAL
-        if fatal_redis or len(self._failures) > MAX_RESTARTS:
-            log.error("consumer task %s failed (%s); stopping the worker", name, faults.describe(exc),
-                      exc_info=exc)
+        self._budget.what = f"consumer task {name}"
+        if not self._budget.spend(exc):
             if self.failure is None:
                 self.failure = exc
             self.request_stop()
             return False
         self.stats.task_restarts += 1
-        log.error("consumer task %s failed; restarting it (%d in the last %.0fs)", name,
-                  len(self._failures), RESTART_WINDOW_S, exc_info=exc)
         return True
 
     async def _recreate_group(self) -> None:
@@ -316,7 +312,7 @@ class Consumer:
             except TimeoutError:
                 pass
             return True
-        if now - self._last_trim >= TRIM_INTERVAL_S:
+        if self.trims and now - self._last_trim >= TRIM_INTERVAL_S:
             self._last_trim = now
             self.stats.trimmed += await self.broker.trim()
         block = 50 if (until_drained or got) else self._block_ms()
@@ -440,6 +436,7 @@ class Consumer:
                 keep = not await self._dead_letter(d, "undecodable", f"{type(exc).__name__}: {exc}")
                 return
             event.deliveries = d.deliveries
+            event.group = self.broker.group
             outcome = await self._process(event)
             if self.observe is not None:
                 self.observe(event.type, "ok" if outcome.ok else "failed")
@@ -550,6 +547,7 @@ class Consumer:
             event = decode_fields(d.fields, entry_id=d.stream_id)
         except Exception:
             return
+        event.group = self.broker.group
         try:
             await self.on_dead(event)
         except Exception:

@@ -1,6 +1,5 @@
 """The app's link to Redis: the embedded redis-server (when no URL is set), the asyncio client
-built with the settings' timeouts, the :class:`~orchestrator.broker.streams.StreamBroker` on it,
-and the consumer group, created under the fault policy. ``Orchestrator.connect()`` and
+built with the settings' timeouts, and the :class:`~orchestrator.broker.streams.StreamBroker` on it. ``Orchestrator.connect()`` and
 ``close()`` delegate here.
 
 Opening sets each part as soon as it exists, so a failure part way (the group not created
@@ -15,7 +14,6 @@ import logging
 
 import redis.asyncio as aioredis
 
-from orchestrator import faults
 from orchestrator.broker.connection import create_redis, read_block_ms
 from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.broker.streams import StreamBroker
@@ -35,28 +33,24 @@ class BrokerSession:
         self.redis: aioredis.Redis | None = None
         self.broker: StreamBroker | None = None
 
-    async def open(self, settings: Settings, consumer: str, *, wait_for_group: bool) -> None:
+    async def open(self, settings: Settings, consumer: str, *, routes: int = 1) -> None:
         """Connect to ``settings.redis_url`` (or start an embedded redis-server if it is
-        unset), build the broker for ``consumer`` and create the consumer group.
-
-        ``wait_for_group`` (a worker) waits for Redis (unreachable, loading, full without a
-        group yet) as its consumer would, logging once per condition; otherwise (callers that
-        publish) the first failure is raised."""
+        unset) and build the broker for ``consumer``. The consumer groups are the app's (one
+        per route: :mod:`orchestrator.broker.groups`); ``routes`` sizes the connection pool
+        (each route's consumer has ``concurrency`` slots)."""
         url = settings.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(settings.state_dir / "redis")
             await asyncio.to_thread(self.embedded.start)
             url = self.embedded.url
             log.info("started embedded redis-server at %s", url)
-        # every slot may hold a connection (plus reads, acks, renewals, heartbeats)
+        # every slot of every route may hold a connection (plus each route's read, ack and
+        # renewal, heartbeats, the delay mover and the cancel watcher)
+        slots = settings.concurrency * max(1, routes)
         self.redis = create_redis(url, timeout_ms=settings.redis_timeout_ms,
                                   block_ms=read_block_ms(settings.block_ms, settings.redis_timeout_ms),
-                                  max_connections=max(100, 2 * settings.concurrency + 32))
-        self.broker = broker = StreamBroker(self.redis, settings, consumer)
-        if wait_for_group:
-            await faults.retry_transient(broker.ensure_group)
-        else:
-            await broker.ensure_group()
+                                  max_connections=max(100, 2 * slots + 4 * max(1, routes) + 32))
+        self.broker = StreamBroker(self.redis, settings, consumer)
 
     @property
     def embedded_url(self) -> str | None:

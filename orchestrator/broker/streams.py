@@ -67,13 +67,13 @@ def checked_fields(event: Event, max_bytes: int) -> dict[str, bytes | str]:
     return fields
 
 
-def publish_once_call(keys: Keys, event_id: str, fields: Mapping[str, bytes | str], conversation_ids: Sequence[str],
+def publish_once_call(keys: Keys, event_id: str, fields: Mapping[str, bytes | str], order_lists: Sequence[str],
                       dedup_ms: int) -> tuple[list[str], list[int | bytes | str]] | None:
     """KEYS and ARGV of :data:`scripts.PUBLISH_ONCE` for one entry, or None when a plain XADD
     does the same (``dedup_ms`` 0 and no conversation order lists)."""
-    if not dedup_ms and not conversation_ids:
+    if not dedup_ms and not order_lists:
         return None
-    script_keys = [keys.events, keys.published(event_id), *(keys.conversation_order(c) for c in conversation_ids)]
+    script_keys = [keys.events, keys.published(event_id), *order_lists]
     return script_keys, [dedup_ms, *(x for kv in fields.items() for x in kv)]
 
 
@@ -117,12 +117,13 @@ def dead_fields(fields: Mapping[bytes, bytes], extra: Mapping[bytes, str], max_b
 class StreamBroker:
     """Stream operations for one namespace, group and consumer name."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings, consumer: str | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: Settings, consumer: str | None = None, *,
+                 group: str | None = None) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.stream = self.keys.events
-        self.group = settings.group
+        self.group = group or settings.group
         self.consumer = consumer or "producer"
         self._ack = redis.register_script(scripts.ACK_OWNED)
         self._renew = redis.register_script(scripts.RENEW_OWNED)
@@ -163,15 +164,16 @@ class StreamBroker:
             raise BrokerError(f"cannot create group {self.group!r} on {self.stream}: {exc}") from exc
 
     # -- publish --------------------------------------------------------------------------
-    async def publish(self, event: Event, *, conversation_ids: Sequence[str] = ()) -> str:
-        """Add one event to the stream once; returns its stream id. With ``conversation_ids``
-        the id is also appended to each conversation's order list in the same atomic step.
+    async def publish(self, event: Event, *, order_lists: Sequence[str] = (), dedup_ms: int | None = None) -> str:
+        """Add one event to the stream once; returns its stream id. The id is also appended to
+        each of the conversation ``order_lists`` (keys) in the same atomic step.
 
         Publishing lands once per event id within ``publish_dedup_ms``: a publish that redis-py
         resends after a timeout (the first may have landed), or the same Event published again,
         returns the first stream id and adds nothing (:data:`scripts.PUBLISH_ONCE`)."""
         fields = checked_fields(event, self.settings.max_event_bytes)
-        call = publish_once_call(self.keys, event.id, fields, conversation_ids, self.settings.publish_dedup_ms)
+        window = self.settings.publish_dedup_ms if dedup_ms is None else dedup_ms
+        call = publish_once_call(self.keys, event.id, fields, order_lists, window)
         if call is None:
             stream_id = _s(await self.redis.xadd(self.stream, cast("dict[FieldT, EncodableT]", fields)))
         else:
@@ -180,7 +182,7 @@ class StreamBroker:
         return stream_id
 
     async def publish_many(
-        self, events: Iterable[Event], *, conversation_ids: Sequence[Sequence[str]] | None = None
+        self, events: Iterable[Event], *, order_lists: Sequence[Sequence[str]] | None = None
     ) -> list[str]:
         """Publish many events in one pipelined round trip (no transaction), each once as in
         :meth:`publish` (a resent pipeline adds nothing twice); returns their stream ids."""
@@ -191,7 +193,7 @@ class StreamBroker:
         pipe = self.redis.pipeline(transaction=False)
         for i, event in enumerate(events):
             fields = checked_fields(event, self.settings.max_event_bytes)
-            convs = conversation_ids[i] if conversation_ids else ()
+            convs = order_lists[i] if order_lists else ()
             call = publish_once_call(self.keys, event.id, fields, convs, dedup_ms)
             if call is None:
                 pipe.xadd(self.stream, cast("dict[FieldT, EncodableT]", fields))
@@ -356,6 +358,26 @@ class StreamBroker:
                     "last_delivered": _s(g["last-delivered-id"]),
                 }
         return {"length": length, "pending": 0, "lag": length, "consumers": 0, "last_delivered": None}
+
+    async def groups_state(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """:meth:`group_state` of each group in ``names`` in one XINFO GROUPS (a missing group
+        reports everything as lag: its route's events wait for it)."""
+        try:
+            length = await self.redis.xlen(self.stream)
+            groups = {_s(g["name"]): g for g in await self.redis.xinfo_groups(self.stream)}
+        except ResponseError:
+            length, groups = 0, {}
+        out: dict[str, dict[str, Any]] = {}
+        for name in names:
+            g = groups.get(name)
+            if g is None:
+                out[name] = {"length": length, "pending": 0, "lag": length, "consumers": 0, "last_delivered": None}
+                continue
+            lag = g.get("lag")
+            out[name] = {"length": length, "pending": int(g["pending"]),
+                         "lag": int(lag) if lag is not None else length, "consumers": int(g["consumers"]),
+                         "last_delivered": _s(g["last-delivered-id"])}
+        return out
 
     async def dead_count(self) -> int:
         return int(await self.redis.xlen(self.keys.dead))

@@ -3,17 +3,15 @@
 It uses redis-py's synchronous client, which costs less per call than the asyncio one when
 events are sent one at a time from code that is not async anyway (no event loop round per
 call). The wire form, the size limit, the conversation order lists and the once-only marker
-are the same as ``publish``'s; the same script runs, on a client with the same timeouts and
+are the same as ``publish``'s (it creates no consumer group: workers do, see
+:mod:`orchestrator.broker.groups`); the same script runs, on a client with the same timeouts and
 retry policy (:mod:`orchestrator.broker.connection`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import redis
 
 from orchestrator.broker import scripts
 from orchestrator.broker.connection import create_sync_redis
@@ -21,7 +19,6 @@ from orchestrator.broker.streams import checked_fields, publish_once_call
 from orchestrator.config import Settings
 from orchestrator.errors import StateError
 from orchestrator.events import Event
-from orchestrator.faults import is_group_exists, is_missing_key
 from orchestrator.keys import Keys
 
 
@@ -36,49 +33,24 @@ class SyncPublisher:
         self.keys = Keys(settings.namespace)
         self.redis = create_sync_redis(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
         self._publish_once = self.redis.register_script(scripts.PUBLISH_ONCE)
-        self._group_ready = False
-        self._lock = threading.Lock()
 
-    def _ensure_group(self) -> None:
-        if self._group_ready:
-            return
-        with self._lock:
-            if not self._group_exists():  # look first: a full Redis refuses XGROUP CREATE
-                try:
-                    self.redis.xgroup_create(self.keys.events, self.settings.group, id="0", mkstream=True)
-                except redis.ResponseError as exc:
-                    if not is_group_exists(exc):
-                        raise
-            self._group_ready = True
-
-    def _group_exists(self) -> bool:
-        try:
-            groups = self.redis.xinfo_groups(self.keys.events)
-        except redis.ResponseError as exc:
-            if is_missing_key(exc):
-                return False
-            raise
-        wanted = self.settings.group.encode()
-        return any(g["name"] in (wanted, self.settings.group) for g in groups)
-
-    def _add(self, client: Any, event: Event, conversation_ids: Sequence[str]) -> Any:
+    def _add(self, client: Any, event: Event, order_lists: Sequence[str], dedup_ms: int | None = None) -> Any:
         fields = checked_fields(event, self.settings.max_event_bytes)
-        call = publish_once_call(self.keys, event.id, fields, conversation_ids, self.settings.publish_dedup_ms)
+        window = self.settings.publish_dedup_ms if dedup_ms is None else dedup_ms
+        call = publish_once_call(self.keys, event.id, fields, order_lists, window)
         if call is None:
             return client.xadd(self.keys.events, fields)
         return self._publish_once(keys=call[0], args=call[1], client=client)
 
-    def publish(self, event: Event, conversation_ids: Sequence[str] = ()) -> str:
-        self._ensure_group()
-        stream_id = self._add(self.redis, event, conversation_ids)
+    def publish(self, event: Event, order_lists: Sequence[str] = (), *, dedup_ms: int | None = None) -> str:
+        stream_id = self._add(self.redis, event, order_lists, dedup_ms)
         event.stream_id = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
         return event.stream_id
 
-    def publish_many(self, events: Iterable[Event], conversation_ids: Sequence[Sequence[str]]) -> list[str]:
-        self._ensure_group()
+    def publish_many(self, events: Iterable[Event], order_lists: Sequence[Sequence[str]]) -> list[str]:
         events = list(events)
         pipe = self.redis.pipeline(transaction=False)
-        for event, convs in zip(events, conversation_ids, strict=True):
+        for event, convs in zip(events, order_lists, strict=True):
             self._add(pipe, event, convs)
         ids = [x.decode() if isinstance(x, bytes) else x for x in pipe.execute()]
         for event, stream_id in zip(events, ids, strict=True):

@@ -37,6 +37,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.chat.conversations import ConversationStore, check_memory, shallow_diff
@@ -102,6 +103,9 @@ class ChatflowExecutor:
         self._turn_events: dict[str, asyncio.Event] = {}
         self._turn_waiters: dict[str, int] = {}
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+        #: first deliveries that were in no order list (published without the conversation key)
+        self.unordered = 0
+        self.on_unordered: Callable[[], Any] | None = None
 
     async def run(self, workflow: Any, *, conversation_id: str | None, event: Any = None,
                   stream_id: str | None = None, input: Any = None, context: Any = None,  # noqa: A002
@@ -113,10 +117,13 @@ class ChatflowExecutor:
             raise InvalidArgumentError(f"memory must be a dict, got {type(memory).__name__}")
         cid = conversation_id
         stream_id = stream_id or getattr(event, "stream_id", None)
+        group = getattr(event, "group", None)
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
         if stream_id:
-            await self.wait_turn(cid, stream_id)
+            in_order = await self.wait_turn(cid, stream_id, group)
+            if in_order is None and group is not None and getattr(event, "deliveries", 0) <= 1:
+                self._unordered(cid, stream_id)
         finished = False
         try:
             _honour_lost_cancel(cancels)
@@ -137,7 +144,7 @@ class ChatflowExecutor:
             raise
         finally:
             if stream_id and finished:
-                await asyncio.shield(self.abandon(cid, stream_id))
+                await asyncio.shield(self.abandon(cid, stream_id, group))
 
     async def _run_locked(self, workflow: Any, lock: RedisLock, cid: str, event: Any, input: Any,  # noqa: A002
                           context: Any, memory: dict[str, Any] | None, runner_kwargs: dict[str, Any],
@@ -226,14 +233,33 @@ class ChatflowExecutor:
             log.info("conversation %r: event %s was already applied; memory unchanged", cid, event_id)
             result.memory = await self.store.get(cid)
 
-    async def wait_turn(self, conversation_id: str, stream_id: str) -> bool:
-        """Wait until ``stream_id`` heads the conversation's order list (or is not in it).
-        Returns False if it gave up after ``order_wait_timeout_s``."""
-        key = self.keys.conversation_order(conversation_id)
+    def _unordered(self, cid: str, stream_id: str) -> None:
+        """A first delivery whose id is in no order list: its publisher did not know the
+        conversation key (a raw XADD, or a key computed by code the publisher lacks), so its
+        order among the conversation's events is not known. Counted, and logged at the first
+        and every 1000th."""
+        self.unordered += 1
+        if self.on_unordered is not None:
+            self.on_unordered()
+        if self.unordered % 1000 == 1:
+            log.warning("conversation %r: event %s was published without its conversation order (its "
+                        "publisher could not compute the conversation key); it runs when it is read "
+                        "(%d such events so far)", cid, stream_id, self.unordered)
+
+    async def wait_turn(self, conversation_id: str, stream_id: str, group: str | None = None) -> bool | None:
+        """Wait until ``stream_id`` heads the conversation's order list (of the chatflow route
+        ``group``). Returns True when it is its turn, None when the id is not in the list at
+        the first look (not recorded, or its turn is over), False if it gave up after
+        ``order_wait_timeout_s``."""
+        key = self.keys.conversation_order(conversation_id, group)
         deadline = time.monotonic() + self.order_wait_timeout_s
         delay = self.poll_min_s
+        first = True
         while True:
             pos = await self.redis.lpos(key, stream_id)
+            if pos is None and first:
+                return None
+            first = False
             if pos is None or int(pos) == 0:
                 return True
             if time.monotonic() >= deadline:
@@ -266,9 +292,10 @@ class ChatflowExecutor:
                 del self._turn_waiters[conversation_id]
                 self._turn_events.pop(conversation_id, None)
 
-    async def abandon(self, conversation_id: str, stream_id: str) -> None:
-        """Give up the turn of ``stream_id`` (done, or dead-lettered) so the next event runs."""
-        await self.redis.lrem(self.keys.conversation_order(conversation_id), 1, stream_id)
+    async def abandon(self, conversation_id: str, stream_id: str, group: str | None = None) -> None:
+        """Give up the turn of ``stream_id`` (done, dead-lettered, or not for this chatflow) in
+        the order list of the chatflow route ``group``, so the next event runs."""
+        await self.redis.lrem(self.keys.conversation_order(conversation_id, group), 1, stream_id)
         changed = self._turn_events.pop(conversation_id, None)
         if changed is not None:  # wake this process's waiters; later ones get a fresh event
             changed.set()

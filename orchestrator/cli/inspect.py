@@ -27,7 +27,7 @@ from orchestrator.cli.producer import (
     run_async,
     setup_logging,
 )
-from orchestrator.errors import InvalidArgumentError
+from orchestrator.errors import InvalidArgumentError, NotFoundError
 from orchestrator.ops.inspector import Inspector
 from orchestrator.runs.stores import RedisRunStore
 
@@ -135,11 +135,11 @@ def streams(as_json: bool, app_spec: str | None, **settings: Any) -> None:
 
 
 def _render_pending(data: dict[str, Any]) -> str:
-    per = ", ".join(f"{name}: {n}" for name, n in data["consumers"].items()) or "none"
-    head = f"group {data['group']}: {data['count']} pending ({per})"
+    per = ", ".join(f"{name}: {n}" for name, n in data["groups"].items()) or "no group"
+    head = f"{data['count']} pending ({per})"
     if not data["entries"]:
         return head
-    return head + "\n" + table(data["entries"], [("STREAM_ID", "stream_id"), ("CONSUMER", "consumer"),
+    return head + "\n" + table(data["entries"], [("STREAM_ID", "stream_id"), ("GROUP", "group"), ("CONSUMER", "consumer"),
                                                   ("IDLE_MS", "idle_ms"), ("DELIVERIES", "deliveries"),
                                                   ("TYPE", "type")])
 
@@ -259,6 +259,42 @@ def workers(as_json: bool, app_spec: str | None, **settings: Any) -> None:
     cols = [("ID", "id"), ("HOST", "host"), ("PID", "pid"), ("MODE", "mode"), ("IN_FLIGHT", "in_flight"),
             ("PROCESSED", "processed"), ("FAILED", "failed"), ("AGE_S", "age_s"), ("STALE", "stale")]
     _execute(settings, app_spec, lambda i: i.workers(), as_json, listing("worker heartbeats", cols))
+
+
+@inspect_group.command("groups")
+@leaf
+def groups_command(as_json: bool, app_spec: str | None, **settings: Any) -> None:
+    """Consumer groups (one per route): lag, pending, live workers; WAITING = work that no
+    live worker reads (a worker with that registration is needed)."""
+    cols = [("GROUP", "group"), ("KIND", "kind"), ("NAME", "name"), ("LAG", "lag"), ("PENDING", "pending"),
+            ("LIVE_WORKERS", "live_workers"), ("WAITING", "waiting")]
+    _execute(settings, app_spec, lambda i: i.groups(), as_json, listing("consumer groups", cols))
+
+
+@inspect_group.group()
+def delayed() -> None:
+    """Delayed events: list, cancel one before it is due."""
+
+
+@delayed.command("list")
+@click.option("--limit", default=100, show_default=True)
+@leaf
+def delayed_list(limit: int, as_json: bool, app_spec: str | None, **settings: Any) -> None:
+    """Delayed events in due order."""
+    cols = [("EVENT_ID", "event_id"), ("TYPE", "type"), ("DUE_MS", "due_ms"), ("DUE_IN_S", "due_in_s")]
+    _execute(settings, app_spec, lambda i: i.delayed(limit=limit), as_json, listing("delayed events", cols))
+
+
+@delayed.command("cancel")
+@click.argument("event_id")
+@leaf
+def delayed_cancel(event_id: str, as_json: bool, app_spec: str | None, **settings: Any) -> None:
+    """Cancel the delayed event EVENT_ID (it is never published)."""
+    async def call(i: Any) -> dict[str, Any]:
+        if not await i.cancel_delayed(event_id):
+            raise NotFoundError(f"no delayed event {event_id!r} is waiting")
+        return {"cancelled": event_id}
+    _execute(settings, app_spec, call, as_json, lambda d: f"cancelled delayed event {d['cancelled']}")
 
 
 @inspect_group.group()

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -23,7 +24,8 @@ from orchestrator.app import Orchestrator
 from orchestrator.cli import exitcodes
 from orchestrator.cli.lazy import LazyGroup
 from orchestrator.cli.loader import load_app
-from orchestrator.errors import ConfigError, TokiwaError
+from orchestrator.errors import ConfigError, NotFoundError, TokiwaError
+from orchestrator.runs.registry import RunTimeoutError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,7 +119,8 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
     return asyncio.run
 
 
-@click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.cli.inspect:inspect_group"})
+@click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.cli.inspect:inspect_group",
+                                  "cancel": "orchestrator.cli.cancel:cancel_command"})
 def cli() -> None:
     """tokiwa producer: publish events and run cron under leader election."""
 
@@ -139,21 +142,42 @@ def _parse_json(text: str | None, what: str) -> Any:
               help="Bulk publish: a JSON-lines file of {type, payload, metadata}.")
 @click.option("--batch", default=500, show_default=True, help="Events per pipelined round trip (--file).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a TTY).")
+@click.option("--key", default=None, help="Ordering key: chatflows without a declared conversation key use it "
+                                          "as the conversation id.")
+@click.option("--idempotency-key", default=None, help="Publish once per key within idempotency_window_s.")
+@click.option("--delay", "delay_s", type=float, default=None, help="Seconds from now the event is due.")
+@click.option("--at", "at", default=None, help="When the event is due: an ISO 8601 time (2026-12-24T18:00:00+09:00).")
 @common_options
 def publish(event_type: str | None, payload: str | None, metadata: str | None, file_: str | None, batch: int,
-            progress: bool | None, app_spec: str | None, **settings: Any) -> None:
+            progress: bool | None, key: str | None, idempotency_key: str | None, delay_s: float | None,
+            at: str | None, app_spec: str | None, **settings: Any) -> None:
     """Publish one event (TYPE --payload JSON) or many (--file events.jsonl)."""
     setup_logging(settings.pop("log_level") or "WARNING")
     if bool(event_type) == bool(file_):
         raise click.UsageError("give either an EVENT_TYPE or --file, not both or neither")
+    if file_ and (key or idempotency_key or delay_s is not None or at):
+        raise click.UsageError("--key, --idempotency-key, --delay and --at apply to one event; "
+                               "a --file line carries its own 'key'")
+    if delay_s is not None and at:
+        raise click.UsageError("give --delay or --at, not both")
+    at_v = None
+    if at:
+        try:
+            at_v = datetime.fromisoformat(at)
+        except ValueError as exc:
+            raise click.BadParameter(f"--at is not an ISO 8601 time: {exc}") from exc
     payload_v = _parse_json(payload, "--payload")
     metadata_v = _parse_json(metadata, "--metadata")
     app = build_app(app_spec, mode="producer", **settings)
 
     async def one() -> int:
         try:
-            event = await app.publish(cast(str, event_type), payload_v, metadata_v)  # given (checked above)
-            click.echo(json.dumps({"id": event.id, "stream_id": event.stream_id, "type": event.type}))
+            event = await app.publish(cast(str, event_type), payload_v, metadata_v, key=key,  # given (checked above)
+                                      idempotency_key=idempotency_key, delay_s=delay_s, at=at_v)
+            out: dict[str, Any] = {"id": event.id, "stream_id": event.stream_id, "type": event.type}
+            if delay_s is not None or at_v is not None:
+                out["delayed"] = True
+            click.echo(json.dumps(out))
         finally:
             await app.close()
         return exitcodes.OK
@@ -205,10 +229,11 @@ def run(app_spec: str | None, **settings: Any) -> None:
 @common_options
 def trigger(workflow: str, input_: str | None, context: str | None, conversation_id: str | None, wait: bool,
             timeout: float | None, app_spec: str | None, **settings: Any) -> None:
-    """Start a registered WORKFLOW (name or id) on a worker, through the stream."""
+    """Start WORKFLOW (name or id) on a worker that has it, through the stream. Without --app
+    the name is looked up in what workers declared; an unknown name lists what live workers
+    offer (exit 2). A --wait that times out prints the run id (exit 75): the run may still
+    go on, `tokiwa-producer cancel RUN_ID` stops it."""
     setup_logging(settings.pop("log_level") or "WARNING")
-    if not app_spec:
-        raise click.UsageError("--app is required (the app that registers the workflow)")
     input_v, context_v = _parse_json(input_, "--input"), _parse_json(context, "--context")
     app = build_app(app_spec, mode="producer", **settings)
 
@@ -216,6 +241,13 @@ def trigger(workflow: str, input_: str | None, context: str | None, conversation
         try:
             result = await app.run_workflow(workflow, input=input_v, context=context_v, wait=wait,
                                             timeout=timeout, conversation_id=conversation_id)
+        except NotFoundError as exc:
+            click.echo(f"error: {exc}", err=True)
+            return exitcodes.USAGE
+        except RunTimeoutError as exc:
+            click.echo(f"error: {exc}", err=True)
+            click.echo(json.dumps({"run_id": exc.run_id, "status": "timed out"}))
+            return exitcodes.TEMPFAIL
         finally:
             await app.close()
         if isinstance(result, str):

@@ -60,6 +60,9 @@ class Heartbeat:
             "processed": stats.processed if stats else 0,
             "failed": stats.failed if stats else 0,
             "concurrency": self.app.settings.concurrency,
+            # what this worker can run: callers without the code read it (call by name)
+            "workflows": sorted(r.workflow.name for r in self.app.workflows.registrations),
+            "groups": consumer.groups if consumer else [],
             **self.extra,
         })
         return blob

@@ -3,7 +3,7 @@
 Built on aiohttp: it is already a dependency (webhooks use its client), it is asyncio-native
 (the server runs on the app's own event loop, no thread, no second framework), and it is
 small and long maintained. FastAPI (pyoco's choice) would add pydantic routing, starlette
-and uvicorn for six read-only GET routes.
+and uvicorn for seven GET routes and one POST.
 
 Routes (JSON unless said otherwise):
 
@@ -11,6 +11,9 @@ Routes (JSON unless said otherwise):
   ``task_summary``; ``limit`` 1-200 (default 50); a bad value is a 400;
 * ``GET /runs/{id}`` - the whole run record plus ``task_summary`` (404 if unknown);
 * ``GET /runs/{id}/logs?tail=N`` - ``{run_id, run_status, logs}`` (404 if unknown);
+* ``POST /runs/{id}/cancel`` (optional JSON body ``{"by": ..., "reason": ...}``) - cancel the
+  run wherever it runs; the answer of ``Orchestrator.cancel_run``: ``{run_id, cancelled,
+  status, by, at}``, or ``{run_id, cancelled: false, status, reason}`` if it had finished;
 * ``GET /workers`` - worker heartbeats with age and a stale flag;
 * ``GET /healthz`` - 200 while the process serves requests (never needs the token);
 * ``GET /readyz`` - 200 if Redis answers and the consumer group exists, else 503;
@@ -100,24 +103,25 @@ class ApiServer:
     def build(self) -> web.Application:
         """The aiohttp application (routes and middlewares), also usable with aiohttp's test tools."""
         webapp = web.Application(middlewares=[self._errors, self._auth])
-        table = {
-            "runs": [("/runs", self.list_runs), ("/runs/{run_id}", self.get_run),
-                     ("/runs/{run_id}/logs", self.get_logs)],
-            "workers": [("/workers", self.list_workers)],
-            "healthz": [("/healthz", self.healthz)],
-            "readyz": [("/readyz", self.readyz)],
-            "metrics": [("/metrics", self.metrics)],
+        table: dict[str, list[tuple[str, str, Handler]]] = {
+            "runs": [("GET", "/runs", self.list_runs), ("GET", "/runs/{run_id}", self.get_run),
+                     ("GET", "/runs/{run_id}/logs", self.get_logs),
+                     ("POST", "/runs/{run_id}/cancel", self.cancel_run)],
+            "workers": [("GET", "/workers", self.list_workers)],
+            "healthz": [("GET", "/healthz", self.healthz)],
+            "readyz": [("GET", "/readyz", self.readyz)],
+            "metrics": [("GET", "/metrics", self.metrics)],
         }
         for name in self.routes:
-            for path, handler in table[name]:
-                webapp.router.add_get(path, handler)
+            for method, path, handler in table[name]:
+                webapp.router.add_route(method, path, handler)
         return webapp
 
     async def start(self) -> None:
         if self._runner is not None:
             return
         if self.token is None and self.host not in LOOPBACK:
-            log.warning("HTTP API on %s without a token: anyone who can reach the port can read runs",
+            log.warning("HTTP API on %s without a token: anyone who can reach the port can read and cancel runs",
                         self.host)
         runner = web.AppRunner(self.build(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -182,6 +186,26 @@ class ApiServer:
         run = await self._inspector().run(run_id, tail=tail)
         return _json({"run_id": run_id, "run_status": run.get("status"), "logs": run["logs"]})
 
+    async def cancel_run(self, request: web.Request) -> web.Response:
+        run_id = check_run_id(request.match_info["run_id"])
+        body: Any = None
+        if request.can_read_body:
+            text = await request.text()
+            try:
+                body = json.loads(text) if text.strip() else None
+            except ValueError as exc:
+                raise InvalidArgumentError(f"the body must be JSON: {exc}") from None
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise InvalidArgumentError('the body must be a JSON object: {"by": ..., "reason": ...}')
+        by, reason = body.get("by"), body.get("reason")
+        for name, value in (("by", by), ("reason", reason)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgumentError(f"{name} must be a string, got {type(value).__name__}")
+        if self.app.redis is None:
+            raise StateError("the app is not connected to Redis")
+        return _json(await self.app.cancel_run(run_id, by=by or None, reason=reason or None))
+
     async def list_workers(self, request: web.Request) -> web.Response:
         return _json(await self._inspector().workers())
 
@@ -198,10 +222,13 @@ class ApiServer:
         redis = self.app.redis
         if redis is None:
             return "not connected to Redis"
-        keys, group = self.app.keys, self.app.settings.group
+        keys = self.app.keys
+        wanted = self.app.route_groups() if hasattr(self.app, "route_groups") else [self.app.settings.group]
         try:
             async with asyncio.timeout(self.ready_timeout_s):
                 await redis.ping()
+                if not wanted:  # an app with no routes (a producer) needs only Redis
+                    return None
                 groups = await redis.xinfo_groups(keys.events)
         except TimeoutError:
             return f"Redis did not answer within {self.ready_timeout_s}s"
@@ -210,7 +237,8 @@ class ApiServer:
                 return f"stream {keys.events} does not exist"
             return f"Redis unavailable: {type(exc).__name__}: {exc}"
         names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
-        return None if group in names else f"consumer group {group!r} does not exist on {keys.events}"
+        missing = [g for g in wanted if g not in names]
+        return None if not missing else f"consumer groups {missing} do not exist on {keys.events}"
 
     async def metrics(self, request: web.Request) -> web.Response:
         broker = getattr(self.app, "broker", None)

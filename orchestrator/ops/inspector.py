@@ -65,6 +65,11 @@ def _s(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
 
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
 def _check_limit(name: str, value: Any, maximum: int = 10_000) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise InvalidArgumentError(f"{name} must be an integer from 1 to {maximum}, got {value!r}")
@@ -175,26 +180,46 @@ class Inspector:
                 "groups": groups}
 
     # -- pending ----------------------------------------------------------------------------
-    async def pending(self, *, limit: int = 100, consumer: str | None = None) -> dict[str, Any]:
-        """Entries delivered to the group but not acked: count per consumer, and the oldest
-        ``limit`` entries with their consumer, idle time (ms), delivery count and event type."""
+    async def pending(self, *, limit: int = 100, consumer: str | None = None,
+                      group: str | None = None) -> dict[str, Any]:
+        """Entries delivered but not acked, over every group of the events stream (each route
+        has its own) or only ``group``: the count, the count per group and per consumer, and
+        the oldest ``limit`` entries with their group, consumer, idle time (ms), delivery count
+        and event type."""
         _check_limit("limit", limit)
         try:
-            summary = await self.redis.xpending(self.keys.events, self.group)
+            names = [group] if group else [_s(g["name"]) for g in await self.redis.xinfo_groups(self.keys.events)]
         except ResponseError as exc:
-            if classify(exc) is Fault.NOGROUP or is_missing_key(exc):
-                return {"group": self.group, "count": 0, "consumers": {}, "entries": []}
-            raise
-        rows = await self.redis.xpending_range(self.keys.events, self.group, "-", "+", limit,
-                                               consumername=consumer)
-        ids = [_s(r["message_id"]) for r in rows]
+            if not is_missing_key(exc):
+                raise
+            names = []
+        total = 0
+        per_group: dict[str, int] = {}
+        consumers: dict[str, int] = {}
+        entries: list[tuple[str, Any]] = []
+        for name in names:
+            try:
+                summary = await self.redis.xpending(self.keys.events, name)
+            except ResponseError as exc:
+                if classify(exc) is Fault.NOGROUP or is_missing_key(exc):
+                    continue
+                raise
+            count = int(summary["pending"])
+            total += count
+            per_group[name] = count
+            for c in summary.get("consumers") or []:
+                consumers[_s(c["name"])] = consumers.get(_s(c["name"]), 0) + int(c["pending"])
+            if count:
+                rows = await self.redis.xpending_range(self.keys.events, name, "-", "+", limit, consumername=consumer)
+                entries += [(name, r) for r in rows]
+        entries.sort(key=lambda e: _id_key(_s(e[1]["message_id"])))
+        entries = entries[:limit]
+        ids = [_s(r["message_id"]) for _, r in entries]
         types = await self._types(ids)
-        entries = [{"stream_id": sid, "consumer": _s(r["consumer"]), "idle_ms": int(r["time_since_delivered"]),
-                    "deliveries": int(r["times_delivered"]), "type": types.get(sid)}
-                   for sid, r in zip(ids, rows, strict=True)]
-        consumers = {_s(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
-        return {"group": self.group, "count": int(summary["pending"]), "consumers": consumers,
-                "entries": entries}
+        rows_out = [{"stream_id": sid, "group": name, "consumer": _s(r["consumer"]),
+                     "idle_ms": int(r["time_since_delivered"]), "deliveries": int(r["times_delivered"]),
+                     "type": types.get(sid)} for sid, (name, r) in zip(ids, entries, strict=True)]
+        return {"count": total, "groups": per_group, "consumers": consumers, "entries": rows_out}
 
     async def _types(self, ids: Sequence[str]) -> dict[str, str | None]:
         if not ids:
@@ -294,6 +319,53 @@ class Inspector:
                                   "conversation_id")
 
     # -- workers and runs -------------------------------------------------------------------
+    async def groups(self) -> list[dict[str, Any]]:
+        """Every consumer group of the events stream with the route behind it (from
+        ``{ns}:routes``), its lag and pending counts, and how many live workers read it.
+        ``waiting`` is True when it has work and no live worker reads it: its route's events
+        wait for a worker that has the registration (they are not lost)."""
+        from orchestrator.ops.metrics import live_group_readers
+        from orchestrator.runs.routes import decode_advert
+
+        try:
+            rows = await self.redis.xinfo_groups(self.keys.events)
+            length = int(await self.redis.xlen(self.keys.events))
+        except ResponseError as exc:
+            if not is_missing_key(exc):
+                raise
+            rows, length = [], 0
+        adverts = {_s(g): decode_advert(b) or {} for g, b in (await self.redis.hgetall(self.keys.routes)).items()}
+        live = live_group_readers(await self.redis.hgetall(self.keys.workers),
+                                  heartbeat_interval_s=self.heartbeat_interval_s, now=self._clock())
+        out = []
+        for g in rows:
+            name = _s(g["name"])
+            lag = g.get("lag")
+            lag_n = int(lag) if lag is not None else length
+            advert = adverts.get(name, {})
+            out.append({"group": name, "kind": advert.get("kind"), "name": advert.get("name"),
+                        "lag": lag_n, "pending": int(g["pending"]), "live_workers": live.get(name, 0),
+                        "waiting": (lag_n + int(g["pending"])) > 0 and not live.get(name)})
+        return out
+
+    async def delayed(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Delayed events in due order: event id, type, due time (epoch ms), seconds left."""
+        from orchestrator.broker.delayed import DelayedEvents
+
+        _check_limit("limit", limit)
+        return await DelayedEvents(self.redis, self.keys, self._settings()).list(limit)
+
+    async def cancel_delayed(self, event_id: str) -> bool:
+        """Cancel a delayed event before it is due; False when it is not waiting (any more)."""
+        from orchestrator.broker.delayed import DelayedEvents
+
+        return await DelayedEvents(self.redis, self.keys, self._settings()).cancel(event_id)
+
+    def _settings(self) -> Any:
+        from orchestrator.config import Settings
+
+        return Settings(namespace=self.keys.namespace)
+
     async def workers(self) -> list[dict[str, Any]]:
         """Worker heartbeats from ``{ns}:workers`` with their age and a ``stale`` flag."""
         beats = worker_beats(await self.redis.hgetall(self.keys.workers), now=self._clock(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import ResponseError
 
 from orchestrator.errors import InvalidArgumentError
+from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 from orchestrator.workflow.hooks import WorkflowHooks
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -67,6 +69,8 @@ EVENTS = Counter("tokiwa_events", "Events processed by workers, by type and outc
                  ["type", "outcome"], registry=REGISTRY)
 DEAD_LETTERS = Counter("tokiwa_dead_letters", "Stream entries moved to the dead-letter stream.",
                        registry=REGISTRY)
+UNORDERED = Counter("tokiwa_conversation_unordered", "Chatflow turns that arrived without their conversation "
+                    "order (published without the conversation key, e.g. a raw XADD).", registry=REGISTRY)
 
 
 class ClusterGauges:
@@ -82,6 +86,9 @@ class ClusterGauges:
         ("tokiwa_stream_length", "Entries in a stream (events or dead), read from Redis.", "stream"),
         ("tokiwa_group_lag", "Entries of the events stream not yet delivered to the group.", "group"),
         ("tokiwa_pending_entries", "Entries delivered to the group but not acked yet.", "group"),
+        ("tokiwa_group_live_workers", "Live workers (fresh heartbeat) reading the group: 0 while it has "
+                                      "lag or pending entries means its route's events wait for a worker.", "group"),
+        ("tokiwa_delayed_events", "Delayed events waiting for their due time.", "namespace"),
     )
 
     def __init__(self) -> None:
@@ -212,8 +219,11 @@ async def refresh_gauges(broker: Any) -> dict[str, int]:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xlen(keys.events)
         pipe.xlen(keys.dead)
-        events_len, dead_len = await pipe.execute()
-    out = {"events": int(events_len), "dead": int(dead_len)}
+        pipe.zcard(keys.delayed)
+        pipe.hgetall(keys.workers)
+        events_len, dead_len, delayed, beats = await pipe.execute()
+    out = {"events": int(events_len), "dead": int(dead_len), "delayed": int(delayed)}
+    live = live_group_readers(beats, heartbeat_interval_s=broker.settings.heartbeat_interval_s)
     try:
         groups = await redis.xinfo_groups(keys.events)
     except ResponseError:  # no stream yet: no group either
@@ -226,8 +236,24 @@ async def refresh_gauges(broker: Any) -> dict[str, int]:
         pendings[name] = int(group["pending"])
         out[f"lag:{name}"], out[f"pending:{name}"] = lags[name], pendings[name]
     CLUSTER.values = {"tokiwa_stream_length": {"events": out["events"], "dead": out["dead"]},
-                      "tokiwa_group_lag": lags, "tokiwa_pending_entries": pendings}
+                      "tokiwa_group_lag": lags, "tokiwa_pending_entries": pendings,
+                      "tokiwa_group_live_workers": {name: live.get(name, 0) for name in lags},
+                      "tokiwa_delayed_events": {keys.namespace: out["delayed"]}}
     return out
+
+
+def live_group_readers(entries: Mapping[Any, bytes], *, heartbeat_interval_s: float,
+                       now: float | None = None) -> dict[str, int]:
+    """group -> how many workers with a fresh heartbeat read it (their heartbeat's ``groups``)."""
+    counts: dict[str, int] = {}
+    beats = worker_beats(entries, now=time.time() if now is None else now,
+                         stale_after_s=STALE_HEARTBEATS * heartbeat_interval_s)
+    for beat in beats:
+        if beat.stale:
+            continue
+        for group in beat.fields().get("groups") or []:
+            counts[str(group)] = counts.get(str(group), 0) + 1
+    return counts
 
 
 # -- runs and nodes --------------------------------------------------------------------------

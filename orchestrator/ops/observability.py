@@ -26,6 +26,8 @@ class ObservedHooks(Protocol):
     event_observer: Callable[[str, str], None] | None
     #: ``fn(leading)`` when this process gains or loses cron leadership
     on_cron_leadership: Callable[[bool], Any] | None
+    #: ``fn()`` when a chatflow turn arrives that its publisher could not order
+    on_unordered: Callable[[], Any] | None
 
 
 class ObservedApp(Protocol):
@@ -69,6 +71,7 @@ def enable(app: ObservedApp) -> list[Any]:
         _add_runner_hooks(app, metrics.MetricsHooks())
         app.hooks.event_observer = _event_observer(metrics)
         app.hooks.on_cron_leadership = lambda leading: metrics.set_leader("cron", leading)
+        app.hooks.on_unordered = metrics.UNORDERED.inc
         if s.metrics_port is not None:
             from orchestrator.ops.http_api import MetricsServer
 

@@ -13,14 +13,15 @@ from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from orchestrator.broker.consumer import Consumer
+    from orchestrator.broker.groups import ConsumerGroups
     from orchestrator.broker.streams import StreamBroker
 
 
 async def app_snapshot(
     *,
     broker: StreamBroker,
-    consumer: Consumer | None,
+    groups: Mapping[str, Mapping[str, Any]],
+    consumer: ConsumerGroups | None,
     workers: Callable[[], Awaitable[dict[str, dict[str, Any]]]],
     mode: str,
     is_running: bool,
@@ -30,8 +31,9 @@ async def app_snapshot(
 ) -> dict[str, Any]:
     """Counters and cluster state: published, processed, failed, dead, in flight, pending,
     stream length and lag, the workers registered in Redis (``workers()``), and one section
-    per ``extra`` entry (its function's result)."""
-    state = await broker.group_state()
+    per ``extra`` entry (its function's result). ``pending`` and ``lag`` are summed over the
+    app's route ``groups``, and each group's state is under ``groups``."""
+    length = await broker.redis.xlen(broker.stream) if not groups else next(iter(groups.values()))["length"]
     registered = await workers()
     stats = consumer.stats if consumer else None
     return {
@@ -44,9 +46,10 @@ async def app_snapshot(
         "dispatch_errors": metrics["dispatch_errors"],
         "dead": await broker.dead_count(),
         "in_flight": consumer.in_flight_count if consumer else 0,
-        "pending": state["pending"],
-        "lag": state["lag"],
-        "stream_length": state["length"],
+        "pending": sum(int(g["pending"]) for g in groups.values()),
+        "lag": sum(int(g["lag"]) for g in groups.values()),
+        "stream_length": length,
+        "groups": {name: dict(g) for name, g in groups.items()},
         "consumer": {} if stats is None else {k: getattr(stats, k) for k in stats.__slots__},
         "workers": registered,
         "timestamp": time.time(),

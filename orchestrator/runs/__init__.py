@@ -1,6 +1,7 @@
-"""Runs of registered workflows: triggers (which event starts what), the workflow registry
-that executes triggered runs and remote ``run_workflow`` requests, the typed result of
-processing an event (outcome), the recorder that saves run records, and the run stores.
+"""Runs of registered workflows: triggers (which event starts what), the routes (one consumer
+group per registration), the workflow registry that executes triggered runs and remote
+``run_workflow`` requests, the typed result of processing an event (outcome), the recorder
+that saves run records, the run stores, and cancel requests.
 """
 
 from __future__ import annotations
@@ -8,6 +9,10 @@ from __future__ import annotations
 from orchestrator._lazy import lazy_exports
 
 _EXPORTS = {
+    "CancelWatcher": "cancel",
+    "cancel_request": "cancel",
+    "cancel_run": "cancel",
+    "cancelled_result": "cancel",
     "ProcessResult": "outcome",
     "Verdict": "outcome",
     "RecorderHost": "recorder",
@@ -16,9 +21,15 @@ _EXPORTS = {
     "Registration": "registry",
     "RemoteRunError": "registry",
     "RunServices": "registry",
+    "RunTarget": "registry",
+    "RunTimeoutError": "registry",
+    "current_run_id": "registry",
     "RunsHost": "registry",
     "WorkflowRegistry": "registry",
     "run_id_for": "registry",
+    "Route": "routes",
+    "RouteBook": "routes",
+    "order_lists": "routes",
     "FileRunStore": "stores",
     "InMemoryRunStore": "stores",
     "RedisRunStore": "stores",

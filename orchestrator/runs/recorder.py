@@ -28,8 +28,8 @@ log = logging.getLogger("tokiwa.workflows")
 
 #: ``fn(exc, info)``; may return an awaitable
 ErrorHook = Callable[[Exception, dict[str, Any]], Any]
-#: the subset of the given stream ids whose entries this worker still holds
-OwnedFn = Callable[[Sequence[str]], Awaitable[set[str]]]
+#: the (group, stream id) pairs of the given events whose entries this worker still holds
+OwnedFn = Callable[[Sequence[Event]], Awaitable[set[tuple[str | None, str]]]]
 
 
 class RunHooks(Protocol):
@@ -83,9 +83,10 @@ class RunRecorder:
     def _patience_s(self) -> float:
         return self.host.settings.visibility_timeout_s
 
-    async def _owned(self, batch: list[tuple[WorkflowRunResult, Event | None, asyncio.Future[None]]]) -> set[str]:
-        ids = [e.stream_id for _, e, _ in batch if e is not None and e.stream_id]
-        return await self.owned(ids) if ids else set()
+    async def _owned(self, batch: list[tuple[WorkflowRunResult, Event | None, asyncio.Future[None]]]
+                     ) -> set[tuple[str | None, str]]:
+        events = [e for _, e, _ in batch if e is not None and e.stream_id]
+        return await self.owned(events) if events else set()
 
     async def _flush(self) -> None:
         while self._queue:
@@ -97,7 +98,7 @@ class RunRecorder:
                 owned = await faults.retry_transient(functools.partial(self._owned, batch), deadline_s=self._patience_s)
                 keep = []
                 for result, event, future in batch:
-                    if event is not None and event.stream_id and event.stream_id not in owned:
+                    if event is not None and event.stream_id and (event.group, event.stream_id) not in owned:
                         log.warning("run %s finished after its event was reclaimed elsewhere; not recording it",
                                     result.run_id)
                         future.set_result(None)

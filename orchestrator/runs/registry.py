@@ -12,6 +12,7 @@ The registry does not know the app: it uses the few things :class:`RunsHost` lis
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -35,6 +36,7 @@ from orchestrator.events import Event, check_conversation_id
 from orchestrator.keys import Keys
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import OwnedFn, RecorderHost, RunRecorder, call_hook
+from orchestrator.runs.routes import CHATFLOW, WORKFLOW, Route, group_name, types_advert, value_at
 from orchestrator.runs.triggers import Trigger, mapped, parse_trigger
 from orchestrator.workflow.model import Workflow, workflow_id_for
 from orchestrator.workflow.result import WorkflowRunResult
@@ -59,11 +61,37 @@ class RemoteRunError(TokiwaError):
         self.error = error or {}
 
 
+class RunTimeoutError(TimeoutError):
+    """``run_workflow(..., timeout=...)`` gave up waiting; ``run_id`` names the run, which may
+    still be queued or running (``Orchestrator.cancel_run(run_id)`` stops it)."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+#: the run whose node is executing, in this task (a run request made there names it as parent)
+current_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("tokiwa_run_id", default=None)
+
+
 @dataclass(slots=True)
 class Registration:
     workflow: Workflow
     trigger: Trigger
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RunTarget:
+    """The workflow a run request names: id, name, type (``workflow`` or ``chatflow``)."""
+
+    workflow_id: str
+    name: str
+    type: str  # noqa: A003
+
+    @classmethod
+    def of(cls, reg: Registration) -> RunTarget:
+        return cls(reg.workflow.id, reg.workflow.name, reg.workflow.type)
 
 
 class RunsHost(RecorderHost, Protocol):
@@ -83,6 +111,10 @@ class RunsHost(RecorderHost, Protocol):
     def services_for(self, run_id: str) -> Any: ...
     async def publish(self, type: str, payload: Any = None,  # noqa: A002
                       metadata: Mapping[str, Any] | None = None) -> Event: ...
+    async def remote_workflow(self, ref: str) -> RunTarget:
+        """The workflow ``ref`` (name or id) that some worker declared; NotFoundError naming
+        what live workers offer when none did."""
+        ...
 
 
 def _as_workflow(obj: Any) -> Workflow:
@@ -93,6 +125,22 @@ def _as_workflow(obj: Any) -> Workflow:
         workflow: Workflow = to_workflow()
         return workflow
     raise InvalidArgumentError(f"register_workflow expects a Workflow or Flow, got {type(obj).__name__}")
+
+
+def conversation_of(reg: Registration, event: Event) -> str | None:
+    """A chatflow's conversation id for ``event``: its ``map_conversation_id`` (code), else the
+    trigger's ``conversation_key`` payload path (data), else the event's explicit ``key``, else
+    the registration's fixed ``conversation_id`` option. Producers without the code compute the
+    same from the route's advert (:func:`orchestrator.runs.routes.advert_conversation`)."""
+    trig = reg.trigger
+    cid: Any = None
+    if trig.map_conversation_id is not None:
+        cid = trig.map_conversation_id(event)
+    elif trig.conversation_key:
+        cid = value_at(event.payload, trig.conversation_key)
+    if not cid:
+        cid = event.key or reg.options.get("conversation_id")
+    return cid if isinstance(cid, str) and cid.strip() else None
 
 
 def run_id_for(event: Event, workflow: Workflow) -> str:
@@ -121,7 +169,7 @@ class RunServices:
 
 def _run_result(name: str, result: WorkflowRunResult) -> ProcessResult:
     """What a triggered run that ended (did not raise) means for its event."""
-    if result.succeeded:
+    if result.succeeded or result.cancelled_by is not None:  # cancelled on request: settled
         return OK
     if will_be_redone(result):  # a newer lock holder exists: redo this event, do not ack it
         return ProcessResult(Verdict.FENCED_OUT, f"workflow {name}: memory write fenced out")
@@ -140,7 +188,7 @@ class WorkflowRegistry:
         self.host = host
         self.workflow_concurrency = workflow_concurrency
         self._by_id: dict[str, Registration] = {}
-        self._semaphore: asyncio.Semaphore | None = None
+        self._semaphores: dict[str, asyncio.Semaphore] = {}  # workflow id -> its triggered runs' permits
         self._recorder = RunRecorder(host, owned)
 
     # -- registration -----------------------------------------------------------------------
@@ -185,30 +233,98 @@ class WorkflowRegistry:
                 out.append(reg)
         return out
 
-    def conversations_of(self, event: Event) -> list[str]:
-        """Conversation ids of chatflows this event triggers (computed by the producer so its
-        publish records the stream order of each conversation)."""
+    def conversations_of(self, event: Event, *, group: str | None = None) -> list[str]:
+        """Conversation ids of the chatflows this event triggers here (only the one whose route
+        group is ``group``, when given)."""
         out = []
         for reg in self.matching(event):
+            if group is not None and group_name(self.host.settings.group, self.route_name(reg)) != group:
+                continue
             if reg.workflow.type == "chatflow":
-                cid = mapped(reg.trigger.map_conversation_id, event, reg.options.get("conversation_id"))
-                if isinstance(cid, str) and cid.strip() and cid not in out:
+                cid = conversation_of(reg, event)
+                if cid and cid not in out:
                     out.append(cid)
+        return out
+
+    # -- routes --------------------------------------------------------------------------------
+    def route_name(self, reg: Registration) -> str:
+        return f"wf:{reg.workflow.name}"
+
+    def routes(self) -> list[Route]:
+        """One route (consumer group) per registration: its triggered runs and the run requests
+        that name it."""
+        return [Route(self.route_name(reg), reg.workflow.type if reg.workflow.type == CHATFLOW else WORKFLOW,
+                      self._route_step(reg), self._advert(reg)) for reg in self._by_id.values()]
+
+    def _route_step(self, reg: Registration) -> Any:
+        async def step(event: Event) -> ProcessResult:
+            return await self.process_one(reg, event)
+        return step
+
+    def _advert(self, reg: Registration) -> dict[str, Any]:
+        trig, wf = reg.trigger, reg.workflow
+        fixed = reg.options.get("conversation_id")
+        return {"kind": CHATFLOW if wf.type == CHATFLOW else WORKFLOW, "name": wf.name, "workflow_id": wf.id,
+                **types_advert(trig.event_type, trig.kind), "has_filter": trig.filter is not None,
+                "conversation_key": trig.conversation_key,
+                "conversation_key_code": trig.map_conversation_id is not None,
+                "conversation_id": fixed if isinstance(fixed, str) else None}
+
+    def order_fns(self) -> dict[str, Any]:
+        """group -> fn(event) giving the conversation id of each chatflow registered here, for
+        the events it listens to (so a publish records the conversation's order)."""
+        prefix = self.host.settings.group
+        out = {}
+        for reg in self._by_id.values():
+            if reg.workflow.type == CHATFLOW:
+                def fn(event: Event, reg: Registration = reg) -> str | None:
+                    if not reg.trigger.matches(event.type):
+                        return None
+                    return conversation_of(reg, event)
+                out[group_name(prefix, self.route_name(reg))] = fn
         return out
 
     # -- running -----------------------------------------------------------------------------
     async def process(self, event: Event) -> ProcessResult:
-        """The Orchestrator's processor: serve run requests, run triggered workflows."""
-        if event.type == RUN_REQUEST:  # answered even by a worker that knows no workflows
+        """Every registration's work on one event, here (``Orchestrator.process_event``): serve
+        a run request, run the triggered workflows. Consumers run :meth:`process_one` per route."""
+        if event.type == RUN_REQUEST:
             return await self._serve_request(event)
         if not self._by_id:
             return OK
         regs = self.matching(event)
         if not regs:
             return OK
-        if self._semaphore is None:  # default: as many triggered runs as the worker has slots
-            self._semaphore = asyncio.Semaphore(self.workflow_concurrency or self.host.settings.concurrency)
         return ProcessResult.combine(await asyncio.gather(*(self._triggered(reg, event) for reg in regs)))
+
+    async def process_one(self, reg: Registration, event: Event) -> ProcessResult:
+        """One registration's route: the run requests that name it, the events that trigger it.
+        An event it does not take is acked for this route at once (a chatflow gives up the
+        event's turn in its conversation's order list, which the publisher may have recorded
+        without knowing the trigger's filter)."""
+        if event.type == RUN_REQUEST:
+            p = event.payload if isinstance(event.payload, dict) else {}
+            return await self._serve_request(event) if p.get("workflow_id") == reg.workflow.id else OK
+        if not reg.trigger.matches(event.type):
+            return OK
+        flt = reg.trigger.filter
+        if flt is not None and not flt(event):
+            if reg.workflow.type == CHATFLOW and event.stream_id:
+                cid = conversation_of(reg, event)
+                if cid:
+                    await self.host.chatflows().abandon(cid, event.stream_id, event.group)
+            return OK
+        return await self._triggered(reg, event)
+
+    def _permits(self, reg: Registration) -> asyncio.Semaphore:
+        """A registration's permits for concurrent triggered runs on this worker (default: as
+        many as the worker has slots). Per registration: a parent waiting for a child workflow
+        never holds the permit the child needs."""
+        sem = self._semaphores.get(reg.workflow.id)
+        if sem is None:
+            sem = self._semaphores[reg.workflow.id] = asyncio.Semaphore(
+                self.workflow_concurrency or self.host.settings.concurrency)
+        return sem
 
     async def _triggered(self, reg: Registration, event: Event) -> ProcessResult:
         opts = reg.options
@@ -217,7 +333,7 @@ class WorkflowRegistry:
             reg, event=event, run_id=run_id_for(event, reg.workflow),
             input=mapped(trig.map_input, event, opts.get("input", event.payload)),
             context=mapped(trig.map_context, event, opts.get("context")),
-            conversation_id=mapped(trig.map_conversation_id, event, opts.get("conversation_id")),
+            conversation_id=conversation_of(reg, event),
         )
         try:
             if reg.workflow.type == "chatflow":
@@ -225,7 +341,7 @@ class WorkflowRegistry:
                 # while waiting could starve the very event whose turn it is
                 result = await run
             else:
-                async with self._semaphore:  # type: ignore[union-attr]
+                async with self._permits(reg):
                     result = await run
         except asyncio.CancelledError:
             raise
@@ -241,31 +357,53 @@ class WorkflowRegistry:
     async def run(self, ref: str, *, input: Any, context: Any, conversation_id: str | None,  # noqa: A002
                   wait: bool, timeout: float | None, local: bool) -> WorkflowRunResult | str:
         """``Orchestrator.run_workflow``: run here (``local``), or send a run request that a
-        worker answers. ``wait=False`` returns the run id of a remote run."""
-        reg = self.get(ref)
+        worker answers. ``wait=False`` returns the run id of a remote run. A workflow this app
+        does not register is called by name (or id) when a worker declared it (see
+        :meth:`RunsHost.remote_workflow`)."""
+        found = self._find(ref)
+        if found is None and local:
+            reg = self.get(ref)  # raises NotFoundError naming what is registered
         await self.host.connect()
         if not local:
-            return await self.request(reg, input=input, context=context, conversation_id=conversation_id,
+            target = RunTarget.of(found) if found is not None else await self.host.remote_workflow(ref)
+            return await self.request(target, input=input, context=context, conversation_id=conversation_id,
                                       wait=wait, timeout=timeout)
+        reg = self.get(ref)
         coro = self.execute(reg, event=None, run_id=str(uuid.uuid4()), input=input, context=context,
                             conversation_id=conversation_id)
         return await asyncio.wait_for(coro, timeout)
 
     async def execute(self, reg: Registration, *, event: Event | None, run_id: str, input: Any,  # noqa: A002
-                      context: Any, conversation_id: str | None) -> WorkflowRunResult:
+                      context: Any, conversation_id: str | None, parent_run_id: str | None = None
+                      ) -> WorkflowRunResult:
         """Run one registered workflow here (chatflows through the conversation executor) and
-        record it in the run store (unless its event was reclaimed by another worker meanwhile)."""
+        record it in the run store (unless its event was reclaimed by another worker meanwhile).
+        A run someone cancelled before it started is recorded ``cancelled`` and not run."""
+        from orchestrator.runs.cancel import cancel_request, cancelled_result
+
         wf, opts = reg.workflow, reg.options
         kwargs = {k: opts[k] for k in ("concurrency", "fail_fast", "timeout") if k in opts}
         services = self.host.services_for(run_id)
         result: WorkflowRunResult
-        if wf.type == "chatflow":
-            result = await self.host.chatflows().run(
-                wf, conversation_id=conversation_id, event=event, input=input, context=context,
-                memory=opts.get("memory"), run_id=run_id, services=services, **kwargs)
-        else:
-            result = await self.host.runner.run(wf, input=input, context=context, event=event, run_id=run_id,
-                                                memory=opts.get("memory"), services=services, **kwargs)
+        request = await cancel_request(self.host.redis, self.host.keys, run_id) if self.host.redis is not None else None
+        token = current_run_id.set(run_id)  # this task's context: the nodes' tasks copy it
+        try:
+            if request is not None:
+                log.info("run %s of %s was cancelled by %s before it started", run_id, wf.name, request.get("by"))
+                result = cancelled_result(wf, run_id, request, conversation_id=conversation_id)
+                if wf.type == CHATFLOW and conversation_id and event is not None and event.stream_id:
+                    await self.host.chatflows().abandon(conversation_id, event.stream_id, event.group)
+            elif wf.type == "chatflow":
+                result = await self.host.chatflows().run(
+                    wf, conversation_id=conversation_id, event=event, input=input, context=context,
+                    memory=opts.get("memory"), run_id=run_id, services=services, **kwargs)
+            else:
+                result = await self.host.runner.run(wf, input=input, context=context, event=event, run_id=run_id,
+                                                    memory=opts.get("memory"), services=services, **kwargs)
+        finally:
+            current_run_id.reset(token)
+        if parent_run_id:
+            result.parent_run_id = parent_run_id
         await self._recorder.record(result, event)
         return result
 
@@ -277,14 +415,16 @@ class WorkflowRegistry:
                             {"workflow_id": reg.workflow.id, "event": event, "trigger": reg.trigger})
 
     # -- remote runs ---------------------------------------------------------------------------
-    async def request(self, reg: Registration, *, input: Any, context: Any,  # noqa: A002
+    async def request(self, target: RunTarget, *, input: Any, context: Any,  # noqa: A002
                       conversation_id: str | None, wait: bool, timeout: float | None) -> WorkflowRunResult | str:
-        """Send a run request for ``reg`` through the stream; with ``wait``, wait for the answer."""
-        if reg.workflow.type == "chatflow":
-            check_conversation_id(conversation_id, chatflow=reg.workflow.name)
+        """Send a run request for ``target`` through the stream (its route's group takes it);
+        with ``wait``, wait for the answer. A request made inside a run names that run as the
+        child's parent."""
+        if target.type == CHATFLOW:
+            check_conversation_id(conversation_id, chatflow=target.name)
         run_id = str(uuid.uuid4())
-        payload = {"workflow_id": reg.workflow.id, "run_id": run_id, "input": input, "context": context,
-                   "conversation_id": conversation_id, "reply": wait}
+        payload = {"workflow_id": target.workflow_id, "run_id": run_id, "input": input, "context": context,
+                   "conversation_id": conversation_id, "reply": wait, "parent_run_id": current_run_id.get()}
         await self.host.publish(RUN_REQUEST, payload)
         if not wait:
             return run_id
@@ -293,14 +433,15 @@ class WorkflowRegistry:
         while True:  # short BLPOPs: one long block would outlast the connection's socket timeout
             left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
             if left <= 0:
-                raise TimeoutError(f"workflow {reg.workflow.name!r} run {run_id} did not finish within {timeout}s")
+                raise RunTimeoutError(f"workflow {target.name!r} run {run_id} did not finish within {timeout}s "
+                                      f"(it may still run: cancel it with cancel_run({run_id!r}))", run_id)
             reply = await redis.blpop([keys.run_result_notify(run_id)], timeout=max(left, 0.01))
             if reply is not None:
                 break
         answer = msgpack.unpackb(await redis.get(keys.run_result(run_id)), raw=False)
         if "error" in answer:
             err = answer["error"]
-            raise RemoteRunError(f"worker could not run {reg.workflow.name!r}: {err.get('name')}: "
+            raise RemoteRunError(f"worker could not run {target.name!r}: {err.get('name')}: "
                                  f"{err.get('message')}", err)
         return WorkflowRunResult.from_record(answer["record"])
 
@@ -310,8 +451,10 @@ class WorkflowRegistry:
         outcome = OK
         try:
             reg = self.get(str(p.get("workflow_id")))
+            parent = p.get("parent_run_id")
             result = await self.execute(reg, event=event, run_id=run_id, input=p.get("input"),
-                                        context=p.get("context"), conversation_id=p.get("conversation_id"))
+                                        context=p.get("context"), conversation_id=p.get("conversation_id"),
+                                        parent_run_id=parent if isinstance(parent, str) else None)
             answer: dict[str, Any] = {"record": result.to_record()}
             if not result.succeeded:
                 outcome = ProcessResult(Verdict.FAILED, f"run {run_id} {result.status}")

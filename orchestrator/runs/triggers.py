@@ -1,5 +1,7 @@
 """Workflow triggers: manual, or event (exact type, list, compiled regex, ``"*"``), with
-``filter``, ``map_input``, ``map_context`` and ``map_conversation_id`` (SEED-SEMANTICS §2.3).
+``filter``, ``map_input``, ``map_context`` and ``map_conversation_id`` (SEED-SEMANTICS §2.3), or
+``conversation_key``: the conversation id as a payload path, which publishers without the
+app's code can read.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.events import Event
 
-_KEYS = {"type", "event_type", "filter", "map_input", "map_context", "map_conversation_id"}
+_KEYS = {"type", "event_type", "filter", "map_input", "map_context", "map_conversation_id", "conversation_key"}
 Mapper = Callable[[Event], Any]
 
 
@@ -26,6 +28,9 @@ class Trigger:
     map_input: Mapper | None = None
     map_context: Mapper | None = None
     map_conversation_id: Mapper | None = None
+    #: the conversation key as data: a dotted payload path (``"user.id"``) that any publisher
+    #: can read without the app's code (see orchestrator.runs.routes)
+    conversation_key: str | None = None
 
     @property
     def kind(self) -> str:
@@ -75,8 +80,15 @@ def parse_trigger(spec: Any) -> Trigger:
     event_type = spec.get("event_type")
     if kind == "event":
         event_type = _check_event_type(event_type)
+    key = spec.get("conversation_key")
+    if key is not None:
+        from orchestrator.runs.routes import check_key_path
+
+        key = check_key_path(key)
+        if spec.get("map_conversation_id") is not None:
+            raise InvalidArgumentError("a trigger takes conversation_key (data) or map_conversation_id (code), not both")
     return Trigger(kind, event_type, spec.get("filter"), spec.get("map_input"), spec.get("map_context"),
-                   spec.get("map_conversation_id"))
+                   spec.get("map_conversation_id"), key)
 
 
 def _check_event_type(value: Any) -> str | tuple[str, ...] | re.Pattern[str]:

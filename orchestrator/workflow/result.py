@@ -114,6 +114,8 @@ class WorkflowRunResult:
     failed (the first node failure, a timeout or a cancellation), None if it succeeded, and
     ``exception``, in this process only (never recorded), the exception itself when the code
     that ended the run kept it (a chatflow fenced out keeps its ``FencingError``).
+    ``cancelled_by`` and ``cancelled_at`` (epoch seconds of the request) say who cancelled a
+    run that ended ``cancelled`` on request (``Orchestrator.cancel_run``), None otherwise.
     """
 
     run_id: str
@@ -134,6 +136,10 @@ class WorkflowRunResult:
     logs: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     workflow_type: str = "workflow"
+    cancelled_by: str | None = None
+    cancelled_at: float | None = None
+    #: the run whose node requested this one (``run_workflow`` called inside a node), if any
+    parent_run_id: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -156,6 +162,8 @@ class WorkflowRunResult:
             "attempts": dict(self.attempts), "timeline": json_safe(self.timeline),
             "conversation_id": self.conversation_id, "memory": json_safe(self.memory),
             "artifacts": json_safe(self.artifacts), "error": json_safe(self.error),
+            "cancelled_by": self.cancelled_by, "cancelled_at": self.cancelled_at,
+            "parent_run_id": self.parent_run_id,
         }
 
     @classmethod
@@ -164,7 +172,8 @@ class WorkflowRunResult:
         result = cls(run_id=record["run_id"], workflow_id=record.get("workflow_id", ""),
                      workflow_name=record.get("workflow_name", ""))
         for key in ("status", "started_at", "finished_at", "duration_ms", "conversation_id",
-                    "memory", "error", "workflow_type"):
+                    "memory", "error", "workflow_type", "cancelled_by", "cancelled_at",
+                    "parent_run_id"):
             if key in record:
                 setattr(result, key, record[key])
         result.status = _status(RunStatus, result.status)

@@ -107,12 +107,16 @@ class Runner:
         finally:
             self._runs.pop(run_id, None)
 
-    def cancel(self, run_id: str, reason: str = "run cancelled") -> bool:
-        """Abort a running run (its status becomes ``cancelled``); False if it is not running here."""
+    def cancel(self, run_id: str, reason: str = "run cancelled", *, by: str | None = None,
+               at: float | None = None) -> bool:
+        """Abort a running run (its status becomes ``cancelled``); False if it is not running here.
+
+        ``by`` (who asked) and ``at`` (when, epoch seconds; default now) go into the result's
+        ``cancelled_by`` / ``cancelled_at`` when this cancellation is what ends the run."""
         run = self._runs.get(run_id)
         if run is None:
             return False
-        run.request_cancel(reason)
+        run.request_cancel(reason, by=by, at=at)
         return True
 
     def _adopt_abandoned(self, task: asyncio.Task[Any]) -> None:
@@ -204,9 +208,12 @@ class _Run:
         aborted.__cause__ = self.timed_out
         self._abort(aborted)
 
-    def request_cancel(self, reason: str) -> None:
+    def request_cancel(self, reason: str, *, by: str | None = None, at: float | None = None) -> None:
         if not self.stopping:
             self.cancelled = True
+            if by is not None:
+                self.result.cancelled_by = by
+                self.result.cancelled_at = self.clock() if at is None else at
             self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: {reason}"))
 
     def _abort_reason(self) -> WorkflowAborted:

@@ -9,24 +9,29 @@ from pathlib import Path
 import redis
 
 from orchestrator.events import Event, encode_fields
+from tests.groups import ensure_group as create_group
+from tests.groups import group, pending_total
 from tests.integration.procs import start_worker, wait_until, worker_env
 
 FAULT_APP = "tests.faults.apps:app"
 
 
-def ensure_group(client: redis.Redis, namespace: str) -> None:
-    try:
-        client.xgroup_create(f"{namespace}:events", "workers", id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        assert "BUSYGROUP" in str(exc)
+#: the fault app's one route: its subscriber ``record``; and the counting app's
+FAULT_GROUP = group("sub:tests.faults.apps.record")
+COUNTING_GROUP = group("sub:tests.integration.apps.counting.record")
+
+
+def ensure_group(client: redis.Redis, namespace: str, name: str = FAULT_GROUP) -> None:
+    create_group(client, namespace, name)
 
 
 def publish_jobs(client: redis.Redis, namespace: str, count: int, start: int = 0, pad: int = 0,
-                 group: bool = True) -> list[str]:
+                 group: bool = True, route_group: str = FAULT_GROUP) -> list[str]:
     """XADD jobs ``start .. start+count-1`` (payload ``{"i": n}``, plus ``pad`` bytes), first
-    creating the group unless ``group`` is False; returns their stream ids."""
+    creating ``route_group`` (the fault app's) unless ``group`` is False; returns their
+    stream ids."""
     if group:
-        ensure_group(client, namespace)
+        ensure_group(client, namespace, route_group)
     ids: list[str] = []
     for base in range(start, start + count, 1000):
         pipe = client.pipeline(transaction=False)
@@ -42,10 +47,7 @@ def dead_entries(client: redis.Redis, namespace: str) -> list[dict[bytes, bytes]
 
 
 def pending(client: redis.Redis, namespace: str) -> int:
-    try:
-        return int(client.xpending(f"{namespace}:events", "workers")["pending"])
-    except redis.ResponseError:
-        return 0
+    return pending_total(client, namespace)
 
 
 def start_fault_worker(base_env: dict[str, str], url: str, namespace: str, log: Path, out: Path,

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from orchestrator.keys import Keys
+from tests.groups import consumer_pending, pending_total
 from tests.integration.apps.chat import build_app
 from tests.integration.apps.chat_overlap import build_app as build_overlap_app
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
@@ -101,7 +102,7 @@ def overlaps(runs: list[dict]) -> list[tuple[int, int]]:
 
 
 def pending(client: redis.Redis, namespace: str) -> int:
-    return int(client.xpending(f"{namespace}:events", "workers")["pending"])
+    return int(pending_total(client, namespace))
 
 
 def all_done(client: redis.Redis, namespace: str, conversations: list[str], per_conversation: int) -> bool:
@@ -312,7 +313,8 @@ def test_a_lock_holder_frozen_past_its_lease_is_cancelled_on_resume_so_no_two_ru
     memory = memory_of(redis_url, namespace, cid, build_overlap_app)
     assert memory["seq"] == list(range(count)), "a delta was lost or applied twice"
     assert memory["sum"] == sum(delta(cid, s) for s in range(count))
-    stuck = (pending(sync_redis, namespace), sync_redis.llen(Keys(namespace).conversation_order(cid)),
+    stuck = (pending(sync_redis, namespace),
+             sync_redis.llen(Keys(namespace).conversation_order(cid, "workers:wf:overlap-turns")),
              sync_redis.exists(Keys(namespace).conversation_lock(cid)))
     assert stuck == (0, 0, 0), "left pending / in the order list / locked"
     assert set(codes.values()) == {0}
@@ -414,13 +416,8 @@ def test_a_frozen_holder_whose_lock_was_taken_while_it_kept_its_event_is_cancell
     assert "memory refused" not in holder_log, "the stale run went on to write"
     assert [r["seq"] for r in runs] == [100, 0], "event 0 redone once, after the newer holder's run"
     assert memory_of(redis_url, namespace, cid) == {"seq": [100, 0], "sum": 1011}
-    assert sync_redis.llen(Keys(namespace).conversation_order(cid)) == 0
+    assert sync_redis.llen(Keys(namespace).conversation_order(cid, "workers:wf:chat-turns")) == 0
     assert codes == [0, 0]
-
-
-def consumer_pending(client: redis.Redis, namespace: str, pid: int) -> int:
-    summary = client.xpending(f"{namespace}:events", "workers")
-    return sum(int(c["pending"]) for c in summary["consumers"] or [] if f"-{pid}-" in c["name"].decode())
 
 
 def run_head_redelivered_behind_later_events(redis_url, namespace, sync_redis, subprocess_env, tmp_path, *,

@@ -16,10 +16,11 @@ import pytest
 import redis
 
 from orchestrator.broker.embedded import EmbeddedRedis, free_port
+from orchestrator.broker.groups import group_names
 from tests.integration.procs import stop
 
 from .apps import read_calls, successes
-from .common import dead_entries, pending, publish_jobs, start_fault_worker, wait_for
+from .common import FAULT_GROUP, dead_entries, pending, publish_jobs, start_fault_worker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -141,9 +142,10 @@ def test_producer_and_worker_start_on_a_full_redis_when_the_group_exists(namespa
 
         async def connect(mode: str) -> bool:
             app = Orchestrator(server.url, mode=mode, namespace=namespace)
+            app.dispatcher.subscribe("job", lambda e: None, name="tests.faults.apps.record")  # FAULT_GROUP's route
             try:
-                await app.connect()
-                return await app.broker.group_exists()
+                await app.connect()  # the group exists: nothing to write (the route advert is best effort)
+                return app.route_groups() == [FAULT_GROUP] and FAULT_GROUP in await group_names(app.redis, app.keys.events)
             finally:
                 await app.close()
 

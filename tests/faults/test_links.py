@@ -27,6 +27,8 @@ from orchestrator.broker.connection import REDIS_TIMEOUT_MS, create_redis, creat
 from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.events import Event, encode_fields
 from orchestrator.faults import reset_conditions
+from tests.groups import consumer_pending, group, pending_total
+from tests.groups import ensure_group as create_group
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
 from .proxy import FaultProxy
@@ -44,10 +46,7 @@ STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (WARNING|ERROR|CRIT
 
 def publish(client: redis.Redis, namespace: str, start: int, count: int) -> None:
     stream = f"{namespace}:events"
-    try:
-        client.xgroup_create(stream, "workers", id="0", mkstream=True)
-    except redis.ResponseError:
-        pass  # exists
+    create_group(client, namespace, group("sub:tests.integration.apps.counting.record"))  # the counting app's route
     pipe = client.pipeline(transaction=False)
     for i in range(start, start + count):
         pipe.xadd(stream, encode_fields(Event("job", {"i": i})))
@@ -60,13 +59,6 @@ def seen(client: redis.Redis, namespace: str) -> dict[int, int]:
 
 def processed_by(client: redis.Redis, namespace: str, pid: int) -> int:
     return int(client.hget(f"{namespace}:test:by_pid", str(pid)) or 0)
-
-
-def pending_of(client: redis.Redis, namespace: str, pid: int) -> int:
-    for c in client.xpending(f"{namespace}:events", "workers")["consumers"] or []:
-        if f"-{pid}-" in c["name"].decode():
-            return int(c["pending"])
-    return 0
 
 
 def problems(log: Path) -> list[tuple[float, str]]:
@@ -189,7 +181,7 @@ def test_blackholed_worker_detects_in_seconds_logs_once_and_loses_nothing(
                        message="both workers processing")
             assert not problems(victim_log), victim_log.read_text()
             cut_at = proxy.blackhole()
-            held_at_cut = pending_of(sync_redis, namespace, victim.pid)
+            held_at_cut = consumer_pending(sync_redis, namespace, victim.pid)
             wait_until(lambda: any(OUTAGE in line for _, line in problems(victim_log)), BLACKHOLE_S,
                        message="the cut-off worker to notice")
             time.sleep(max(0.0, cut_at + BLACKHOLE_S - time.time()))
@@ -202,7 +194,7 @@ def test_blackholed_worker_detects_in_seconds_logs_once_and_loses_nothing(
             resumed_s = time.time() - healed_at
             total = total_before + total_after
             wait_until(lambda: len(seen(sync_redis, namespace)) == total, 15, message="every event processed")
-            wait_until(lambda: sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0, 10,
+            wait_until(lambda: pending_total(sync_redis, namespace) == 0, 10,
                        message="nothing pending")
         finally:
             codes = [stop(victim), stop(survivor)]

@@ -20,6 +20,8 @@ from orchestrator.broker.sync_publish import SyncPublisher
 from orchestrator.config import Settings
 from orchestrator.events import decode_fields
 from orchestrator.faults import Fault, condition, reset_conditions
+from tests.faults.common import COUNTING_GROUP, ensure_group
+from tests.groups import pending_total
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
 from .proxy import FaultProxy
@@ -84,9 +86,10 @@ async def test_conversation_order_lists_get_the_id_once(redis_url, namespace, sy
     broker = StreamBroker(client, settings)
     event = Event("chat", {"i": 1})
     try:
-        first = await broker.publish(event, conversation_ids=["c1", "c2"])
-        again = await broker.publish(event, conversation_ids=["c1", "c2"])
-        [batched] = await broker.publish_many([event], conversation_ids=[["c1", "c2"]])
+        lists = [broker.keys.conversation_order(c) for c in ("c1", "c2")]
+        first = await broker.publish(event, order_lists=lists)
+        again = await broker.publish(event, order_lists=lists)
+        [batched] = await broker.publish_many([event], order_lists=[lists])
     finally:
         await client.aclose()
     for conv in ("c1", "c2"):
@@ -185,7 +188,7 @@ async def test_flapping_replies_every_event_once_in_the_stream_and_run_once(
             proxy.heal()
             done.wait(0.65)
 
-    await broker.ensure_group()
+    ensure_group(sync_redis, namespace, COUNTING_GROUP)  # the worker's route, before publishing
     flapper = threading.Thread(target=flap, daemon=True)
     flapper.start()
     sent: dict[str, str] = {}
@@ -220,7 +223,7 @@ async def test_flapping_replies_every_event_once_in_the_stream_and_run_once(
     worker = start_worker(worker_env(subprocess_env, redis_url, namespace, concurrency=16), tmp_path / "w.log")
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:test:seen") == total, 20, message="every event run")
-        wait_until(lambda: sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0, 10)
+        wait_until(lambda: pending_total(sync_redis, namespace) == 0, 10)
     finally:
         code = stop(worker)
     counts = {int(k): int(v) for k, v in sync_redis.hgetall(f"{namespace}:test:seen").items()}

@@ -10,26 +10,19 @@ import time
 import pytest
 import redis
 
-from tests.faults.common import publish_jobs
+from tests.faults.common import COUNTING_GROUP, publish_jobs
+from tests.groups import consumer_pending, group, groups, pending_total
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
 pytestmark = pytest.mark.slow
 
 
 def publish(client: redis.Redis, namespace: str, count: int, start: int = 0) -> None:
-    publish_jobs(client, namespace, count, start)
+    publish_jobs(client, namespace, count, start, route_group=COUNTING_GROUP)  # the counting app's route
 
 
 def seen(client: redis.Redis, namespace: str) -> dict[int, int]:
     return {int(k): int(v) for k, v in client.hgetall(f"{namespace}:test:seen").items()}
-
-
-def consumer_pending(client: redis.Redis, namespace: str, pid: int) -> int:
-    summary = client.xpending(f"{namespace}:events", "workers")
-    for c in summary["consumers"] or []:
-        if f"-{pid}-" in c["name"].decode():
-            return int(c["pending"])
-    return 0
 
 
 def test_two_worker_processes_share_5000_events_each_processed_once(redis_url, namespace, sync_redis,
@@ -39,7 +32,7 @@ def test_two_worker_processes_share_5000_events_each_processed_once(redis_url, n
     workers = [start_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
     try:
         wait_until(lambda: len(seen(sync_redis, namespace)) == 5000, 90, message="5000 events processed")
-        wait_until(lambda: sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0, 10)
+        wait_until(lambda: pending_total(sync_redis, namespace) == 0, 10)
     finally:
         codes = [stop(w) for w in workers]
     counts = seen(sync_redis, namespace)
@@ -62,7 +55,7 @@ def test_kill_9_one_of_two_workers_loses_nothing(redis_url, namespace, sync_redi
         victim.wait(10)
         in_flight_at_death = consumer_pending(sync_redis, namespace, victim.pid)
         wait_until(lambda: len(seen(sync_redis, namespace)) == 5000, 90, message="all 5000 processed")
-        wait_until(lambda: sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0, 20)
+        wait_until(lambda: pending_total(sync_redis, namespace) == 0, 20)
     finally:
         stop(victim)
         code = stop(survivor)
@@ -105,7 +98,7 @@ def test_sigterm_while_busy_finishes_in_flight_work_and_exits_0(redis_url, names
         stop(worker)
     assert code == 0
     assert len(seen(sync_redis, namespace)) == 4
-    assert sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0
+    assert pending_total(sync_redis, namespace) == 0
     assert sync_redis.hlen(f"{namespace}:workers") == 0  # heartbeat removed on clean exit
 
 
@@ -124,7 +117,7 @@ def test_second_signal_exits_at_once_and_work_comes_back(redis_url, namespace, s
     finally:
         stop(worker)
     assert code == 130
-    assert sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 2  # not acked, not lost
+    assert pending_total(sync_redis, namespace) == 2  # not acked, not lost
 
 
 def test_worker_reconnects_after_redis_restart_and_finishes_backlog(own_redis, namespace, subprocess_env, tmp_path):
@@ -181,7 +174,7 @@ def test_frozen_worker_does_not_ack_an_entry_another_worker_finished(redis_url, 
             stop(rescuer)
     assert seen(sync_redis, namespace) == {0: 1}, "the effect happened twice"
     assert sync_redis.llen(f"{namespace}:test:started") == 2  # both really ran it
-    assert sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0
+    assert pending_total(sync_redis, namespace) == 0
     assert sync_redis.xlen(f"{namespace}:dead") == 0
 
 
@@ -189,8 +182,10 @@ def test_once_subscriber_fires_once_across_two_worker_processes(redis_url, names
                                                                subprocess_env, tmp_path):
     env = worker_env(subprocess_env, redis_url, namespace, concurrency=8, TEST_ONCE=1)
     workers = [start_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
-    publish(sync_redis, namespace, 200)
-    try:
+    try:  # the once handler is a route of its own: its group must exist before the events come
+        wait_until(lambda: {COUNTING_GROUP, group("sub:tests.once-handler")} <= set(groups(sync_redis, namespace)),
+                   30, message="both routes' groups")
+        publish(sync_redis, namespace, 200)
         wait_until(lambda: len(seen(sync_redis, namespace)) == 200, 30, message="200 processed")
     finally:
         for w in workers:

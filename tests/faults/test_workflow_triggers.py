@@ -8,7 +8,7 @@ import re
 import pytest
 
 from orchestrator import Node, Orchestrator, Workflow
-from orchestrator.runs.registry import RemoteRunError
+from orchestrator.runs.registry import RunTimeoutError
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
 APP = "tests.integration.apps.flows:app"
@@ -144,16 +144,25 @@ async def test_remote_run_of_a_chatflow_without_conversation_is_refused_before_s
     await app.close()
 
 
-async def test_worker_that_cannot_run_a_request_answers_with_an_error(redis_url, namespace):
+async def test_a_request_no_live_worker_can_run_waits_for_one_instead_of_being_swallowed(redis_url, namespace,
+                                                                                       sync_redis):
     producer = Orchestrator(redis_url, namespace=namespace, mode="producer")
     producer.register_workflow(Workflow(name="only-here", nodes=[Node(name="n", handler=lambda c: 1)]))
     worker = Orchestrator(redis_url, namespace=namespace, mode="worker")  # does not know the workflow
     await worker.start()
-    with pytest.raises(RemoteRunError, match="NotFoundError"):
-        await producer.run_workflow("only-here", timeout=10)
+    with pytest.raises(RunTimeoutError) as waited:
+        await producer.run_workflow("only-here", timeout=1)
     await worker.stop()
     await worker.close()
+    group = sync_redis.xinfo_groups(f"{namespace}:events")[0]
+    assert (group["name"], group["lag"], group["pending"]) == (b"workers:wf:only-here", 1, 0)  # it waits
+    able = Orchestrator(redis_url, namespace=namespace, mode="worker")
+    able.register_workflow(Workflow(name="only-here", nodes=[Node(name="n", handler=lambda c: 1)]))
+    await able.drain(timeout=10)
+    record = await able.run_store.get(waited.value.run_id)
+    await able.close()
     await producer.close()
+    assert record is not None and record["status"] == "succeeded"
 
 
 async def test_a_chatflow_fenced_out_is_redelivered_even_with_ack_policy_always(redis_url, namespace):

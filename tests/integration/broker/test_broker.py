@@ -12,6 +12,7 @@ from orchestrator.broker.connection import create_redis
 from orchestrator.broker.consumer import Consumer, Outcome
 from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import load_settings
+from tests.groups import pending_total
 
 
 def make_app(redis_url: str, namespace: str, **kw) -> Orchestrator:
@@ -44,7 +45,7 @@ async def test_entry_is_acked_after_processing(redis_url, namespace, sync_redis)
     await app.publish("x", 1)
     await app.drain(timeout=10)
     await app.close()
-    assert sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0
+    assert pending_total(sync_redis, namespace) == 0
 
 
 async def test_batch_publish_keeps_order_and_every_event(redis_url, namespace):
@@ -111,7 +112,7 @@ async def test_bad_entries_go_to_dead_letters_with_a_reason(redis_url, namespace
     for name, value in fields.items():  # the original entry is kept
         assert entry[name.encode()] == (value if isinstance(value, bytes) else value.encode())
     assert good == ["still-fine"]
-    assert sync_redis.xpending(f"{namespace}:events", "workers")["pending"] == 0
+    assert pending_total(sync_redis, namespace) == 0
 
 
 async def test_oversized_event_is_refused_by_the_producer(redis_url, namespace):
@@ -237,7 +238,7 @@ async def test_consumer_fetches_no_more_than_its_free_slots(redis_url, namespace
             break
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.1)
-    pending = sync_redis.xpending(f"{namespace}:events", "workers")["pending"]
+    pending = pending_total(sync_redis, namespace)
     gate.set()
     await app.drain(timeout=10)
     await app.stop()
@@ -333,7 +334,7 @@ async def test_publish_sync_from_plain_code_is_consumed_like_publish(redis_url, 
     ids = app.publish_many_sync([Event("sync.event", {"n": i}) for i in range(2, 5)])
     chat_event = app.publish_sync("chat.msg", {"c": "conv-1"})
     # the chatflow's conversation order list got the id atomically with the XADD
-    assert sync_redis.lrange(f"{namespace}:conv:conv-1:order", 0, -1) == [chat_event.stream_id.encode()]
+    assert sync_redis.lrange(f"{namespace}:conv:conv-1:order:workers:wf:chat", 0, -1) == [chat_event.stream_id.encode()]
     assert event.stream_id and len(ids) == 3
     await app.drain(timeout=10)
     await app.close()

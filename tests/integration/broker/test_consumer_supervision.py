@@ -9,10 +9,11 @@ import logging
 
 import pytest
 
-from orchestrator.broker.consumer import MAX_RESTARTS, Consumer, ConsumerFailed, Outcome, redelivery_delay_ms
+from orchestrator.broker.consumer import Consumer, ConsumerFailed, Outcome, redelivery_delay_ms
 from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import load_settings
 from orchestrator.events import Event
+from orchestrator.faults import MAX_RESTARTS
 
 
 async def _consumer(aredis, namespace: str, **settings) -> tuple[Consumer, StreamBroker, list[str]]:

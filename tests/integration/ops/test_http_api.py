@@ -32,6 +32,7 @@ def record(run_id: str, workflow: str, status: str, started_at: float) -> dict:
 async def app(redis_url, namespace):
     application = Orchestrator(redis_url, namespace=namespace, block_ms=50,
                                runner=Runner(hooks=[MetricsHooks()]))
+    application.dispatcher.subscribe("probe", lambda e: None, name="ops.probe")  # one route, one group
     await application.connect()
     yield application
     await application.close()
@@ -218,6 +219,7 @@ async def test_metrics_appear_and_move_after_publishes_and_runs(app, http):
     name = f"metrics-{uuid.uuid4().hex[:8]}"
     app.register_workflow(Workflow(name, [Node("step", lambda ctx: 1)]),
                           trigger={"type": "event", "event_type": name})
+    await app.declare_routes()
     async with serve(app) as server:
         _, before, _ = await get(http, server, "/metrics")
         assert sample(before, "tokiwa_runs_total", workflow=name, status="succeeded") is None
@@ -228,9 +230,10 @@ async def test_metrics_appear_and_move_after_publishes_and_runs(app, http):
         _, after, headers = await get(http, server, "/metrics")
     assert headers["Content-Type"].startswith("text/plain")
     assert sample(published, "tokiwa_stream_length", stream="events") == 2
-    assert sample(published, "tokiwa_group_lag", group="workers") == 2
-    assert sample(after, "tokiwa_group_lag", group="workers") == 0
-    assert sample(after, "tokiwa_pending_entries", group="workers") == 0
+    group = f"workers:wf:{name}"
+    assert sample(published, "tokiwa_group_lag", group=group) == 2
+    assert sample(after, "tokiwa_group_lag", group=group) == 0
+    assert sample(after, "tokiwa_pending_entries", group=group) == 0
     assert sample(after, "tokiwa_runs_total", workflow=name, status="succeeded") == 2
     assert sample(after, "tokiwa_run_duration_seconds_count", workflow=name) == 2
     assert sample(after, "tokiwa_node_duration_seconds_count", workflow=name, node="step") == 2

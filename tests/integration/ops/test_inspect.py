@@ -18,6 +18,7 @@ from orchestrator.events import decode_fields
 from orchestrator.keys import Keys
 from orchestrator.ops.inspector import Inspector
 from orchestrator.workflow.model import Node, Workflow
+from tests.groups import ensure_group
 
 
 @pytest.fixture
@@ -30,9 +31,13 @@ async def app(redis_url, namespace):
     await application.close()
 
 
+PROBE = "workers:sub:probe"  # a route's group that no worker reads here
+
+
 def deliver_without_ack(sync_redis, namespace: str, consumer: str, count: int) -> None:
     keys = Keys(namespace)
-    sync_redis.xreadgroup("workers", consumer, {keys.events: ">"}, count=count)
+    ensure_group(sync_redis, namespace, PROBE)
+    sync_redis.xreadgroup(PROBE, consumer, {keys.events: ">"}, count=count)
 
 
 class Flaky:
@@ -65,7 +70,7 @@ async def test_streams_show_length_group_lag_pending_and_consumers(app, sync_red
     events, dead = await Inspector.from_app(app).streams()
     assert (events["stream"], events["length"], dead["length"]) == (app.keys.events, 3, 0)
     (group,) = events["groups"]
-    assert (group["name"], group["pending"], group["lag"]) == ("workers", 2, 1)
+    assert (group["name"], group["pending"], group["lag"]) == (PROBE, 2, 1)
     assert [(c["name"], c["pending"]) for c in group["consumers"]] == [("c1", 2)]
     assert dead["exists"] is False
 
@@ -76,7 +81,7 @@ async def test_pending_lists_entries_per_consumer_with_idle_time_and_deliveries(
     deliver_without_ack(sync_redis, namespace, "c1", 2)
     deliver_without_ack(sync_redis, namespace, "c2", 1)
     data = await Inspector.from_app(app).pending()
-    assert data["count"] == 3 and data["consumers"] == {"c1": 2, "c2": 1}
+    assert data["count"] == 3 and data["consumers"] == {"c1": 2, "c2": 1} and data["groups"] == {PROBE: 3}
     assert [e["consumer"] for e in data["entries"]] == ["c1", "c1", "c2"]
     assert all(e["deliveries"] == 1 and e["idle_ms"] >= 0 and e["type"] == "order.created"
                for e in data["entries"])
@@ -91,7 +96,7 @@ async def test_pending_of_a_namespace_without_a_stream_is_empty(redis_url, names
         data = await Inspector(client, Keys(namespace)).pending()
     finally:
         await client.aclose()
-    assert data == {"group": "workers", "count": 0, "consumers": {}, "entries": []}
+    assert data == {"count": 0, "groups": {}, "consumers": {}, "entries": []}
 
 
 # -- dead letters -----------------------------------------------------------------------------
@@ -232,9 +237,9 @@ def prepare(redis_url: str, namespace: str, *, dead: int = 0, pending_for: str |
             if dead:
                 await dead_letters(application, dead)
             if pending_for:
+                await application.redis.xgroup_create(application.keys.events, PROBE, id="$", mkstream=True)
                 await application.publish("order.other", {})
-                await application.redis.xreadgroup("workers", pending_for, {application.keys.events: ">"},
-                                                   count=1)
+                await application.redis.xreadgroup(PROBE, pending_for, {application.keys.events: ">"}, count=1)
         finally:
             await application.close()
     asyncio.run(go())
@@ -259,7 +264,7 @@ def test_inspect_commands_print_readable_tables_by_default(redis_url, namespace)
     assert "REASON" in listing and "max_deliveries" in listing
     assert invoke(redis_url, namespace, "streams").output.startswith("STREAM")
     out = invoke(redis_url, namespace, "pending").output
-    assert "1 pending (c9: 1)" in out and "order.other" in out
+    assert f"1 pending ({PROBE}: 1" in out and "c9" in out and "order.other" in out
 
 
 def test_dead_requeue_all_and_purge_from_the_cli(redis_url, namespace):

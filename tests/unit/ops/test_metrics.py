@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import fakeredis
+import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.config import Settings
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.keys import Keys
 from orchestrator.ops import metrics
@@ -134,6 +137,7 @@ async def test_a_retried_node_is_timed_once_including_its_retries():
 class FakeBroker:
     def __init__(self, redis, namespace: str) -> None:
         self.redis, self.keys, self.group = redis, Keys(namespace), "workers"
+        self.settings = Settings(namespace=namespace)
 
 
 async def test_refresh_gauges_reads_stream_length_lag_and_pending():
@@ -144,8 +148,14 @@ async def test_refresh_gauges_reads_stream_length_lag_and_pending():
         await redis.xadd(broker.keys.events, {"n": n})
     await redis.xreadgroup("workers", "c1", {broker.keys.events: ">"}, count=1)
     await redis.xadd(broker.keys.dead, {"reason": "x"})
+    await redis.zadd(broker.keys.delayed, {"e1": 1, "e2": 2})
+    fresh = {"id": "w1", "last_seen": time.time(), "groups": ["workers"]}
+    stale = {"id": "w2", "last_seen": time.time() - 3600, "groups": ["workers"]}
+    await redis.hset(broker.keys.workers, mapping={"w1": msgpack.packb(fresh), "w2": msgpack.packb(stale)})
     found = await metrics.refresh_gauges(broker)
-    assert found["events"] == 4 and found["dead"] == 1 and found["pending:workers"] == 1
+    assert found["events"] == 4 and found["dead"] == 1 and found["pending:workers"] == 1 and found["delayed"] == 2
+    assert value("tokiwa_group_live_workers", group="workers") == 1  # the stale heartbeat does not count
+    assert value("tokiwa_delayed_events", namespace=broker.keys.namespace) == 2
     assert value("tokiwa_stream_length", stream="events") == 4
     assert value("tokiwa_stream_length", stream="dead") == 1
     assert value("tokiwa_pending_entries", group="workers") == 1
@@ -156,7 +166,7 @@ async def test_refresh_gauges_reads_stream_length_lag_and_pending():
 async def test_refresh_gauges_without_a_stream_reports_zero():
     redis = fakeredis.FakeAsyncRedis()
     found = await metrics.refresh_gauges(FakeBroker(redis, unique("empty")))
-    assert found == {"events": 0, "dead": 0}
+    assert found == {"events": 0, "dead": 0, "delayed": 0}
     await redis.aclose()
 
 
