@@ -143,7 +143,7 @@ async def idle_calls(url: str, max_sleep_ms: int, seconds: float = 2.0) -> float
 async def run(url: str) -> dict[str, Any]:
     """Lateness with 1 and 3 movers; events scheduled by another process while the mover idles,
     at the workers' idle look interval (``DELAY_IDLE_POLL_MS``) and at 1 s; idle round trips."""
-    from orchestrator.app import DELAY_IDLE_POLL_MS
+    from orchestrator.broker.delayed import IDLE_POLL_MS as DELAY_IDLE_POLL_MS
 
     return {"movers_1": await spread(url, 1), "movers_3": await spread(url, 3),
             f"idle_remote_{DELAY_IDLE_POLL_MS}ms": await idle_remote(url, max_sleep_ms=DELAY_IDLE_POLL_MS),

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,31 +28,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import faults
 from orchestrator.broker.consumer import Consumer, Outcome
-from orchestrator.broker.delayed import DelayedEvents, DelayMover
-from orchestrator.broker.groups import ConsumerGroups, declare_groups
+from orchestrator.broker.delayed import IDLE_POLL_MS, DelayedEvents, DelayMover, due_ms
+from orchestrator.broker.groups import ConsumerGroups
 from orchestrator.broker.session import BrokerSession
 from orchestrator.broker.streams import StreamBroker
 from orchestrator.chat.chatflow import ChatflowExecutor
 from orchestrator.config import Settings, load_settings
 from orchestrator.cron.jobs import CronRegistry
 from orchestrator.dispatcher import EventDispatcher
-from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError
-from orchestrator.events import IDEMPOTENT_PREFIX, Event, idempotent_event_id
+from orchestrator.errors import InvalidArgumentError, StateError
+from orchestrator.events import IDEMPOTENT_PREFIX, Event, build_event
 from orchestrator.keys import Keys
 from orchestrator.locks import claim_once
 from orchestrator.ops.snapshot import app_snapshot, registered_workers
+from orchestrator.runs.fleet import Fleet
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import ErrorHook
 from orchestrator.runs.registry import RunServices, RunTarget, WorkflowRegistry
-from orchestrator.runs.routes import (
-    CHATFLOW,
-    PROCESSOR,
-    Route,
-    RouteBook,
-    encode_advert,
-    order_lists,
-    subscriber_routes,
-)
+from orchestrator.runs.routes import Route
 from orchestrator.runs.stores import InMemoryRunStore, RedisRunStore, RunStore
 from orchestrator.topics import encode_topic_frame
 from orchestrator.workflow.runner import Runner
@@ -68,23 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokiwa")
 
 RESERVED_PREFIX = "tokiwa."
-#: ms a worker's delay mover sleeps at most when nothing is due soon: an event scheduled by
-#: another process with a shorter delay than this may fire up to this late
-DELAY_IDLE_POLL_MS = 250
-
-
-def due_ms(*, delay_s: float | None = None, at: datetime | None = None) -> int:
-    """The due time (epoch ms, this host's clock) of ``delay_s`` from now or ``at``."""
-    if (delay_s is None) == (at is None):
-        raise InvalidArgumentError("give one of delay_s and at")
-    if at is not None:
-        if not isinstance(at, datetime):
-            raise InvalidArgumentError(f"at must be a datetime, got {type(at).__name__}")
-        return int(at.timestamp() * 1000)
-    if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not delay_s >= 0:
-        raise InvalidArgumentError(f"delay_s must be a number >= 0, got {delay_s!r}")
-    return int((time.time() + delay_s) * 1000)
-
 Mode = Literal["all", "producer", "worker"]
 #: a step run for every consumed event after the dispatcher (``add_processor``)
 EventProcessor = Callable[[Event], Awaitable[ProcessResult]]
@@ -182,7 +157,7 @@ class Orchestrator:
         self.workflows = WorkflowRegistry(self, self._owned_entries, workflow_concurrency=workflow_concurrency)
         self._processors.append(self.workflows.process)
         self._routes: list[Route] = []  # the routes the consumers run (set by start())
-        self._book: RouteBook | None = None
+        self.fleet = Fleet(self, self._subscriber_step, self._extra_processors)
         self.cron = CronRegistry(self, tz=cron_tz, lease_ms=cron_lease_ms, missed_policy=cron_missed_policy)
         self.add_lifecycle(self.cron)
         from orchestrator.runs.cancel import CancelWatcher
@@ -213,23 +188,11 @@ class Orchestrator:
         self._processors.append(processor)
         self._extra_processors.append(processor)
 
-    # -- routes ---------------------------------------------------------------------------
-    @property
-    def _route_book(self) -> RouteBook:
-        """The routes declared in Redis, as this process last read them."""
-        if self._book is None or self._book.keys != self.keys:
-            self._book = RouteBook(self.keys, self.settings.group)
-        return self._book
-
+    # -- routes (orchestrator.runs.fleet) ---------------------------------------------------
     def routes(self) -> list[Route]:
         """This app's routes (see :mod:`orchestrator.runs.routes`): one per subscriber, per
         registered workflow and per added processor, each read through its own group."""
-        out = subscriber_routes(self.dispatcher, self._subscriber_step)
-        out += self.workflows.routes()
-        for proc in self._extra_processors:
-            name = f"{getattr(proc, '__module__', 'anon')}.{getattr(proc, '__qualname__', type(proc).__qualname__)}"
-            out.append(Route(f"proc:{name}", PROCESSOR, proc, {"kind": PROCESSOR, "name": name, "wildcard": True}))
-        return out
+        return self.fleet.routes()
 
     def _subscriber_step(self, sub: Any) -> Callable[[Event], Awaitable[ProcessResult]]:
         async def step(event: Event) -> ProcessResult:
@@ -240,50 +203,16 @@ class Orchestrator:
 
     def route_groups(self) -> list[str]:
         """The consumer group of each of this app's routes."""
-        return [r.group(self.settings.group) for r in self.routes()]
+        return self.fleet.groups()
 
     async def declare_routes(self) -> list[str]:
-        """Create the groups of this app's routes that Redis lacks, and write the routes'
-        adverts to ``{ns}:routes`` (what producers without the code read). Returns the groups
-        created. The adverts are best effort: a full Redis refuses them, and the worker starts
-        anyway (its groups exist)."""
-        redis, keys = self._session.client(), self.keys
-        routes = self.routes()
-        groups = {r.group(self.settings.group): r for r in routes}
-        created = await declare_groups(redis, keys.events, groups, self.settings.group)
-        if groups:
-            now = time.time()
-            try:
-                await redis.hset(keys.routes, mapping={g: encode_advert({**r.advert, "route": r.name, "group": g,
-                                                                          "declared_at": now, "source": self.source})
-                                                       for g, r in groups.items()})
-            except Exception as exc:
-                if not faults.is_transient(exc):
-                    raise
-                log.warning("could not write the route adverts to %s (%s); producers without the app "
-                            "will not know these routes until a worker writes them", keys.routes, faults.describe(exc))
-        return created
+        """Create the groups of this app's routes that Redis lacks and write the routes'
+        adverts to ``{ns}:routes``; returns the groups created."""
+        return await self.fleet.declare()
 
     async def remote_workflow(self, ref: str) -> RunTarget:
-        """A workflow this app does not register, by name or id, from the routes workers declared.
-        NotFoundError, naming what live workers offer, when no route has it."""
-        redis = self._session.client()
-        adverts = await self._route_book.refresh(redis, force=True)
-        for advert in adverts.values():
-            if advert.get("kind") in ("workflow", CHATFLOW) and ref in (advert.get("name"), advert.get("workflow_id")):
-                target = RunTarget(str(advert["workflow_id"]), str(advert["name"]), str(advert["kind"]))
-                live = await self.offers()
-                if not any(target.name in names for names in live.values()):
-                    log.warning("no live worker offers workflow %r now; the request waits for one", target.name)
-                return target
-        live = await self.offers()
-        offered = sorted({n for names in live.values() for n in names})
-        raise NotFoundError(f"no worker offers a workflow {ref!r}; live workers offer: "
-                            f"{', '.join(offered) if offered else 'nothing (no live worker)'}")
-
-    async def offers(self) -> dict[str, list[str]]:
-        """Worker id -> the workflow names its heartbeat says it runs (live workers only)."""
-        return {wid: list(beat.get("workflows") or []) for wid, beat in (await self.workers()).items()}
+        """A workflow this app does not register, by name or id, from the routes workers declared."""
+        return await self.fleet.remote_workflow(ref)
 
     def add_lifecycle(self, component: Any) -> None:
         """Start/stop ``component`` with the app (``async start()``, ``async stop()``)."""
@@ -361,7 +290,7 @@ class Orchestrator:
         clock). Its conversation order is taken when it is moved to the stream. False when an
         event of that id is already scheduled."""
         await self.connect()
-        added = await self.delayed().schedule(event, due_at_ms, await self._order_lists(event))
+        added = await self.delayed().schedule(event, due_at_ms, await self.fleet.order_lists(event))
         if added:
             self.metrics["delayed"] += 1
         return added
@@ -374,24 +303,15 @@ class Orchestrator:
 
     def _build(self, type: str, payload: Any, metadata: Mapping[str, Any] | None,  # noqa: A002
                key: str | None, idempotency_key: str | None) -> Event:
-        meta = self._with_source(metadata)
-        if key is not None:
-            if not isinstance(key, str) or not key.strip():
-                raise InvalidArgumentError(f"key must be a non-blank string, got {key!r}")
-            meta = {**(meta or {}), "key": key}
-        event_id = None
-        if idempotency_key is not None:
-            if not isinstance(idempotency_key, str) or not idempotency_key.strip():
-                raise InvalidArgumentError(f"idempotency_key must be a non-blank string, got {idempotency_key!r}")
-            event_id = idempotent_event_id(self.settings.namespace, idempotency_key)
-        return Event(type, payload, meta, id=event_id)
+        return build_event(type, payload, self._with_source(metadata), key=key, idempotency_key=idempotency_key,
+                           namespace=self.settings.namespace)
 
     async def enqueue(self, event: Event) -> str:
         """Add an already built event to the stream; returns its stream id. The same event id
         published again within ``publish_dedup_ms`` (``idempotency_window_s`` for an id made
         from an idempotency key) adds nothing and returns the first stream id."""
         await self.connect()
-        lists = await self._order_lists(event)
+        lists = await self.fleet.order_lists(event)
         stream_id = await self._session.stream_broker().publish(event, order_lists=lists,
                                                                 dedup_ms=self._dedup_ms(event))
         self.metrics["published"] += 1
@@ -401,7 +321,7 @@ class Orchestrator:
         """Add many events in one pipelined round trip."""
         await self.connect()
         events = list(events)
-        lists = [await self._order_lists(e) for e in events]
+        lists = [await self.fleet.order_lists(e) for e in events]
         ids = await self._session.stream_broker().publish_many(events, order_lists=lists if any(lists) else None)
         self.metrics["published"] += len(ids)
         return ids
@@ -413,7 +333,7 @@ class Orchestrator:
         redis-py's sync client. Needs ``redis_url``. Thread-safe."""
         event = self._build(type, payload, metadata, key, idempotency_key)
         sync = self._sync()
-        sync.publish(event, self._order_lists_now(event, self._route_book.refresh_sync(sync.redis)),
+        sync.publish(event, self.fleet.order_lists_now(event, self.fleet.book.refresh_sync(sync.redis)),
                      dedup_ms=self._dedup_ms(event))
         self.metrics["published"] += 1
         return event
@@ -422,8 +342,8 @@ class Orchestrator:
         """``publish_many`` for synchronous code: one pipelined round trip."""
         events = list(events)
         sync = self._sync()
-        adverts = self._route_book.refresh_sync(sync.redis)
-        ids = sync.publish_many(events, [self._order_lists_now(e, adverts) for e in events])
+        adverts = self.fleet.book.refresh_sync(sync.redis)
+        ids = sync.publish_many(events, [self.fleet.order_lists_now(e, adverts) for e in events])
         self.metrics["published"] += len(ids)
         return ids
 
@@ -433,15 +353,6 @@ class Orchestrator:
         if event.id.startswith(IDEMPOTENT_PREFIX):
             return int(self.settings.idempotency_window_s * 1000)
         return None
-
-    async def _order_lists(self, event: Event) -> list[str]:
-        """The conversation order lists ``event`` joins (its chatflow routes, this app's and
-        those workers declared in Redis)."""
-        adverts = await self._route_book.refresh(self._session.client())
-        return self._order_lists_now(event, adverts)
-
-    def _order_lists_now(self, event: Event, adverts: Mapping[str, Mapping[str, Any]]) -> list[str]:
-        return order_lists(self.keys, event, adverts, self.workflows.order_fns())
 
     def _sync(self) -> SyncPublisher:
         if self._sync_publisher is None:
@@ -533,7 +444,7 @@ class Orchestrator:
         for component in self._lifecycle:
             await component.start()
         if self.mode != "producer":
-            self.delay_mover = DelayMover(self.delayed(), max_sleep_ms=DELAY_IDLE_POLL_MS,
+            self.delay_mover = DelayMover(self.delayed(), max_sleep_ms=IDLE_POLL_MS,
                                           on_failed=self._component_failed)
             await self.delay_mover.start()
             await faults.retry_transient(self.declare_routes)  # routes added since connect()

@@ -40,6 +40,23 @@ def idempotent_event_id(namespace: str, key: str) -> str:
     return IDEMPOTENT_PREFIX + uuid.uuid5(uuid.NAMESPACE_URL, f"tokiwa:{namespace}:idem:{key}").hex
 
 
+def build_event(type: str, payload: Any, metadata: Mapping[str, Any] | None, *,  # noqa: A002
+                key: str | None = None, idempotency_key: str | None = None, namespace: str = "tokiwa") -> Event:
+    """An event as ``Orchestrator.publish`` builds it: ``key`` (the ordering key) goes into the
+    metadata, ``idempotency_key`` makes the id (:func:`idempotent_event_id`)."""
+    meta = metadata
+    if key is not None:
+        if not isinstance(key, str) or not key.strip():
+            raise InvalidArgumentError(f"key must be a non-blank string, got {key!r}")
+        meta = {**(meta or {}), "key": key}
+    event_id = None
+    if idempotency_key is not None:
+        if not isinstance(idempotency_key, str) or not idempotency_key.strip():
+            raise InvalidArgumentError(f"idempotency_key must be a non-blank string, got {idempotency_key!r}")
+        event_id = idempotent_event_id(namespace, idempotency_key)
+    return Event(type, payload, meta, id=event_id)
+
+
 class Event:
     """One published event.
 

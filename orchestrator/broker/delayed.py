@@ -43,6 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import msgpack
@@ -180,6 +181,25 @@ def unpack_entry(raw: bytes) -> tuple[dict[bytes, bytes], list[str]]:
     flat = data[b"fields"]
     fields = {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
     return fields, [_s(k) for k in data.get(b"order") or ()]
+
+
+#: ms a worker's delay mover sleeps at most when nothing is due soon: an event scheduled by
+#: another process with a shorter delay than this may fire up to this late
+IDLE_POLL_MS = 250
+
+
+def due_ms(*, delay_s: float | None = None, at: datetime | None = None) -> int:
+    """The due time (epoch ms, this host's clock) of ``delay_s`` from now or ``at`` (an aware
+    datetime, or a naive one in local time)."""
+    if (delay_s is None) == (at is None):
+        raise InvalidArgumentError("give one of delay_s and at")
+    if at is not None:
+        if not isinstance(at, datetime):
+            raise InvalidArgumentError(f"at must be a datetime, got {type(at).__name__}")
+        return int(at.timestamp() * 1000)
+    if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not delay_s >= 0:
+        raise InvalidArgumentError(f"delay_s must be a number >= 0, got {delay_s!r}")
+    return int((time.time() + delay_s) * 1000)
 
 
 class DelayedEvents:
