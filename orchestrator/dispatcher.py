@@ -1,7 +1,8 @@
 """EventDispatcher: subscribers by exact type or ``"*"``, run one after another.
 
 Semantics follow tokiwa's dispatcher (SEED-SEMANTICS §2.2): for one event, subscribers of the
-exact type run first, then ``"*"`` subscribers, each in subscription order; a failing filter
+exact type run first, then glob subscribers (``order.*``: :func:`orchestrator.events.type_matches`),
+then ``"*"`` subscribers, each in subscription order; a failing filter
 or handler is recorded (stage ``filter`` / ``handler``) and the others still run; ``dispatch``
 never raises.
 
@@ -27,9 +28,15 @@ from typing import Any
 
 from orchestrator.callbacks import call_in_thread, is_async_callable
 from orchestrator.errors import InvalidArgumentError
-from orchestrator.events import Event
+from orchestrator.events import Event, is_glob, type_matches
 
 log = logging.getLogger("tokiwa.dispatcher")
+#: distinct event types whose subscriber lists are cached
+_CACHE_MAX = 10_000
+
+
+def _order(sub: Subscriber) -> int:
+    return int(sub.id.rpartition("-")[2])
 
 Handler = Callable[..., Any]
 Filter = Callable[[Event], bool]
@@ -162,15 +169,22 @@ class EventDispatcher:
         return list(self._matching(event_type))
 
     def _matching(self, event_type: str) -> tuple[Subscriber, ...]:
+        """Exact-type subscribers, then glob ones (``order.*``), then ``"*"`` ones, each in
+        subscription order."""
         found = self._cache.get(event_type)
         if found is None:
             exact = self._by_type.get(event_type, ())
+            globs = sorted((s for pattern, subs in self._by_type.items()
+                            if is_glob(pattern) and pattern != event_type and type_matches(pattern, event_type)
+                            for s in subs), key=_order)
             wild = () if event_type == "*" else self._by_type.get("*", ())
-            found = self._cache[event_type] = (*exact, *wild)
+            if len(self._cache) >= _CACHE_MAX:  # many distinct types: start the cache afresh
+                self._cache.clear()
+            found = self._cache[event_type] = (*exact, *globs, *wild)
         return found
 
     def has_subscribers(self, event_type: str) -> bool:
-        return event_type in self._by_type or "*" in self._by_type
+        return bool(self._matching(event_type))
 
     async def dispatch(self, event: Event) -> DispatchResult:
         """Run every matching subscriber in order; never raises."""

@@ -12,6 +12,7 @@ measured in ``benchmarks/`` and checked by the tests in ``tests/unit/core/test_e
 
 from __future__ import annotations
 
+import fnmatch
 import time
 import uuid
 from collections.abc import Mapping
@@ -28,6 +29,25 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 def new_event_id() -> str:
     """A random UUIDv4 in hex (32 chars): never chosen by the caller, as in tokiwa."""
     return uuid.uuid4().hex
+
+
+#: characters that make an event type given to ``subscribe`` or a trigger a glob pattern
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_glob(pattern: str) -> bool:
+    """Whether ``pattern`` (a subscribed or triggering event type) is a glob such as
+    ``order.*`` (``"*"`` alone is the wildcard, matched separately)."""
+    return pattern != "*" and any(c in GLOB_CHARS for c in pattern)
+
+
+def type_matches(pattern: str, event_type: str) -> bool:
+    """Whether ``event_type`` matches ``pattern``: equal, ``"*"``, or the glob (``fnmatch``
+    rules, case-sensitive: ``*`` matches any characters, dots included; ``?`` one; ``[ab]``
+    a set)."""
+    if pattern == event_type or pattern == "*":
+        return True
+    return is_glob(pattern) and fnmatch.fnmatchcase(event_type, pattern)
 
 
 #: the start of an event id derived from an idempotency key

@@ -60,11 +60,21 @@ log = logging.getLogger(__name__)
 # ARGV[1] = holder token, ARGV[2] = ttl ms
 # Takes the lock if it is free or already ours (a new term, or our own retried acquire whose
 # reply was lost); returns the new epoch (fencing token), or 0 when another holder has it.
+# An epoch key that did not exist (new, or lost with Redis's data) starts at Redis's clock in
+# ms, not at 1, so a fencing token never repeats after Redis comes back empty (it would take
+# more acquisitions than milliseconds passed to catch up with a lost epoch).
 ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('INCR', KEYS[2])
+local epoch = redis.call('INCR', KEYS[2])
+if epoch == 1 then
+  local t = redis.call('TIME')
+  local seeded = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('SET', KEYS[2], seeded)
+  return tonumber(seeded)
+end
+return epoch
 """
 
 # KEYS[1] = lock key

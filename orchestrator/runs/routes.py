@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 
 from orchestrator.errors import InvalidArgumentError
-from orchestrator.events import Event
+from orchestrator.events import Event, type_matches
 from orchestrator.keys import Keys
 from orchestrator.runs.outcome import ProcessResult
 
@@ -123,7 +123,7 @@ def types_advert(event_type: Any, kind: str) -> dict[str, Any]:
     if kind == "manual":
         return {"types": [], "wildcard": False, "pattern": None}
     types = [event_type] if isinstance(event_type, str) else list(event_type or ())
-    return {"types": types, "wildcard": "*" in types, "pattern": None}
+    return {"types": types, "wildcard": "*" in types, "pattern": None}  # types may hold globs
 
 
 def advert_matches(advert: Mapping[str, Any], event_type: str) -> bool:
@@ -131,7 +131,7 @@ def advert_matches(advert: Mapping[str, Any], event_type: str) -> bool:
     code, which only workers run)."""
     if advert.get("wildcard"):
         return True
-    if event_type in (advert.get("types") or ()):
+    if any(type_matches(str(t), event_type) for t in advert.get("types") or ()):
         return True
     pattern = advert.get("pattern")
     if pattern:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import InvalidArgumentError
-from orchestrator.events import Event
+from orchestrator.events import Event, is_glob, type_matches
 
 _KEYS = {"type", "event_type", "filter", "map_input", "map_context", "map_conversation_id", "conversation_key"}
 Mapper = Callable[[Event], Any]
@@ -34,13 +34,16 @@ class Trigger:
 
     @property
     def kind(self) -> str:
-        """``exact``, ``wildcard``, ``regex`` or ``manual`` (the order matching uses)."""
+        """``exact``, ``glob`` (a type such as ``order.*``), ``wildcard``, ``regex`` or
+        ``manual`` (the order matching uses)."""
         if self.type == "manual":
             return "manual"
         if isinstance(self.event_type, re.Pattern):
             return "regex"
         if self.event_type == "*" or (isinstance(self.event_type, tuple) and "*" in self.event_type):
             return "wildcard"
+        if any(is_glob(t) for t in self.exact_types()):
+            return "glob"
         return "exact"
 
     def exact_types(self) -> tuple[str, ...]:
@@ -56,6 +59,8 @@ class Trigger:
             return True
         if kind == "regex":
             return self.event_type.search(event_type) is not None  # type: ignore[union-attr]
+        if kind == "glob":
+            return any(type_matches(t, event_type) for t in self.exact_types())
         return event_type in self.exact_types()
 
 

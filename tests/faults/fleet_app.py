@@ -9,6 +9,7 @@ TEST_WORKFLOWS   comma-separated names among fleet-x, fleet-y, fleet-z, fleet-fa
                  runs one node per ``job`` event; fleet-fail fails every event's first
                  delivery                                                     default none
 TEST_SLEEP_MS    each ``job`` node sleeps this long                           default 0
+TEST_GLOB        "1": a subscriber fleet.glob and a workflow fleet-glob-wf on ``order.*``
 TEST_EXTRAS      "1": also the manual workflows fleet-add, fleet-parent / fleet-child,
                  fleet-slow and the chatflow fleet-chat (``chat.msg``, conversation key
                  ``payload.conv``)                                            default off
@@ -83,6 +84,16 @@ async def turn(ctx) -> None:
     started = time.time()
     await asyncio.sleep(0.002 * (seq % 3))
     write("fleet-chat", f"{conv}:{seq}", os.getpid(), f"{started:.6f}:{time.time():.6f}")
+
+
+async def on_order(event) -> None:
+    write("fleet-glob", event.payload["i"], os.getpid(), "ok")
+
+
+if os.environ.get("TEST_GLOB") == "1":
+    app.dispatcher.subscribe("order.*", on_order, name="fleet.glob")
+    app.register_workflow(Workflow(name="fleet-glob-wf", nodes=[Node(name="step", handler=job_node("fleet-glob-wf"))]),
+                          trigger={"type": "event", "event_type": "order.*"})
 
 
 if os.environ.get("TEST_EXTRAS") == "1":

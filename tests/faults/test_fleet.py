@@ -290,3 +290,29 @@ def test_conversation_order_holds_for_a_producer_without_the_app(
     assert (lost, duplicated, out_of_order, overlaps) == (0, 0, 0, 0)
     assert len(hosts) >= 2, "one worker did everything: the test proves nothing about a fleet"
     assert codes == [0, 0, 0]
+
+
+def test_glob_subscriptions_and_triggers_on_worker_processes(redis_url, namespace, sync_redis, subprocess_env,
+                                                            tmp_path):
+    """``order.*``: a subscriber and a workflow on two workers take order.created and order.paid
+    (each once), never refund.issued."""
+    out = tmp_path / "runs.txt"
+    workers = [start(subprocess_env, redis_url, namespace, out, tmp_path / f"w{n}.log", "", TEST_GLOB=1)
+               for n in range(2)]
+    try:
+        wait_until(lambda: groups_exist(sync_redis, namespace, "sub:fleet.glob", "wf:fleet-glob-wf"), 20,
+                   message="groups")
+        pipe = sync_redis.pipeline(transaction=False)
+        for i in range(30):
+            etype = ("order.created", "order.paid", "refund.issued")[i // 10]
+            pipe.xadd(f"{namespace}:events", encode_fields(Event(etype, {"i": i})))
+        pipe.execute()
+        wait_until(lambda: all(len(runs(out).get(n, ())) == 20 for n in ("fleet-glob", "fleet-glob-wf")), 30,
+                   message="the order.* events")
+        time.sleep(0.3)
+    finally:
+        codes = [stop(w) for w in workers]
+    counted = runs(out)
+    assert dict(counted["fleet-glob"]) == {i: 1 for i in range(20)}
+    assert dict(counted["fleet-glob-wf"]) == {i: 1 for i in range(20)}
+    assert codes == [0, 0]

@@ -237,3 +237,31 @@ async def test_describe_shows_last_fired_slot_and_current_leader(aredis, keys):
 def test_an_unknown_missed_policy_is_refused(aredis, keys):
     with pytest.raises(InvalidArgumentError, match="missed_policy"):
         LeaderScheduler(elector(aredis, keys), aredis, keys, missed_policy="some")
+
+
+async def test_fencing_epochs_keep_growing_after_redis_comes_back_empty(own_redis, namespace):
+    """An emptied Redis (restarted without its data) must not hand out a fencing token again:
+    epochs start from Redis's clock in ms, not from 1."""
+    from orchestrator.broker.connection import create_redis
+    from orchestrator.keys import Keys
+    from orchestrator.leader import LeaderElector
+    from orchestrator.locks import conversation_lock
+
+    keys = Keys(namespace)
+    client = create_redis(own_redis.url)
+    try:
+        tokens = []
+        for _ in range(2):
+            leader = LeaderElector(client, keys, "cron", ttl_ms=2_000)
+            assert await leader.try_acquire() is True
+            lock = conversation_lock(client, keys, "c1", ttl_ms=2_000)
+            lock_token = await lock.acquire(timeout_s=5)
+            tokens.append((leader.epoch, lock_token))
+            await lock.release()
+            await leader.stop()  # releases the lease
+            await client.flushall()  # Redis came back empty
+        (leader_1, lock_1), (leader_2, lock_2) = tokens
+        assert leader_2 > leader_1 and lock_2 > lock_1, tokens
+        assert leader_1 > 10**12, "epochs start from Redis's clock (ms)"
+    finally:
+        await client.aclose()
