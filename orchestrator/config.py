@@ -47,6 +47,9 @@ class Settings(BaseModel):
     renew_interval_ms: int | None = Field(default=None, ge=50)
     # deliveries after which an entry goes to the dead-letter stream.
     max_deliveries: int = Field(default=5, ge=1)
+    # a consumer with nothing pending that has not read for this long is an exited worker's and
+    # is removed from its group (None: a minute, or three visibility timeouts if longer).
+    dead_consumer_idle_ms: int | None = Field(default=None, ge=1_000)
     # a failed event (ack_policy on_success) is redelivered after this delay, doubled on each
     # further delivery up to redelivery_backoff_max_ms (and at most the visibility timeout),
     # with jitter (half fixed, half random).

@@ -36,6 +36,18 @@ log = logging.getLogger("tokiwa.consumer")
 
 # seconds between trims of the stream by a worker (any worker may trim; it is idempotent)
 TRIM_INTERVAL_S = 1.0
+# seconds between removals of the consumers of exited workers (see dead_consumer_idle_ms)
+CLEANUP_INTERVAL_S = 10.0
+
+
+def dead_consumer_idle_ms(settings: Settings) -> int:
+    """How long a consumer with nothing pending must not have read before it counts as an
+    exited worker's and is removed from its group: a minute, or three visibility timeouts if
+    longer (a live consumer reads at least every ``block_ms``), unless ``dead_consumer_idle_ms``
+    says otherwise."""
+    if settings.dead_consumer_idle_ms is not None:
+        return settings.dead_consumer_idle_ms
+    return max(60_000, 3 * settings.visibility_timeout_ms)
 # a worker reconnecting after Redis failures waits min(cap, base * 2**n) with full jitter
 RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
 # seconds shutdown keeps retrying the last acks while Redis is unavailable
@@ -74,6 +86,8 @@ class Stats:
     task_restarts: int = 0
     #: entries whose dead-lettering waits for Redis (full, unreachable); renewed meanwhile
     dead_waiting: int = 0
+    #: consumers of exited workers removed from the groups
+    consumers_removed: int = 0
 
 
 class ConsumerFailed(BrokerError):
@@ -143,6 +157,7 @@ class Consumer:
         self._closing = False
         self._next_reclaim = 0.0
         self._last_trim = 0.0
+        self._last_cleanup = 0.0
         #: whether this consumer trims the stream (one consumer per worker does: the trim
         #: covers every group)
         self.trims = True
@@ -315,6 +330,14 @@ class Consumer:
         if self.trims and now - self._last_trim >= TRIM_INTERVAL_S:
             self._last_trim = now
             self.stats.trimmed += await self.broker.trim()
+            idle_ms = dead_consumer_idle_ms(self.settings)
+            if now - self._last_cleanup >= min(CLEANUP_INTERVAL_S, idle_ms / 2000):
+                self._last_cleanup = now
+                removed = await self.broker.delete_idle_consumers(idle_ms)
+                if removed:
+                    self.stats.consumers_removed += removed
+                    log.info("removed %d consumers of exited workers (nothing pending, idle over %.0fs)",
+                             removed, idle_ms / 1000)
         block = 50 if (until_drained or got) else self._block_ms()
         self._read_task = asyncio.create_task(self.broker.read(free, block))
         try:

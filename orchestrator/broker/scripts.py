@@ -158,3 +158,37 @@ if ttl ~= '0' then redis.call('SET', KEYS[2], id, 'PX', ttl) end
 for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], id) end
 return id
 """
+
+# KEYS[1] = events stream
+# ARGV[1] = group name prefix ("{prefix}:"), ARGV[2] = idle ms
+# Removes, from every group whose name starts with ARGV[1], the consumers that hold no pending
+# entry and have not read for ARGV[2] ms: workers that exited (their entries were reclaimed
+# by others). A consumer with pending entries is never removed (XGROUP DELCONSUMER would drop
+# them). Only reads and DELCONSUMER, so it also runs on a full Redis. Returns how many it
+# removed.
+DELETE_IDLE_CONSUMERS = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 0 end
+local removed = 0
+local prefix = ARGV[1]
+local idle_max = tonumber(ARGV[2])
+for _, g in ipairs(groups) do
+  local name
+  for i = 1, #g, 2 do if g[i] == 'name' then name = g[i + 1] end end
+  if name and string.sub(name, 1, #prefix) == prefix then
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
+      local cname, pending, idle
+      for i = 1, #c, 2 do
+        if c[i] == 'name' then cname = c[i + 1]
+        elseif c[i] == 'pending' then pending = tonumber(c[i + 1])
+        elseif c[i] == 'idle' then idle = tonumber(c[i + 1]) end
+      end
+      if cname and pending == 0 and idle and idle > idle_max then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], name, cname)
+        removed = removed + 1
+      end
+    end
+  end
+end
+return removed
+"""

@@ -131,6 +131,7 @@ class StreamBroker:
         self._dead = redis.register_script(scripts.DEAD_LETTER)
         self._trim = redis.register_script(scripts.TRIM_SAFE)
         self._publish_once = redis.register_script(scripts.PUBLISH_ONCE)
+        self._delete_idle = redis.register_script(scripts.DELETE_IDLE_CONSUMERS)
         self._reclaim_cursor = "0-0"
 
     # -- group ----------------------------------------------------------------------------
@@ -337,6 +338,11 @@ class StreamBroker:
         """Trim every entry that all groups have acked (keeping ~``stream_maxlen`` of them),
         never an entry some group still needs. Works on a full Redis (frees memory there)."""
         return int(await self._trim(keys=[self.stream], args=[self.settings.stream_maxlen, TRIM_MAX_DROP]))
+
+    async def delete_idle_consumers(self, idle_ms: int) -> int:
+        """Remove the consumers of the fleet's route groups that hold nothing and have not read
+        for ``idle_ms`` (workers that exited); returns how many."""
+        return int(await self._delete_idle(keys=[self.stream], args=[f"{self.settings.group}:", idle_ms]))
 
     # -- inspection ----------------------------------------------------------------------
     async def group_state(self) -> dict[str, Any]:

@@ -191,3 +191,34 @@ def test_once_subscriber_fires_once_across_two_worker_processes(redis_url, names
         for w in workers:
             stop(w)
     assert sync_redis.llen(f"{namespace}:test:once") == 1
+
+
+def test_the_consumer_of_a_killed_worker_is_removed_once_its_entries_are_reclaimed(
+        redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    """kill -9 of one of two workers: the survivor reclaims its entries, and then removes its
+    consumer from the group (nothing pending, idle past dead_consumer_idle_ms); none lost."""
+    env = worker_env(subprocess_env, redis_url, namespace, concurrency=4, visibility_timeout_ms=1000,
+                     dead_consumer_idle_ms=2000, TEST_SLEEP_MS=20)
+    workers = [start_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
+    victim, survivor = workers
+    try:
+        wait_until(lambda: COUNTING_GROUP in groups(sync_redis, namespace), 20, message="the group")
+        publish(sync_redis, namespace, 300)
+        wait_until(lambda: consumer_pending(sync_redis, namespace, victim.pid) > 0, 20, message="victim busy")
+        victim.kill()
+        victim.wait(5)
+        killed_at = time.monotonic()
+
+        def consumers() -> list[str]:
+            return [c["name"].decode() for c in sync_redis.xinfo_consumers(f"{namespace}:events", COUNTING_GROUP)]
+
+        wait_until(lambda: len(seen(sync_redis, namespace)) == 300, 30, message="every event processed")
+        took = wait_until(lambda: not any(f"-{victim.pid}-" in c for c in consumers()), 20,
+                          message="the dead consumer removed")
+        left = consumers()
+    finally:
+        code = stop(survivor)
+    print(f"dead consumer removed {time.monotonic() - killed_at:.1f}s after kill -9 (waited {took:.1f}s)")
+    assert len(left) == 1 and f"-{survivor.pid}-" in left[0]
+    assert sorted(seen(sync_redis, namespace)) == list(range(300))
+    assert pending_total(sync_redis, namespace) == 0 and code == 0
