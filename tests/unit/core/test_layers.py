@@ -19,8 +19,8 @@ LAYERS = [
     # the parts
     "orchestrator.workflow", "orchestrator.broker", "orchestrator.chat", "orchestrator.cron",
     "orchestrator.runs", "orchestrator.declarative", "orchestrator.ops",
-    # the facade, the public API, the command lines
-    "orchestrator.app", "orchestrator", "orchestrator.cli",
+    # the facade, the public API, the testing helpers, the command lines
+    "orchestrator.app", "orchestrator", "orchestrator.testing", "orchestrator.pytest_plugin", "orchestrator.cli",
     # the worker process
     "workers.relay", "workers.processes", "workers.assemble", "workers.cli", "workers",
 ]
