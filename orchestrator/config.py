@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError
 
@@ -26,6 +26,23 @@ def default_state_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"tokiwa-{user}"
 
 
+def parse_signing_keys(spec: str | None) -> dict[str, bytes]:
+    """``"kid=secret,kid2=secret2"`` -> {kid: secret bytes}; ValueError naming the bad part."""
+    keys: dict[str, bytes] = {}
+    for n, part in enumerate((spec or "").split(","), 1):
+        part = part.strip()
+        if not part:
+            continue
+        kid, sep, secret = part.partition("=")
+        kid, secret = kid.strip(), secret.strip()
+        if not sep or not kid or not secret:  # never echo the text: it may be a secret
+            raise ValueError(f"key {n} must be written kid=secret")
+        if len(secret) < 16:
+            raise ValueError(f"the secret of {kid!r} is shorter than 16 characters")
+        keys[kid] = secret.encode()
+    return keys
+
+
 class Settings(BaseModel):
     """Everything a producer or worker needs to know, with its default.
 
@@ -34,7 +51,7 @@ class Settings(BaseModel):
     TLS (``rediss://``) and a db number are passed to redis-py as they are.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True)
 
     redis_url: str | None = None
     namespace: str = "tokiwa"
@@ -50,6 +67,11 @@ class Settings(BaseModel):
     # a consumer with nothing pending that has not read for this long is an exited worker's and
     # is removed from its group (None: a minute, or three visibility timeouts if longer).
     dead_consumer_idle_ms: int | None = Field(default=None, ge=1_000)
+    # signed envelopes: "kid=secret,kid2=secret2" (secrets of 16+ characters). Set, producers
+    # sign every entry with signing_key_id (default the first key) and workers dead-letter an
+    # entry whose signature is missing or wrong (orchestrator.broker.signing).
+    signing_keys: str | None = Field(default=None, repr=False)
+    signing_key_id: str | None = None
     # a failed event (ack_policy on_success) is redelivered after this delay, doubled on each
     # further delivery up to redelivery_backoff_max_ms (and at most the visibility timeout),
     # with jitter (half fixed, half random).
@@ -97,6 +119,18 @@ class Settings(BaseModel):
         if not value or not value.strip() or any(c.isspace() for c in value):
             raise ValueError("must be non-empty and contain no whitespace")
         return value
+
+    @field_validator("signing_keys")
+    @classmethod
+    def _signing_keys(cls, value: str | None) -> str | None:
+        parse_signing_keys(value)  # raises ValueError naming the bad part
+        return value or None
+
+    @model_validator(mode="after")
+    def _signing_key_known(self) -> Settings:
+        if self.signing_key_id is not None and self.signing_key_id not in parse_signing_keys(self.signing_keys):
+            raise ValueError(f"signing_key_id {self.signing_key_id!r} is not one of signing_keys")
+        return self
 
     @field_validator("redis_url")
     @classmethod

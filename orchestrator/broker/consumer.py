@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import faults
+from orchestrator.broker import signing
 from orchestrator.broker.connection import read_block_ms
 from orchestrator.broker.streams import Delivery, StreamBroker
 from orchestrator.config import Settings
@@ -450,6 +451,10 @@ class Consumer:
         d = entry.delivery
         keep = False
         try:
+            refused = signing.check(d.fields, self.settings)
+            if refused is not None:  # a forged, unsigned or wrongly signed entry never runs
+                keep = not await self._dead_letter(d, *refused)
+                return
             try:
                 event = decode_fields(d.fields, entry_id=d.stream_id, max_bytes=self.settings.max_event_bytes)
             except EventDecodeError as exc:

@@ -50,7 +50,7 @@ import msgpack
 import redis.asyncio as aioredis
 
 from orchestrator import faults
-from orchestrator.broker.streams import checked_fields
+from orchestrator.broker.streams import wire_fields
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.events import Event
@@ -226,7 +226,7 @@ class DelayedEvents:
         for key in order_lists:
             if not isinstance(key, str) or not key.startswith(prefix):
                 raise InvalidArgumentError(f"order list {key!r} is not a key of namespace {self.keys.namespace!r}")
-        fields = checked_fields(event, self.settings.max_event_bytes)
+        fields = wire_fields(event, self.settings)
         stored = bool(await self._schedule(keys=[self.keys.delayed, self.keys.delayed_events],
                                            args=[event.id, due_ms, pack_entry(fields, order_lists)]))
         if stored:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
-from orchestrator.broker import scripts
+from orchestrator.broker import scripts, signing
 from orchestrator.config import Settings
 from orchestrator.errors import BrokerError, InvalidArgumentError
 from orchestrator.events import Event, encode_fields
@@ -55,6 +55,12 @@ def id_bounds(stream_ids: Sequence[str]) -> tuple[str, str]:
     keyed = sorted(map(_id_key, stream_ids))
     lo, hi = keyed[0], keyed[-1]
     return f"{lo[0]}-{lo[1]}", f"{hi[0]}-{hi[1]}"
+
+
+def wire_fields(event: Event, settings: Settings) -> dict[str, bytes | str]:
+    """The stream fields a producer writes for ``event``: size-checked, and signed when
+    signing keys are set (:mod:`orchestrator.broker.signing`)."""
+    return signing.sign(checked_fields(event, settings.max_event_bytes), settings)
 
 
 def checked_fields(event: Event, max_bytes: int) -> dict[str, bytes | str]:
@@ -172,7 +178,7 @@ class StreamBroker:
         Publishing lands once per event id within ``publish_dedup_ms``: a publish that redis-py
         resends after a timeout (the first may have landed), or the same Event published again,
         returns the first stream id and adds nothing (:data:`scripts.PUBLISH_ONCE`)."""
-        fields = checked_fields(event, self.settings.max_event_bytes)
+        fields = wire_fields(event, self.settings)
         window = self.settings.publish_dedup_ms if dedup_ms is None else dedup_ms
         call = publish_once_call(self.keys, event.id, fields, order_lists, window)
         if call is None:
@@ -193,7 +199,7 @@ class StreamBroker:
         dedup_ms = self.settings.publish_dedup_ms
         pipe = self.redis.pipeline(transaction=False)
         for i, event in enumerate(events):
-            fields = checked_fields(event, self.settings.max_event_bytes)
+            fields = wire_fields(event, self.settings)
             convs = order_lists[i] if order_lists else ()
             call = publish_once_call(self.keys, event.id, fields, convs, dedup_ms)
             if call is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.broker import scripts
 from orchestrator.broker.connection import create_sync_redis
-from orchestrator.broker.streams import checked_fields, publish_once_call
+from orchestrator.broker.streams import publish_once_call, wire_fields
 from orchestrator.config import Settings
 from orchestrator.errors import StateError
 from orchestrator.events import Event
@@ -35,7 +35,7 @@ class SyncPublisher:
         self._publish_once = self.redis.register_script(scripts.PUBLISH_ONCE)
 
     def _add(self, client: Any, event: Event, order_lists: Sequence[str], dedup_ms: int | None = None) -> Any:
-        fields = checked_fields(event, self.settings.max_event_bytes)
+        fields = wire_fields(event, self.settings)
         window = self.settings.publish_dedup_ms if dedup_ms is None else dedup_ms
         call = publish_once_call(self.keys, event.id, fields, order_lists, window)
         if call is None:
