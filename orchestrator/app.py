@@ -550,7 +550,7 @@ class Orchestrator:
                                   consumer=self.consumer,
                                   workers=self.workers, mode=self.mode, is_running=self._started,
                                   namespace=self.settings.namespace, metrics=self.metrics,
-                                  extra=self.hooks.extra_snapshots)
+                                  extra=self.hooks.extra_snapshots, runs=self.workflows.run_counters)
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Worker id → heartbeat dict, from ``{ns}:workers``."""

@@ -302,24 +302,42 @@ def runs() -> None:
     """Workflow runs: list (with filters), show one."""
 
 
+def _run_status(r: dict[str, Any]) -> str:
+    """The status, with ``(stale?)`` on a running record not rewritten for a while (its worker
+    may be dead: see docs/observability.md, "Live run records")."""
+    from orchestrator.runs.stores import is_stale
+
+    status = str(r.get("status"))
+    if r.get("stale") or ("stale" not in r and "updated_at" in r and is_stale(r, time.time())):
+        return f"{status} (stale?)"
+    return status
+
+
 def _render_runs(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no runs"
-    shaped = [{**r, "started": when(r["started_at"]),
+    shaped = [{**r, "started": when(r["started_at"]), "status": _run_status(r),
                "nodes": ", ".join(f"{n}={s['state']}" for n, s in r["task_summary"].items())} for r in rows]
     return table(shaped, [("RUN_ID", "run_id"), ("WORKFLOW", "workflow"), ("STATUS", "status"),
                           ("STARTED", "started"), ("DURATION_MS", "duration_ms"), ("NODES", "nodes")])
 
 
 def _render_run(r: dict[str, Any]) -> str:
-    lines = [f"run {r['run_id']}  workflow {r.get('workflow_name')}  status {r.get('status')}",
+    lines = [f"run {r['run_id']}  workflow {r.get('workflow_name')}  status {_run_status(r)}",
              f"started {when(r.get('started_at'))}  finished {when(r.get('finished_at'))}  "
              f"duration_ms {_cell(r.get('duration_ms'))}"]
+    if r.get("worker_id") or r.get("updated_at"):
+        lines.append(f"worker {_cell(r.get('worker_id'))}  updated {when(r.get('updated_at'))}")
     if r.get("error"):
         lines.append(f"error: {json.dumps(r['error'], default=str)}")
     rows = [{"node": n, **s} for n, s in r["task_summary"].items()]
     lines.append(table(rows, [("NODE", "node"), ("STATE", "state"), ("ATTEMPTS", "attempts"),
                               ("DURATION_MS", "duration_ms")]))
+    nodes = r.get("nodes")
+    for name, node in (nodes.items() if isinstance(nodes, dict) else ()):
+        if isinstance(node, dict) and node.get("traceback"):
+            lines.append(f"traceback of node {name}:")
+            lines += [f"  {line}" for line in str(node["traceback"]).splitlines()]
     if r.get("logs"):
         lines.append("logs:")
         lines += [f"  {line}" for line in r["logs"]]

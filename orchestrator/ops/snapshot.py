@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 
+#: the workflow run counters of ``snapshot()["runs"]``
+RUN_COUNTER_KEYS = ("started", "running", "succeeded", "failed", "timed_out", "cancelled", "node_errors",
+                    "record_writes", "record_writes_refused", "record_write_errors")
+
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
@@ -28,11 +32,15 @@ async def app_snapshot(
     namespace: str,
     metrics: Mapping[str, int],
     extra: Mapping[str, Callable[[], Any]],
+    runs: Callable[[], Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     """Counters and cluster state: published, processed, failed, dead, in flight, pending,
-    stream length and lag, the workers registered in Redis (``workers()``), and one section
-    per ``extra`` entry (its function's result). ``pending`` and ``lag`` are summed over the
-    app's route ``groups``, and each group's state is under ``groups``."""
+    stream length and lag, the workers registered in Redis (``workers()``), the workflow run
+    counters of this process under ``runs`` (``runs()``: see
+    :meth:`orchestrator.runs.registry.WorkflowRegistry.run_counters`; every key is there, at 0,
+    when not given), and one section per ``extra`` entry (its function's result). ``pending``
+    and ``lag`` are summed over the app's route ``groups``, and each group's state is under
+    ``groups``."""
     length = await broker.redis.xlen(broker.stream) if not groups else next(iter(groups.values()))["length"]
     registered = await workers()
     stats = consumer.stats if consumer else None
@@ -52,6 +60,7 @@ async def app_snapshot(
         "groups": {name: dict(g) for name, g in groups.items()},
         "consumer": {} if stats is None else {k: getattr(stats, k) for k in stats.__slots__},
         "workers": registered,
+        "runs": {**dict.fromkeys(RUN_COUNTER_KEYS, 0), **(runs() if runs is not None else {})},
         "timestamp": time.time(),
         **{name: fn() for name, fn in extra.items()},
     }

@@ -1,10 +1,12 @@
-"""Webhooks: POST a JSON body when a workflow run completes, fails or is cancelled.
+"""Webhooks: POST a JSON body when a workflow run completes, fails, times out or is cancelled
+(also when the worker running it stops: the run is settled ``cancelled``).
 
 Configured by ``TOKIWA_WEBHOOK_*`` variables (read by :func:`load_webhook_settings`):
 
 * ``TOKIWA_WEBHOOK_URL`` - where to POST (unset or empty = webhooks off);
 * ``TOKIWA_WEBHOOK_EVENTS`` - comma list of ``run.completed``, ``run.failed``,
-  ``run.cancelled`` (default: all three);
+  ``run.timed_out``, ``run.cancelled`` (default: all four; ``run.failed`` includes
+  ``run.timed_out``: a timeout is a failure);
 * ``TOKIWA_WEBHOOK_TIMEOUT_S`` - seconds per attempt (default 3, pyoco's);
 * ``TOKIWA_WEBHOOK_RETRIES`` - attempts **after** the first one (default 3);
 * ``TOKIWA_WEBHOOK_SECRET`` - when set, header ``X-Tokiwa-Signature: sha256=<hex>`` carries
@@ -42,8 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokiwa.webhooks")
 
 ENV_PREFIX = "TOKIWA_WEBHOOK_"
-EVENT_BY_STATUS = {"succeeded": "run.completed", "failed": "run.failed", "cancelled": "run.cancelled"}
+EVENT_BY_STATUS = {"succeeded": "run.completed", "failed": "run.failed", "timed_out": "run.timed_out",
+                   "cancelled": "run.cancelled"}
 WEBHOOK_EVENTS = tuple(EVENT_BY_STATUS.values())
+#: an event also sent to receivers that asked for another one (a timeout is a failure)
+IMPLIED_BY = {"run.timed_out": "run.failed"}
 SIGNATURE_HEADER = "X-Tokiwa-Signature"
 # deliveries waiting or in flight at once; beyond it new ones are dropped (and logged) so that
 # a dead receiver cannot make a busy worker's memory grow without bound.
@@ -94,6 +99,11 @@ class WebhookSettings(BaseModel):
     def enabled(self) -> bool:
         return self.url is not None
 
+    def wants(self, event: str) -> bool:
+        """Whether ``event`` is sent: listed, or implied by a listed one (``run.failed`` gets
+        ``run.timed_out``)."""
+        return event in self.events or IMPLIED_BY.get(event, "") in self.events
+
 
 def load_webhook_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> WebhookSettings:
     """Settings from ``TOKIWA_WEBHOOK_*`` variables (``env`` defaults to ``os.environ``),
@@ -127,13 +137,15 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
 def build_body(result: Any) -> dict[str, Any] | None:
     """The JSON body for a settled run (a :class:`~orchestrator.workflow.result.WorkflowRunResult`),
     or None when its status is not terminal. Field names follow pyoco's webhook body, with
-    tokiwa's ``workflow`` / ``nodes`` instead of ``flow_name`` / ``tasks``."""
+    tokiwa's ``workflow`` / ``nodes`` instead of ``flow_name`` / ``tasks``; a failed node's
+    ``traceback`` is its bounded traceback text (None for the others)."""
     event = EVENT_BY_STATUS.get(result.status)
     if event is None:
         return None
     nodes = {
         name: {"node_id": n.node_id, "status": n.status, "attempts": n.attempts, "duration_ms": n.duration_ms,
-               "started_at": n.started_at, "ended_at": n.finished_at, "error": n.error}
+               "started_at": n.started_at, "ended_at": n.finished_at, "error": n.error,
+               "traceback": getattr(n, "traceback", None)}
         for name, n in result.nodes.items()
     }
     return {
@@ -173,7 +185,7 @@ class WebhookNotifier(WorkflowHooks):
         if not self.settings.enabled:
             return
         body = build_body(result)
-        if body is None or body["event"] not in self.settings.events:
+        if body is None or not self.settings.wants(body["event"]):
             return
         self.submit(body)
 

@@ -37,7 +37,13 @@ from orchestrator.keys import Keys
 from orchestrator.locks import cancel_and_wait
 from orchestrator.runs.stores import RunStore, check_run_id
 from orchestrator.workflow.model import Workflow
-from orchestrator.workflow.result import NodeResult, NodeStatus, RunStatus, WorkflowRunResult
+from orchestrator.workflow.result import (
+    FINISHED_STATUSES,
+    NodeResult,
+    NodeStatus,
+    RunStatus,
+    WorkflowRunResult,
+)
 
 if TYPE_CHECKING:
     from orchestrator.workflow.runner import Runner
@@ -50,7 +56,7 @@ log = logging.getLogger("tokiwa.cancel")
 CANCEL_TTL_S = 86400  # a cancel request (and its zset entry) lives a day
 DEFAULT_INTERVAL_S = 0.2  # how often the watcher looks for requests while runs are running
 RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
-FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+FINISHED = FINISHED_STATUSES
 UNKNOWN_BY = "unknown"
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from orchestrator import faults
+from orchestrator import errors, faults
 from orchestrator.chat.chatflow import ChatflowExecutor, will_be_redone
 from orchestrator.errors import (
     ConflictError,
@@ -35,7 +35,7 @@ from orchestrator.errors import (
 from orchestrator.events import Event, check_conversation_id
 from orchestrator.keys import Keys
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
-from orchestrator.runs.recorder import OwnedFn, RecorderHost, RunRecorder, call_hook
+from orchestrator.runs.recorder import LiveRun, LiveRuns, OwnedFn, RecorderHost, RunRecorder, call_hook
 from orchestrator.runs.routes import CHATFLOW, WORKFLOW, Route, group_name, types_advert, value_at
 from orchestrator.runs.triggers import Trigger, mapped, parse_trigger
 from orchestrator.workflow.model import Workflow, workflow_id_for
@@ -50,6 +50,7 @@ RUN_REQUEST = "tokiwa.workflow.run"
 RESULT_TTL_S = 3600  # a run_workflow answer waits this long for its caller
 WAIT_SLICE_S = 1.0  # a waiting run_workflow BLPOPs in slices this long (below the socket timeout)
 _RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory"}
+INTERRUPTED_RECORD_S = 2.0  # a run whose caller is cancelled waits this long at most for its record
 
 
 class RemoteRunError(TokiwaError):
@@ -190,6 +191,29 @@ class WorkflowRegistry:
         self._by_id: dict[str, Registration] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}  # workflow id -> its triggered runs' permits
         self._recorder = RunRecorder(host, owned)
+        self._live = LiveRuns(host, owned, self._live_result)
+        self._counts = dict.fromkeys(("started", "succeeded", "failed", "timed_out", "cancelled"), 0)
+        self._running = 0
+
+    def run_counters(self) -> dict[str, int]:
+        """Runs of registered workflows in this process (``Orchestrator.snapshot()["runs"]``):
+        ``started`` (cancelled-before-start ones included), ``running`` now, how they ended
+        (``succeeded``, ``failed``, ``timed_out``, ``cancelled``: every settled run counts once),
+        and ``node_errors`` (nodes that failed for good, after their retries), plus the live
+        record writer's ``record_writes``, ``record_writes_refused`` and ``record_write_errors``."""
+        live = self._live
+        return {**self._counts, "running": self._running, "node_errors": live.node_errors,
+                "record_writes": live.writes, "record_writes_refused": live.refused,
+                "record_write_errors": live.failures}
+
+    def _live_result(self, run_id: str) -> WorkflowRunResult | None:
+        result_of = getattr(self.host.runner, "result_of", None)  # a stand-in runner may lack it
+        return result_of(run_id) if callable(result_of) else None
+
+    def _count(self, result: WorkflowRunResult) -> None:
+        status = str(result.status)
+        if status in self._counts and status != "started":
+            self._counts[status] += 1
 
     # -- registration -----------------------------------------------------------------------
     def register(self, workflow: Any, trigger: Any = None, **options: Any) -> Workflow:
@@ -222,8 +246,9 @@ class WorkflowRegistry:
         return list(self._by_id.values())
 
     def matching(self, event: Event) -> list[Registration]:
-        """Exact-type registrations, then wildcard, then regex; filtered (tokiwa's order)."""
-        order = {"exact": 0, "wildcard": 1, "regex": 2}
+        """Exact-type registrations, then glob, then wildcard, then regex; filtered (tokiwa's
+        order, with globs between exact types and the wildcard)."""
+        order = {"exact": 0, "glob": 1, "wildcard": 2, "regex": 3}
         regs = [r for r in self._by_id.values() if r.trigger.matches(event.type)]
         regs.sort(key=lambda r: order.get(r.trigger.kind, 3))
         out = []
@@ -386,6 +411,10 @@ class WorkflowRegistry:
         services = self.host.services_for(run_id)
         result: WorkflowRunResult
         request = await cancel_request(self.host.redis, self.host.keys, run_id) if self.host.redis is not None else None
+        live = self._live.begin(run_id, event)  # the live record, written as the run goes
+        timed_out: errors.TimeoutError | None = None
+        self._counts["started"] += 1
+        self._running += 1
         token = current_run_id.set(run_id)  # this task's context: the nodes' tasks copy it
         try:
             if request is not None:
@@ -396,16 +425,60 @@ class WorkflowRegistry:
             elif wf.type == "chatflow":
                 result = await self.host.chatflows().run(
                     wf, conversation_id=conversation_id, event=event, input=input, context=context,
-                    memory=opts.get("memory"), run_id=run_id, services=services, **kwargs)
+                    memory=opts.get("memory"), run_id=run_id, services=services, hooks=live, **kwargs)
             else:
                 result = await self.host.runner.run(wf, input=input, context=context, event=event, run_id=run_id,
-                                                    memory=opts.get("memory"), services=services, **kwargs)
+                                                    memory=opts.get("memory"), services=services, hooks=live,
+                                                    **kwargs)
+        except errors.TimeoutError as exc:  # the workflow's timeout: record its partial result, then raise
+            partial = getattr(exc, "result", None)
+            if not isinstance(partial, WorkflowRunResult):
+                self._running -= 1
+                await self._live.close(live)
+                raise
+            result, timed_out = partial, exc
+        except asyncio.CancelledError:  # the worker stops, or the entry was lost: record what the run did
+            self._running -= 1
+            await self._interrupted(live, event, parent_run_id)
+            raise
+        except BaseException:
+            self._running -= 1
+            await self._live.close(live)
+            raise
         finally:
             current_run_id.reset(token)
+        self._running -= 1
+        await self._finish(result, event, live, parent_run_id)
+        if timed_out is not None:
+            raise timed_out
+        return result
+
+    async def _finish(self, result: WorkflowRunResult, event: Event | None, live: LiveRun,
+                      parent_run_id: str | None) -> None:
+        """Stop the run's live writes, then save its final record (after the ownership check)."""
+        await self._live.close(live)
         if parent_run_id:
             result.parent_run_id = parent_run_id
-        await self._recorder.record(result, event)
-        return result
+        self._count(result)
+        await self._recorder.record(result, event, live.fields())
+
+    async def _interrupted(self, live: LiveRun, event: Event | None, parent_run_id: str | None) -> None:
+        """The task running the run was cancelled. The runner settled the run ``cancelled``
+        (``live.final``) if it had started; save that record, shielded from a second
+        cancellation and waiting at most :data:`INTERRUPTED_RECORD_S` (then it goes on in the
+        background)."""
+        final = live.final
+        if final is None:  # never started (waiting for its turn or lock): nothing to record
+            await asyncio.shield(self._live.close(live))
+            return
+        saving = asyncio.ensure_future(self._finish(final, event, live, parent_run_id))
+        saving.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, logged below
+        try:
+            await asyncio.wait_for(asyncio.shield(saving), INTERRUPTED_RECORD_S)
+        except (TimeoutError, asyncio.CancelledError):
+            log.warning("run %s was interrupted; its cancelled record is still being saved", final.run_id)
+        except Exception as exc:
+            log.warning("run %s was interrupted and its record could not be saved: %r", final.run_id, exc)
 
     async def _workflow_error(self, exc: Exception, reg: Registration, event: Event) -> None:
         log.warning("workflow %s failed to run for %s: %r", reg.workflow.name, event.type, exc)

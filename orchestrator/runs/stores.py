@@ -13,6 +13,13 @@ Three implementations share one contract (and one test suite):
   tokiwa format) and ``<dir>/<run_id>.logs.jsonl``.
 * :class:`RedisRunStore` - hash ``{ns}:run:{run_id}`` + zset ``{ns}:runs``, with retention.
 
+Live records: a worker records a run when it starts (status ``running``) and rewrites that
+record as the run goes (see :class:`orchestrator.runs.recorder.LiveRuns`), through
+:meth:`RunStore.save_live`: a conditional write that only the run's current writer wins.
+Such records carry ``worker_id`` (the worker running it, the id of its heartbeat in
+``{ns}:workers``), ``owner_token`` (one per execution of the run) and ``updated_at`` (epoch s of
+the last write); :func:`is_stale` tells a ``running`` record left by a dead worker.
+
 Time: ``started_at`` is wall-clock epoch seconds (it is shown to users and compared across
 hosts), so pruning by age uses an injectable wall clock (``clock=time.time``).
 """
@@ -93,6 +100,35 @@ def matches(record: dict[str, Any], status: str | None, workflow: str | None) ->
     return True
 
 
+#: a running record not rewritten for this long (a live run is rewritten at least every
+#: :data:`orchestrator.runs.recorder.KEEPALIVE_S`) whose worker has no live heartbeat is stale
+STALE_AFTER_S = 90.0
+
+
+def is_stale(record: dict[str, Any], now: float, live_workers: Iterable[str] | None = None,
+             after_s: float = STALE_AFTER_S) -> bool:
+    """Whether ``record`` says ``running`` but nobody runs it any more: it was not rewritten
+    for ``after_s`` seconds and (when ``live_workers``, the ids of the live heartbeats of
+    ``{ns}:workers``, is given) its ``worker_id`` is not among them. A record without
+    ``updated_at`` (written by a version without live records) counts from ``started_at``."""
+    if record.get("status") != "running":
+        return False
+    seen = record.get("updated_at", record.get("started_at"))
+    if isinstance(seen, (int, float)) and not isinstance(seen, bool) and now - seen <= after_s:
+        return False
+    return live_workers is None or record.get("worker_id") not in set(live_workers)
+
+
+def live_write_allowed(stored: dict[str, Any] | None, record: dict[str, Any], claim: bool) -> bool:
+    """The rule of :meth:`RunStore.save_live`: a claim (the run's first write on a worker) is
+    refused only when the stored record is this execution's own final record; a progress write
+    only lands on this execution's own ``running`` record."""
+    mine = stored is not None and stored.get("owner_token") == record.get("owner_token")
+    if claim:
+        return not (mine and stored is not None and stored.get("status") != "running")
+    return mine and stored is not None and stored.get("status") == "running"
+
+
 def newest_first(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Sort by ``started_at`` descending; ties by run id so the order is stable."""
     return sorted(records, key=lambda r: (r["started_at"], r["run_id"]), reverse=True)
@@ -135,6 +171,20 @@ class RunStore:
     async def get(self, run_id: str) -> dict[str, Any] | None:
         """The record of ``run_id``, or None when unknown (or expired)."""
         raise NotImplementedError
+
+    async def save_live(self, items: builtins.list[tuple[dict[str, Any], bool]]) -> builtins.list[bool]:
+        """Write records of running runs, each ``(record, claim)``, under the rule of
+        :func:`live_write_allowed` (the record's ``owner_token`` against the stored one);
+        returns, per item, whether it was written. Stores that can do it atomically (Redis)
+        override this; the default reads, then saves (one process owns a memory or file store)."""
+        written = []
+        for record, claim in items:
+            check_record(record)
+            ok = live_write_allowed(await self.get(record["run_id"]), record, claim)
+            if ok:
+                await self.save(record)
+            written.append(ok)
+        return written
 
     async def list(
         self, *, status: str | None = None, workflow: str | None = None, limit: int | None = 50
@@ -357,6 +407,30 @@ return 1
 """
 
 
+# KEYS[1] = run hash, KEYS[2] = runs index zset, KEYS[3] = run logs list
+# ARGV[1] = ttl s, ARGV[2] = started_at, ARGV[3] = run id, ARGV[4] = "1" for a claim, else
+# "0", ARGV[5] = the writer's owner token, ARGV[6..] = hash field/value pairs
+# SAVE_RUN under the rule of live_write_allowed (the hash's owner_token and status fields).
+# Returns 1 if written, 0 if refused.
+SAVE_LIVE = """
+local got = redis.call('HMGET', KEYS[1], 'owner_token', 'status')
+local mine = got[1] == ARGV[5]
+if ARGV[4] == '1' then
+  if mine and got[2] ~= 'running' then return 0 end
+elseif not (mine and got[2] == 'running') then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return 1
+"""
+
+
 class RedisRunStore(RunStore):
     """Runs in Redis, readable with ``redis-cli``:
 
@@ -390,6 +464,7 @@ class RedisRunStore(RunStore):
         self.redis = redis_client
         self.keys = keys or Keys()
         self._save_script: Any = None
+        self._live_script: Any = None
         self.retention_s = retention_s
         self.max_log_lines = _check_max_lines(max_log_lines)
         self._clock = clock
@@ -431,6 +506,27 @@ class RedisRunStore(RunStore):
                 await self._save_script(keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id)],
                                         args=args, client=pipe)
             await pipe.execute()
+
+    async def save_live(self, items: builtins.list[tuple[dict[str, Any], bool]]) -> builtins.list[bool]:
+        """Conditional writes of running records (see :meth:`RunStore.save_live`), atomic per
+        record (the SAVE_LIVE script), all in one round trip."""
+        if not items:
+            return []
+        for record, _ in items:
+            check_record(record)
+        if self._live_script is None:
+            self._live_script = self.redis.register_script(SAVE_LIVE)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record, claim in items:
+                run_id = record["run_id"]
+                args: list[Any] = [self._ttl_s, float(record["started_at"]), run_id, "1" if claim else "0",
+                                   str(record.get("owner_token") or "")]
+                for name, value in _hash_fields(record).items():
+                    args += [name, value]
+                await self._live_script(keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id)],
+                                        args=args, client=pipe)
+            replies = await pipe.execute()
+        return [bool(int(r)) for r in replies]
 
     async def get(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hget(self.keys.run(check_run_id(run_id)), "record")

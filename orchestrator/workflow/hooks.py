@@ -40,7 +40,9 @@ class WorkflowHooks:
         """After failed attempt ``attempt``, before the pause of ``delay_s`` seconds."""
 
     def on_run_complete(self, result: Any) -> None:
-        """After the run settled (also when it timed out; not when the caller was cancelled)."""
+        """After the run settled: ``succeeded``, ``failed``, ``timed_out`` (before ``run()``
+        raises the timeout) or ``cancelled`` (also when the task awaiting ``run()`` was
+        cancelled, before the ``CancelledError`` goes on)."""
 
 
 def collect_hooks(*sources: Any) -> dict[str, tuple[Any, ...]]:

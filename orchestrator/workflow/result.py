@@ -8,6 +8,7 @@ the record as their ``repr`` string: a record never carries live objects (and ne
 from __future__ import annotations
 
 import time
+import traceback as tb
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,36 @@ class RunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    #: the workflow-level timeout (``run(timeout=...)``, ``register_workflow(..., timeout=...)``)
+    #: ended it; a failure too (see :data:`FAILURE_STATUSES`)
+    TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
+
+
+#: statuses of a run that ended (a record with one of them is final)
+FINISHED_STATUSES: frozenset[RunStatus] = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.TIMED_OUT, RunStatus.CANCELLED})
+#: statuses that mean the run failed: code that asks "did it fail?" tests membership here
+#: rather than ``== "failed"``, so a timed-out run counts
+FAILURE_STATUSES: frozenset[RunStatus] = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT})
+
+#: a node's recorded traceback keeps at most this many characters (its head and its tail)
+MAX_TRACEBACK_CHARS = 8000
+_TRACEBACK_HEAD = 1500
+
+
+def format_traceback(error: BaseException, limit: int = MAX_TRACEBACK_CHARS) -> str:
+    """``error``'s traceback as text, causes included (the last attempt's error under a
+    ``RetryExhausted``), bounded to ``limit`` characters: longer ones keep their start and
+    their end (the innermost frames and the error line) around a ``[... N characters cut ...]``
+    line."""
+    text = "".join(tb.format_exception(error)).rstrip("\n")
+    if len(text) <= limit:
+        return text
+    head = min(_TRACEBACK_HEAD, limit // 4)
+    cut = f"\n[... {len(text) - limit} characters cut ...]\n"
+    tail = max(0, limit - head - len(cut))
+    return text[:head] + cut + text[len(text) - tail:]
 
 
 class NodeStatus(StrEnum):
@@ -75,7 +105,8 @@ def json_safe(value: Any, _depth: int = 0) -> Any:
 @dataclass(slots=True)
 class NodeResult:
     """One node's outcome. ``error`` is :func:`~orchestrator.errors.describe_error` of the
-    failure (``exception`` holds the live exception in-process; it is not recorded)."""
+    failure and ``traceback`` its formatted traceback (bounded, see :func:`format_traceback`;
+    failed nodes only); ``exception`` holds the live exception in-process (not recorded)."""
 
     node_id: str
     name: str
@@ -86,18 +117,20 @@ class NodeResult:
     duration_ms: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    traceback: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self, *, output: bool = True) -> dict[str, Any]:
+        """Plain data; ``output=False`` leaves the output out (None), as progress records do."""
         return {"node_id": self.node_id, "name": self.name, "status": _plain(self.status),
-                "output": json_safe(self.output), "error": self.error, "attempts": self.attempts,
-                "duration_ms": self.duration_ms, "started_at": self.started_at,
-                "finished_at": self.finished_at}
+                "output": json_safe(self.output) if output else None, "error": self.error,
+                "attempts": self.attempts, "duration_ms": self.duration_ms, "started_at": self.started_at,
+                "finished_at": self.finished_at, "traceback": self.traceback}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> NodeResult:
         fields = ("node_id", "name", "status", "output", "error", "attempts", "duration_ms",
-                  "started_at", "finished_at")
+                  "started_at", "finished_at", "traceback")
         node = cls(**{k: record[k] for k in fields if k in record})
         node.status = _status(NodeStatus, node.status)
         return node
@@ -146,6 +179,11 @@ class WorkflowRunResult:
     def succeeded(self) -> bool:
         return self.status == RunStatus.SUCCEEDED
 
+    @property
+    def failed(self) -> bool:
+        """Whether the run failed: status ``failed`` or ``timed_out``."""
+        return self.status in FAILURE_STATUSES
+
     def output_of(self, name: str) -> Any:
         """The output of the node called ``name`` (None if it produced none)."""
         node = self.nodes.get(name)
@@ -161,6 +199,21 @@ class WorkflowRunResult:
             "results": json_safe(self.results), "errors": json_safe(self.errors),
             "attempts": dict(self.attempts), "timeline": json_safe(self.timeline),
             "conversation_id": self.conversation_id, "memory": json_safe(self.memory),
+            "artifacts": json_safe(self.artifacts), "error": json_safe(self.error),
+            "cancelled_by": self.cancelled_by, "cancelled_at": self.cancelled_at,
+            "parent_run_id": self.parent_run_id,
+        }
+
+    def progress_record(self) -> dict[str, Any]:
+        """The record of a run still running, cheap to build: as :meth:`to_record` without the
+        outputs, ``results`` and ``memory`` (the final record has them)."""
+        return {
+            "run_id": self.run_id, "workflow_id": self.workflow_id, "workflow_name": self.workflow_name,
+            "workflow_type": self.workflow_type, "status": _plain(self.status), "started_at": self.started_at,
+            "finished_at": self.finished_at, "duration_ms": self.duration_ms,
+            "nodes": {name: n.to_record(output=False) for name, n in self.nodes.items()},
+            "results": {}, "errors": json_safe(self.errors), "attempts": dict(self.attempts),
+            "timeline": json_safe(self.timeline), "conversation_id": self.conversation_id, "memory": None,
             "artifacts": json_safe(self.artifacts), "error": json_safe(self.error),
             "cancelled_by": self.cancelled_by, "cancelled_at": self.cancelled_at,
             "parent_run_id": self.parent_run_id,
@@ -196,6 +249,9 @@ class RunTimeline:
 
     __slots__ = ("result", "clock", "first_error")
 
+    #: node errors and retries also go to the run's logs, up to the logs' cap
+    MAX_LOGS = 1000
+
     def __init__(self, result: WorkflowRunResult, clock: Callable[[], float]) -> None:
         self.result, self.clock = result, clock
         self.first_error: BaseException | None = None
@@ -226,10 +282,23 @@ class RunTimeline:
             return
         self._finish(nr, NodeStatus.FAILED, t0)
         nr.exception, nr.error = error, describe_error(error)
+        nr.traceback = format_traceback(error)
         self.result.errors[nr.node_id] = nr.error
         if self.first_error is None:
             self.first_error = error
         self.event("node_error", nr, nr.attempts)["error"] = nr.error
+        self.log(nr, "ERROR", f"node failed after {nr.attempts} attempt(s): {_error_line(error)}")
+
+    def retrying(self, nr: NodeResult, error: BaseException, attempt: int, delay_s: float) -> None:
+        """Attempt ``attempt`` failed and the node is retried after ``delay_s`` seconds."""
+        entry = self.event("node_retry", nr, attempt)
+        entry["next_delay_s"], entry["error"] = delay_s, describe_error(error)
+        self.log(nr, "WARNING", f"attempt {attempt} failed: {_error_line(error)}; retrying in {delay_s:g}s")
+
+    def log(self, nr: NodeResult, level: str, message: str) -> None:
+        logs = self.result.logs
+        if len(logs) < self.MAX_LOGS:
+            logs.append({"timestamp": self.clock(), "node": nr.name, "level": level, "message": message})
 
     def cancelled(self, nr: NodeResult, reason: BaseException, t0: float | None = None) -> None:
         if nr.status not in (NodeStatus.PENDING, NodeStatus.RUNNING):
@@ -241,6 +310,11 @@ class RunTimeline:
     def skipped(self, nr: NodeResult, reason: str) -> None:
         self._finish(nr, NodeStatus.SKIPPED, None)
         self.event("node_skipped", nr, 0)["reason"] = reason
+
+
+def _error_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text if len(text) <= 500 else text[:499] + "…"
 
 
 def format_log(entry: dict[str, Any]) -> str:

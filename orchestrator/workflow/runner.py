@@ -15,9 +15,11 @@ Failure handling:
   every other node still runs.
 * ``timeout`` (whole run) aborts like fail-fast, then raises
   :class:`orchestrator.errors.TimeoutError` whose ``result`` attribute holds the partial
-  result. A node ``timeout`` bounds each attempt and fails that attempt with the same
+  result (status ``timed_out``). A node ``timeout`` bounds each attempt and fails that attempt with the same
   error type (retried if the node's policy allows).
 * :meth:`Runner.cancel` aborts a run from outside; its status becomes ``cancelled``.
+  Cancelling the task that awaits ``run()`` settles the run ``cancelled`` too (its hooks'
+  ``on_run_complete`` sees it), then re-raises ``CancelledError``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ class Runner:
     @property
     def active_runs(self) -> list[str]:
         return list(self._runs)
+
+    def result_of(self, run_id: str) -> WorkflowRunResult | None:
+        """The live result of a run running here (updated in place as it runs), else None."""
+        run = self._runs.get(run_id)
+        return None if run is None else run.result
 
     async def run(self, workflow: Workflow, input: Any = None, context: Any = None,  # noqa: A002
                   concurrency: int | None = None, fail_fast: bool = True, timeout: float | None = None,
@@ -167,8 +174,10 @@ class _Run:
         try:
             await self._schedule()
         except BaseException:  # the caller was cancelled (or a bug): stop every node we started
-            self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: run interrupted"))
+            self._abort(WorkflowAborted(f"workflow {self.workflow.name!r}: run interrupted (its caller was "
+                                        "cancelled: the worker stopped, or the caller stopped waiting)"))
             await asyncio.shield(self._drain())
+            await self._interrupted(t0)
             raise
         finally:
             if timer is not None:
@@ -182,13 +191,26 @@ class _Run:
             raise self.timed_out
         return result
 
+    async def _interrupted(self, t0: float) -> None:
+        """The caller was cancelled (a worker shutting down, a lost stream entry): settle the
+        run as ``cancelled`` and tell the hooks, so that it leaves a record and a webhook. The
+        hooks run shielded: a second cancellation does not cut them off halfway."""
+        self.cancelled = True
+        self._settle_leftovers()
+        self._complete(t0)
+        if self.hooks["on_run_complete"]:
+            try:
+                await asyncio.shield(call_hooks("on_run_complete", self.hooks["on_run_complete"], self.result))
+            except asyncio.CancelledError:
+                pass  # the caller is cancelled anyway; the hooks go on in the background
+
     def _complete(self, t0: float) -> None:
         result = self.result
         if self.cancelled:
             result.status = RunStatus.CANCELLED
             result.error = describe_error(self.signal.reason) if self.signal.reason else None
         elif self.timed_out is not None:
-            result.status, result.error = RunStatus.FAILED, describe_error(self.timed_out)
+            result.status, result.error = RunStatus.TIMED_OUT, describe_error(self.timed_out)
         elif self.rec.first_error is not None or any(nr.status != NodeStatus.SUCCEEDED for nr in self.node_results):
             result.status = RunStatus.FAILED
             result.error = describe_error(self.rec.first_error) if self.rec.first_error else None
@@ -374,8 +396,7 @@ class _Run:
     async def _retry_pause(self, nr: NodeResult, ctx: NodeContext, policy: RetryPolicy, error: Exception) -> None:
         attempt = ctx.attempt
         delay = policy.delay_for(attempt, self.rng)
-        entry = self.rec.event("node_retry", nr, attempt)
-        entry["next_delay_s"], entry["error"] = delay, describe_error(error)
+        self.rec.retrying(nr, error, attempt, delay)
         if self.hooks["on_node_retry"]:
             await call_hooks("on_node_retry", self.hooks["on_node_retry"], ctx.node, ctx, error, attempt, delay)
         if delay > 0:

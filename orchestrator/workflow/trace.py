@@ -25,6 +25,7 @@ import time
 from typing import Any, ClassVar, TextIO
 
 from orchestrator.workflow.hooks import WorkflowHooks
+from orchestrator.workflow.result import FAILURE_STATUSES, RunStatus
 
 CUTE_ENV = "TOKIWA_CUTE"
 _OFF = frozenset({"0", "false", "no", "off"})
@@ -113,5 +114,5 @@ class TraceHooks(WorkflowHooks):
     def on_run_complete(self, result: Any) -> None:
         for key in [k for k in self._started if k[0] == result.run_id]:
             del self._started[key]
-        if result.status == "succeeded" or (self.end_on_failure and result.status == "failed"):
+        if result.status == RunStatus.SUCCEEDED or (self.end_on_failure and result.status in FAILURE_STATUSES):
             self.tracer.flow_end(result.workflow_name)

@@ -87,7 +87,7 @@ def test_settings_are_read_from_tokiwa_webhook_variables():
 def test_webhooks_are_off_without_a_url_and_send_every_event_by_default():
     s = load_webhook_settings({})
     assert not s.enabled
-    assert s.events == frozenset({"run.completed", "run.failed", "run.cancelled"})
+    assert s.events == frozenset({"run.completed", "run.failed", "run.timed_out", "run.cancelled"})
 
 
 @pytest.mark.parametrize(("var", "value"), [

@@ -291,7 +291,7 @@ async def test_a_workflow_timeout_returns_a_failed_result(tmp_path):
         steps:
           - {id: slow, type: shell, params: {argv: [sleep, "30"]}}
     """)
-    assert result.status == "failed" and result.error["name"] == "TimeoutError"
+    assert result.status == "timed_out" and result.failed and result.error["name"] == "TimeoutError"
 
 
 # --- docker ------------------------------------------------------------------------------------

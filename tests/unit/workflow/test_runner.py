@@ -351,7 +351,7 @@ async def test_a_workflow_timeout_raises_with_the_partial_result_attached():
     assert err.value.node is None
     partial = err.value.result
     assert statuses(partial) == {"quick": "succeeded", "slow": "cancelled", "later": "skipped"}
-    assert partial.status == "failed" and partial.error["name"] == "TimeoutError"
+    assert partial.status == "timed_out" and partial.failed and partial.error["name"] == "TimeoutError"
 
 
 # --------------------------------------------------------------------------- cancellation
