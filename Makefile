@@ -13,6 +13,14 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# the dashboard's browser tests (tests/browser) drive Debian's chromium headless
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing chromium and chromium-driver with apt-get (for tests/browser)"; \
+	  SUDO=; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver \
+	  || { echo "error: could not install chromium and chromium-driver (needed by tests/browser)" >&2; exit 1; }; \
+	fi
 	@touch $(STAMP)
 
 ## make demo: a producer and two workers on an embedded redis-server; exits 0 in under a minute.

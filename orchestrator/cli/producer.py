@@ -120,7 +120,9 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
 
 
 @click.group(cls=LazyGroup, lazy={"inspect": "orchestrator.cli.inspect:inspect_group",
-                                  "cancel": "orchestrator.cli.cancel:cancel_command"})
+                                  "cancel": "orchestrator.cli.cancel:cancel_command",
+                                  "dashboard": "orchestrator.cli.dashboard:dashboard_command",
+                                  "redis": "orchestrator.cli.redis_cmd:redis_group"})
 def cli() -> None:
     """tokiwa producer: publish events and run cron under leader election."""
 

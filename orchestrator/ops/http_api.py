@@ -17,16 +17,17 @@ Routes (JSON unless said otherwise):
 * ``GET /workers`` - worker heartbeats with age and a stale flag;
 * ``GET /healthz`` - 200 while the process serves requests (never needs the token);
 * ``GET /readyz`` - 200 if Redis answers and the consumer group exists, else 503;
-* ``GET /metrics`` - Prometheus text (every process of the host in multiprocess mode).
+* ``GET /metrics`` - Prometheus text (every process of the host in multiprocess mode);
+* ``/dashboard/`` - the web dashboard and the JSON it polls (:mod:`orchestrator.ops.dashboard`).
 
 It binds to 127.0.0.1 unless given another host. With a ``token``, every route but
-``/healthz`` needs ``Authorization: Bearer <token>`` (401 otherwise).
+``/healthz`` and the dashboard's reads needs ``Authorization: Bearer <token>`` (401
+otherwise); the dashboard's requeue and purge need it too, and are refused without a token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any, overload
@@ -37,6 +38,7 @@ from redis.exceptions import RedisError
 
 from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError
 from orchestrator.ops import metrics
+from orchestrator.ops.dashboard import MOUNT, Dashboard, DashboardData, bearer_ok
 from orchestrator.ops.inspector import Inspector
 from orchestrator.runs.stores import check_run_id
 
@@ -79,7 +81,7 @@ class ApiServer:
     back from :attr:`port`), ``await stop()`` closes it; both idempotent. Requests use the
     app's Redis connection, so start the app (or ``await app.connect()``) first."""
 
-    routes: tuple[str, ...] = ("runs", "workers", "healthz", "readyz", "metrics")
+    routes: tuple[str, ...] = ("runs", "workers", "healthz", "readyz", "metrics", "dashboard")
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
                  *, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -113,8 +115,10 @@ class ApiServer:
             "metrics": [("GET", "/metrics", self.metrics)],
         }
         for name in self.routes:
-            for method, path, handler in table[name]:
+            for method, path, handler in table.get(name, []):
                 webapp.router.add_route(method, path, handler)
+        if "dashboard" in self.routes:
+            Dashboard(DashboardData(self._inspector, self.app), self.token).mount(webapp, MOUNT)
         return webapp
 
     async def start(self) -> None:
@@ -142,13 +146,18 @@ class ApiServer:
     # -- middlewares ------------------------------------------------------------------------
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.token is not None and request.path != "/healthz":
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+        if self.token is not None and request.path != "/healthz" and not self._dashboard_read(request):
+            if not bearer_ok(request, self.token):
                 response = _json({"error": "unauthorized: send Authorization: Bearer <token>"}, 401)
                 response.headers["WWW-Authenticate"] = 'Bearer realm="tokiwa"'
                 return response
         return await handler(request)
+
+    def _dashboard_read(self, request: web.Request) -> bool:
+        """A GET of the dashboard (its page and JSON): open without the token, read-only."""
+        path = request.path
+        return ("dashboard" in self.routes and request.method in ("GET", "HEAD")
+                and (path == MOUNT or path.startswith(MOUNT + "/")))
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
