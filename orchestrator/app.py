@@ -42,6 +42,7 @@ from orchestrator.keys import Keys
 from orchestrator.locks import claim_once
 from orchestrator.ops.snapshot import app_snapshot, registered_workers
 from orchestrator.runs.fleet import Fleet
+from orchestrator.runs.limits import Gate
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import ErrorHook
 from orchestrator.runs.registry import RunServices, RunTarget, WorkflowRegistry
@@ -83,6 +84,8 @@ class AppHooks:
     on_cron_leadership: Callable[[bool], Any] | None = None
     #: ``fn()`` when a chatflow turn arrives that its publisher could not order (no key)
     on_unordered: Callable[[], Any] | None = None
+    #: ``fn()`` when an event waits for a route's rate or concurrency limit
+    on_limit_wait: Callable[[], Any] | None = None
     #: name -> fn() giving more ``snapshot()`` sections (the relay adds its counters)
     extra_snapshots: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
@@ -500,7 +503,11 @@ class Orchestrator:
         for route in self._routes:
             group = route.group(self.settings.group)
             broker = StreamBroker(redis, self.settings, name, group=group)
-            consumers[group] = Consumer(broker, self.settings, self._route_process(route), self._event_dead)
+            consumer = consumers[group] = Consumer(broker, self.settings, self._route_process(route), self._event_dead)
+            if route.limits is not None:
+                consumer.gate = Gate(redis, self.keys, route.name, route.limits,
+                                     lease_ms=self.settings.visibility_timeout_ms)
+                consumer.observe_wait = self.hooks.on_limit_wait
         groups = ConsumerGroups(consumers)
         groups.set_observer(self.hooks.event_observer)
         return groups

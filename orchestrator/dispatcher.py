@@ -53,6 +53,8 @@ class Subscriber:
     once: bool = False
     is_async: bool = False
     takes_context: bool = False
+    #: flow control on workers (rate_limit, rate_key, concurrency_limit, concurrency_key)
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -120,8 +122,14 @@ class EventDispatcher:
         once: bool = False,
         *,
         name: str | None = None,
+        rate_limit: str | None = None,
+        rate_key: str | None = None,
+        concurrency_limit: int | None = None,
+        concurrency_key: str | None = None,
     ) -> str:
-        """Subscribe ``handler`` to ``event_type`` (or ``"*"``); returns the subscriber id."""
+        """Subscribe ``handler`` to ``event_type`` (or ``"*"``, or a glob such as ``order.*``);
+        returns the subscriber id. The limits apply on workers, cluster-wide
+        (:mod:`orchestrator.runs.limits`)."""
         if not isinstance(event_type, str) or not event_type.strip():
             raise InvalidArgumentError(f"event type must be a non-blank string, got {event_type!r}")
         if not callable(handler):
@@ -137,6 +145,9 @@ class EventDispatcher:
             once=once,
             is_async=is_async_callable(handler),
             takes_context=_positional_arity(handler) >= 2,
+            limits={k: v for k, v in (("rate_limit", rate_limit), ("rate_key", rate_key),
+                                      ("concurrency_limit", concurrency_limit),
+                                      ("concurrency_key", concurrency_key)) if v is not None},
         )
         self._by_type.setdefault(event_type, []).append(sub)
         self._cache.clear()

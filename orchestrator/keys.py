@@ -142,6 +142,12 @@ class Keys:
     def routes(self) -> str:
         return f"{self.namespace}:routes"
 
+    # zset: a flow-control limit of a route (kind "rate": start ids by ms in the last window;
+    # kind "concurrency": holders by lease end ms), one per key value; PEXPIRE'd a little past
+    # its window / lease, so idle ones go by themselves.
+    def limit(self, route: str, kind: str, value: str) -> str:
+        return f"{self.namespace}:limit:{kind}:{route}:{value}"
+
     # zset: delayed event id -> due time (epoch ms). Moved to the stream when due (by any worker,
     # atomically with the removal, so never twice); cancelled with ``inspect delayed cancel``.
     @property

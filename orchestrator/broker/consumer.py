@@ -37,6 +37,8 @@ log = logging.getLogger("tokiwa.consumer")
 
 # seconds between trims of the stream by a worker (any worker may trim; it is idempotent)
 TRIM_INTERVAL_S = 1.0
+# a consumer stops reading while this many entries per slot wait for a limit
+PARKED_MAX_PER_SLOT = 8
 # seconds between removals of the consumers of exited workers (see dead_consumer_idle_ms)
 CLEANUP_INTERVAL_S = 10.0
 
@@ -89,6 +91,8 @@ class Stats:
     dead_waiting: int = 0
     #: consumers of exited workers removed from the groups
     consumers_removed: int = 0
+    #: times an entry was parked because a rate or concurrency limit was reached
+    parked: int = 0
 
 
 class ConsumerFailed(BrokerError):
@@ -104,12 +108,13 @@ def _being_cancelled() -> bool:
 
 
 class _InFlight:
-    __slots__ = ("delivery", "task", "lost")
+    __slots__ = ("delivery", "task", "lost", "parked")
 
     def __init__(self, delivery: Delivery) -> None:
         self.delivery = delivery
         self.task: asyncio.Task[Any] | None = None
         self.lost = False
+        self.parked = False
 
 
 def redelivery_delay_ms(settings: Settings, deliveries: int) -> int:
@@ -137,6 +142,10 @@ class Consumer:
         self.process = process
         self.on_dead = on_dead  # called with the decoded event after it was dead-lettered
         self.observe: Callable[[str, str], None] | None = None  # (event type, ok|failed|dead)
+        #: a route's flow-control limits (:class:`orchestrator.runs.limits.Gate`), if any
+        self.gate: Any = None
+        self.observe_wait: Callable[[], None] | None = None  # an entry parked by a limit
+        self._parked = 0
         self.stats = Stats()
         self.in_flight: dict[str, _InFlight] = {}
         self._ack_buffer: list[str] = []
@@ -234,8 +243,9 @@ class Consumer:
                         faults.describe(exc))
 
     def _working(self) -> bool:
-        """Whether an entry is being processed (entries waiting for a dead-letter do not count)."""
-        return len(self.in_flight) > len(self._dead_waiting)
+        """Whether an entry is being processed (entries waiting for a dead-letter or parked by
+        a limit do not count: shutdown hands them back)."""
+        return len(self.in_flight) > len(self._dead_waiting) + self._parked
 
     # -- the fault policy -----------------------------------------------------------------
     async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -308,7 +318,27 @@ class Consumer:
                 return
 
     def _free(self) -> int:
-        return self.settings.concurrency - (len(self.in_flight) - len(self._dead_waiting))
+        if self._parked >= PARKED_MAX_PER_SLOT * self.settings.concurrency:
+            return 0  # enough entries wait for a limit already: read no more
+        return self.settings.concurrency - (len(self.in_flight) - len(self._dead_waiting) - self._parked)
+
+    def _park(self, entry: _InFlight, wait_ms: int) -> bool:
+        """Keep ``entry`` in flight (owned, renewed) without a slot for ``wait_ms``, then hand
+        it to a slot again. Returns True (the entry stays in flight)."""
+        entry.parked = True
+        self._parked += 1
+        self.stats.parked += 1
+        if self.observe_wait is not None:
+            self.observe_wait()
+
+        def unpark() -> None:
+            entry.parked = False
+            self._parked -= 1
+            self._ready.append(entry)
+            self._kick()
+
+        asyncio.get_running_loop().call_later(wait_ms / 1000, unpark)
+        return True
 
     async def _read_once(self, until_drained: bool) -> bool:
         free = self._free()
@@ -465,7 +495,17 @@ class Consumer:
                 return
             event.deliveries = d.deliveries
             event.group = self.broker.group
-            outcome = await self._process(event)
+            if self.gate is not None:
+                wait_ms = await self.gate.enter(event)
+                if wait_ms:  # over a limit: park it (pending, renewed, no slot), try again later
+                    keep = self._park(entry, wait_ms)
+                    return
+                try:
+                    outcome = await self._process(event)
+                finally:
+                    await self.gate.leave(event)
+            else:
+                outcome = await self._process(event)
             if self.observe is not None:
                 self.observe(event.type, "ok" if outcome.ok else "failed")
             if self.lost(d.stream_id):

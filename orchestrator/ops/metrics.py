@@ -69,6 +69,8 @@ EVENTS = Counter("tokiwa_events", "Events processed by workers, by type and outc
                  ["type", "outcome"], registry=REGISTRY)
 DEAD_LETTERS = Counter("tokiwa_dead_letters", "Stream entries moved to the dead-letter stream.",
                        registry=REGISTRY)
+LIMIT_WAITS = Counter("tokiwa_limit_waits", "Times an event was parked because a route's rate or concurrency "
+                      "limit was reached (it waits without a slot).", registry=REGISTRY)
 UNORDERED = Counter("tokiwa_conversation_unordered", "Chatflow turns that arrived without their conversation "
                     "order (published without the conversation key, e.g. a raw XADD).", registry=REGISTRY)
 

@@ -28,6 +28,8 @@ class ObservedHooks(Protocol):
     on_cron_leadership: Callable[[bool], Any] | None
     #: ``fn()`` when a chatflow turn arrives that its publisher could not order
     on_unordered: Callable[[], Any] | None
+    #: ``fn()`` when an event waits for a route's rate or concurrency limit
+    on_limit_wait: Callable[[], Any] | None
 
 
 class ObservedApp(Protocol):
@@ -72,6 +74,7 @@ def enable(app: ObservedApp) -> list[Any]:
         app.hooks.event_observer = _event_observer(metrics)
         app.hooks.on_cron_leadership = lambda leading: metrics.set_leader("cron", leading)
         app.hooks.on_unordered = metrics.UNORDERED.inc
+        app.hooks.on_limit_wait = metrics.LIMIT_WAITS.inc
         if s.metrics_port is not None:
             from orchestrator.ops.http_api import MetricsServer
 

@@ -34,6 +34,7 @@ from orchestrator.errors import (
 )
 from orchestrator.events import Event, check_conversation_id
 from orchestrator.keys import Keys
+from orchestrator.runs.limits import Limits
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import LiveRun, LiveRuns, OwnedFn, RecorderHost, RunRecorder, call_hook
 from orchestrator.runs.routes import CHATFLOW, WORKFLOW, Route, group_name, types_advert, value_at
@@ -49,7 +50,8 @@ log = logging.getLogger("tokiwa.workflows")
 RUN_REQUEST = "tokiwa.workflow.run"
 RESULT_TTL_S = 3600  # a run_workflow answer waits this long for its caller
 WAIT_SLICE_S = 1.0  # a waiting run_workflow BLPOPs in slices this long (below the socket timeout)
-_RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory"}
+_RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory",
+                "rate_limit", "rate_key", "concurrency_limit", "concurrency_key"}
 INTERRUPTED_RECORD_S = 2.0  # a run whose caller is cancelled waits this long at most for its record
 
 
@@ -224,6 +226,7 @@ class WorkflowRegistry:
             raise InvalidArgumentError(f"unknown register_workflow options {sorted(unknown)}")
         if wf.id in self._by_id:
             raise ConflictError(f"workflow {wf.name!r} ({wf.id}) is already registered")
+        Limits.from_options(options)  # a bad limit fails here, not on the first event
         self._by_id[wf.id] = Registration(wf, parse_trigger(trigger), options)
         return wf
 
@@ -279,7 +282,8 @@ class WorkflowRegistry:
         """One route (consumer group) per registration: its triggered runs and the run requests
         that name it."""
         return [Route(self.route_name(reg), reg.workflow.type if reg.workflow.type == CHATFLOW else WORKFLOW,
-                      self._route_step(reg), self._advert(reg)) for reg in self._by_id.values()]
+                      self._route_step(reg), self._advert(reg), Limits.from_options(reg.options))
+                for reg in self._by_id.values()]
 
     def _route_step(self, reg: Registration) -> Any:
         async def step(event: Event) -> ProcessResult:

@@ -59,6 +59,8 @@ class Route:
     kind: str
     process: ProcessStep
     advert: dict[str, Any] = field(default_factory=dict)
+    #: flow control (:class:`orchestrator.runs.limits.Limits`), None without limits
+    limits: Any = None
 
     def group(self, prefix: str) -> str:
         return group_name(prefix, self.name)
@@ -75,9 +77,13 @@ def subscriber_routes(dispatcher: Any, step: Callable[[Any], ProcessStep]) -> li
         seen[name] = n = seen.get(name, 0) + 1
         if n > 1:
             name = f"{name}#{n}"
+        from orchestrator.runs.limits import Limits
+
         kind = "wildcard" if sub.event_type == "*" else "exact"
+        limits = Limits.from_options(sub.limits)
         out.append(Route(name, SUBSCRIBER, step(sub),
-                         {"kind": SUBSCRIBER, "name": sub.name, **types_advert(sub.event_type, kind)}))
+                         {"kind": SUBSCRIBER, "name": sub.name, **types_advert(sub.event_type, kind),
+                          "limits": limits.describe() if limits else None}, limits))
     return out
 
 

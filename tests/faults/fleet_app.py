@@ -9,6 +9,8 @@ TEST_WORKFLOWS   comma-separated names among fleet-x, fleet-y, fleet-z, fleet-fa
                  runs one node per ``job`` event; fleet-fail fails every event's first
                  delivery                                                     default none
 TEST_SLEEP_MS    each ``job`` node sleeps this long                           default 0
+TEST_LIMITED     "1": the workflow fleet-limited on ``limited``: at most 50 runs a second, 3 at once
+                 per ``payload.tenant``; each run sleeps 50 ms and writes its start and end
 TEST_GLOB        "1": a subscriber fleet.glob and a workflow fleet-glob-wf on ``order.*``
 TEST_EXTRAS      "1": also the manual workflows fleet-add, fleet-parent / fleet-child,
                  fleet-slow and the chatflow fleet-chat (``chat.msg``, conversation key
@@ -88,6 +90,18 @@ async def turn(ctx) -> None:
 
 async def on_order(event) -> None:
     write("fleet-glob", event.payload["i"], os.getpid(), "ok")
+
+
+async def limited(ctx) -> None:
+    started = time.time()
+    await asyncio.sleep(0.05)
+    write("fleet-limited", ctx.input["i"], os.getpid(), f"{started:.6f}:{time.time():.6f}:{ctx.input['tenant']}")
+
+
+if os.environ.get("TEST_LIMITED") == "1":
+    app.register_workflow(Workflow(name="fleet-limited", nodes=[Node(name="step", handler=limited)]),
+                          trigger={"type": "event", "event_type": "limited"},
+                          rate_limit="50/s", concurrency_limit=3, concurrency_key="tenant")
 
 
 if os.environ.get("TEST_GLOB") == "1":
