@@ -33,7 +33,7 @@ async def test_a_killed_holders_place_comes_back_by_lease_expiry(redis_url, name
         while await waiter.enter(event(2)):
             await asyncio.sleep(0.02)
         came_back = time.monotonic() - t0
-        assert came_back < 1.0, came_back
+        assert came_back < 3.0, came_back  # the 600 ms lease, plus a loaded box
         await waiter.leave(event(2))
     finally:
         await waiter.close()
