@@ -103,8 +103,8 @@ def start_command(name: str, state_dir: Path | None, check_s: float, run_args: t
     """
     settings = _settings(state_dir)
     if not settings.redis_url and not any(a.startswith(("--redis-url", "--config")) for a in run_args):
-        click.echo("warning: no --redis-url or TOKIWA_REDIS_URL: this worker starts its own embedded "
-                   "Redis, which no producer or other worker shares", err=True)
+        click.echo(f"note: no --redis-url or TOKIWA_REDIS_URL: this worker uses the embedded Redis of "
+                   f"{settings.state_dir} (shared by every tokiwa process of that state dir on this host)", err=True)
     env = dict(os.environ, TOKIWA_STATE_DIR=str(settings.state_dir), PYTHONUNBUFFERED="1")
     argv = [sys.executable, "-m", "workers.cli", "run", *run_args]
     manager = ProcessManager(settings.state_dir)
