@@ -262,13 +262,13 @@ def test_ps_shows_local_instances_as_a_table_and_as_json(manager, state_dir):
     assert record["name"] == "w1" and record["status"] == "alive" and record["pid"] == inst.pid
 
 
-def test_start_without_a_shared_redis_warns_that_the_worker_is_alone(state_dir, monkeypatch):
+def test_start_without_a_redis_url_says_which_embedded_redis_the_worker_shares(state_dir, monkeypatch):
     monkeypatch.delenv("TOKIWA_REDIS_URL", raising=False)
     monkeypatch.delenv("TOKIWA_CONFIG", raising=False)
     args = ["--name", "w1", "--state-dir", str(state_dir), "--check-s", "0", "--app", "no_such_module:app"]
     try:
         result = CliRunner().invoke(start_command, args)
-        assert "warning: no --redis-url or TOKIWA_REDIS_URL" in result.output
+        assert "note: no --redis-url or TOKIWA_REDIS_URL" in result.output and str(state_dir) in result.output
     finally:
         ProcessManager(state_dir).stop_all(grace_s=1)
 
