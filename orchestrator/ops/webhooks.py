@@ -10,7 +10,10 @@ Configured by ``TOKIWA_WEBHOOK_*`` variables (read by :func:`load_webhook_settin
 * ``TOKIWA_WEBHOOK_TIMEOUT_S`` - seconds per attempt (default 3, pyoco's);
 * ``TOKIWA_WEBHOOK_RETRIES`` - attempts **after** the first one (default 3);
 * ``TOKIWA_WEBHOOK_SECRET`` - when set, header ``X-Tokiwa-Signature: sha256=<hex>`` carries
-  the HMAC-SHA256 of the exact body bytes under this secret.
+  the HMAC-SHA256, under this secret, of ``<timestamp>.`` followed by the exact body bytes,
+  where ``<timestamp>`` is the header ``X-Tokiwa-Timestamp`` (Unix seconds, set at each
+  attempt). A receiver checks both and refuses a timestamp older than its replay window
+  (:func:`verify`: 5 minutes by default) and a ``X-Tokiwa-Delivery`` it has seen already.
 
 :class:`WebhookNotifier` is a :class:`~orchestrator.workflow.hooks.WorkflowHooks`: its
 ``on_run_complete`` builds the body and hands the delivery to a background task that the
@@ -50,6 +53,7 @@ WEBHOOK_EVENTS = tuple(EVENT_BY_STATUS.values())
 #: an event also sent to receivers that asked for another one (a timeout is a failure)
 IMPLIED_BY = {"run.timed_out": "run.failed"}
 SIGNATURE_HEADER = "X-Tokiwa-Signature"
+TIMESTAMP_HEADER = "X-Tokiwa-Timestamp"
 # deliveries waiting or in flight at once; beyond it new ones are dropped (and logged) so that
 # a dead receiver cannot make a busy worker's memory grow without bound.
 MAX_PENDING = 1000
@@ -124,14 +128,28 @@ def load_webhook_settings(env: Mapping[str, str] | None = None, **overrides: Any
         raise ConfigError(f"invalid webhook setting {var}: {first.get('msg')}", field=field) from exc
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The ``X-Tokiwa-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+#: seconds a receiver accepts a delivery after its ``X-Tokiwa-Timestamp`` (:func:`verify`)
+REPLAY_WINDOW_S = 300
 
 
-def verify(secret: str, body: bytes, signature: str) -> bool:
-    """Constant-time check of a received signature (for receivers written in Python)."""
-    return hmac.compare_digest(sign(secret, body), signature or "")
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``X-Tokiwa-Signature`` value of ``body`` sent at ``timestamp`` (Unix seconds):
+    ``sha256=<hex HMAC-SHA256 of "<timestamp>." + body>``."""
+    return "sha256=" + hmac.new(secret.encode(), f"{int(timestamp)}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str, timestamp: str | int, *,
+           window_s: float = REPLAY_WINDOW_S, now: float | None = None) -> bool:
+    """A receiver's check (in Python): the signature matches the body and the timestamp (in
+    constant time), and the timestamp is within ``window_s`` of ``now`` (a replayed old
+    delivery is refused)."""
+    try:
+        ts = int(timestamp)
+    except (TypeError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - ts) > window_s:
+        return False
+    return hmac.compare_digest(sign(secret, body, ts), signature or "")
 
 
 def build_body(result: Any) -> dict[str, Any] | None:
@@ -221,10 +239,12 @@ class WebhookNotifier(WorkflowHooks):
         data = json.dumps(body, ensure_ascii=False, default=repr).encode()
         headers = {"Content-Type": "application/json", "User-Agent": "tokiwa-webhook",
                    "X-Tokiwa-Event": body["event"], "X-Tokiwa-Delivery": uuid.uuid4().hex}
-        if self.settings.secret:
-            headers[SIGNATURE_HEADER] = sign(self.settings.secret, data)
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
+            if self.settings.secret:  # signed at each attempt: a retry is not a replay
+                stamp = int(time.time())
+                headers[TIMESTAMP_HEADER] = str(stamp)
+                headers[SIGNATURE_HEADER] = sign(self.settings.secret, data, stamp)
             self.stats["attempts"] += 1
             problem = await self._post(data, headers)
             if problem is None:

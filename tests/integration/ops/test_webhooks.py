@@ -101,11 +101,16 @@ def test_a_bad_setting_is_a_config_error_naming_the_variable(var, value):
         load_webhook_settings({"TOKIWA_WEBHOOK_URL": "http://h/x", var: value})
 
 
-def test_a_signature_is_the_hmac_sha256_of_the_body_and_verifies():
-    signature = sign("k", b'{"a":1}')
-    assert signature == "sha256=" + __import__("hmac").new(b"k", b'{"a":1}', "sha256").hexdigest()
-    assert verify("k", b'{"a":1}', signature)
-    assert not verify("k", b'{"a":2}', signature)
+def test_a_signature_covers_the_timestamp_and_the_body_and_old_ones_are_refused():
+    now = 1_800_000_000
+    signature = sign("k", b'{"a":1}', now)
+    assert signature == "sha256=" + __import__("hmac").new(b"k", b'1800000000.{"a":1}', "sha256").hexdigest()
+    assert verify("k", b'{"a":1}', signature, str(now), now=now + 10)
+    assert not verify("k", b'{"a":2}', signature, now, now=now)
+    assert not verify("k", b'{"a":1}', signature, now + 1, now=now), "the timestamp is signed"
+    assert not verify("k", b'{"a":1}', signature, now, now=now + 301), "a replay past the window"
+    assert verify("k", b'{"a":1}', signature, now, now=now + 3000, window_s=3600)
+    assert not verify("k", b'{"a":1}', signature, "not-a-time", now=now)
 
 
 # -- delivery ------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ async def test_a_failed_run_posts_its_body_with_a_valid_signature():
         await hooks.stop()
     assert len(rx.requests) == 1
     headers, raw = rx.requests[0]
-    assert verify("topsecret", raw, headers[SIGNATURE_HEADER])
+    assert verify("topsecret", raw, headers[SIGNATURE_HEADER], headers["X-Tokiwa-Timestamp"])
     body = json.loads(raw)
     assert body["event"] == "run.failed" and headers["X-Tokiwa-Event"] == "run.failed"
     assert (body["run_id"], body["workflow"], body["workflow_id"], body["status"]) == (
