@@ -1,5 +1,7 @@
-"""The cost of signed envelopes per event: producing the stream fields (encode, and sign with
-signing keys set) and the worker's check, in µs, against the plain ones. In-process, no Redis.
+"""The cost of trust and flow control per event, in µs: producing the stream fields (encode,
+and sign with signing keys set) and the worker's check against the plain ones (in process);
+and a route's rate limit and concurrency limit checks (one script call each, on a
+redis-server the benchmark starts) against none.
 
 ``python -m benchmarks.trust_bench`` prints the numbers and writes results/trust-<time>.json."""
 
@@ -43,8 +45,42 @@ def run() -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
+async def limits_cost(url: str, n: int = 3000) -> dict[str, float]:
+    """µs per event of Gate.enter + leave with a rate limit, a concurrency limit, and both,
+    never reached (the checks' own cost, not waiting)."""
+    from orchestrator.broker.connection import create_redis
+    from orchestrator.keys import Keys
+    from orchestrator.runs.limits import Gate, Limits
+
+    client = create_redis(url)
+    out = {}
+    try:
+        for name, limits in (("rate", Limits(rate=(10**9, 1000))), ("concurrency", Limits(concurrency=10**6)),
+                             ("rate_and_concurrency", Limits(rate=(10**9, 1000), concurrency=10**6))):
+            gate = Gate(client, Keys("bench"), f"wf:{name}", limits, lease_ms=10_000)
+            events = [Event("job", {"i": i}) for i in range(n)]
+            for i, e in enumerate(events):
+                e.stream_id, e.group = f"{i}-0", "workers:wf:bench"
+            t0 = time.perf_counter()
+            for e in events:
+                assert await gate.enter(e) == 0
+                await gate.leave(e)
+            out[f"{name}_us"] = round((time.perf_counter() - t0) / n * 1e6, 1)
+            await gate.close()
+    finally:
+        await client.aclose()
+    return out
+
+
 if __name__ == "__main__":
+    import asyncio
+    import tempfile
+
+    from orchestrator.broker.embedded import EmbeddedRedis
+
     found = run()
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as server:
+        found["limits"] = asyncio.run(limits_cost(server.url))
     print(json.dumps(found, indent=2))
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
