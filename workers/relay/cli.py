@@ -4,8 +4,9 @@
     tokiwa-worker relay --config relay.toml             # the Miclow README's form
     python -m workers.relay.cli relay.toml --redis-url redis://host:6379/0 --namespace tokiwa
 
-Without ``--redis-url`` / ``TOKIWA_REDIS_URL`` it starts an embedded redis-server under the
-state directory (useful alone on one machine; peers on other hosts need a shared URL).
+Without ``--redis-url`` / ``TOKIWA_REDIS_URL`` it uses the state directory's shared embedded
+redis-server (the one this host's workers and producers use; peers on other hosts need a
+shared URL).
 Lines typed on the relay's own stdin are published on the topic ``system`` (as Miclow does);
 end of file on stdin does not stop the relay. SIGINT / SIGTERM stop it gracefully (children
 get SIGTERM, then SIGKILL after ``shutdown_grace_s``); a second signal exits at once.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.broker.embedded import EmbeddedRedis
+from orchestrator.broker.embedded import shared_embedded_url
 from orchestrator.cli.exitcodes import FAILURE, FORCED, OK, UNAVAILABLE, USAGE
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import BrokerError, ConfigError
@@ -95,12 +96,14 @@ async def serve(config: RelayConfig, *, redis_url: str, namespace: str, console_
     return OK
 
 
-def _redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+def _redis_url(settings: Settings) -> str:
+    """The configured URL, else the state directory's shared embedded redis-server (the one
+    the workers and producers of this host use too)."""
     if settings.redis_url:
-        return settings.redis_url, None
-    server = EmbeddedRedis(Path(settings.state_dir) / "relay-redis").start()
-    click.echo(f"embedded redis at {server.url}", err=True)
-    return server.url, server
+        return settings.redis_url
+    url = shared_embedded_url(settings.state_dir)
+    click.echo(f"embedded redis at {url} (shared by this state dir)", err=True)
+    return url
 
 
 @click.command("relay")
@@ -130,7 +133,7 @@ def relay_command(
         sys.exit(USAGE)
     if config.publish_events:
         log.warning("publish_events is set but a relay alone publishes no events; use tokiwa-worker run --relay")
-    url, server = _redis_url(settings)
+    url = _redis_url(settings)
     try:
         code = asyncio.run(serve(config, redis_url=url, namespace=settings.namespace, console_input=console))
     except RelayFatalError as exc:  # Redis refused the relay at start (an ACL rule ...)
@@ -139,9 +142,6 @@ def relay_command(
     except BrokerError as exc:
         click.echo(f"error: {exc}", err=True)
         code = UNAVAILABLE
-    finally:
-        if server is not None:
-            server.stop()
     sys.exit(code)
 
 
