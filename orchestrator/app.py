@@ -116,8 +116,8 @@ class Orchestrator:
         runner: Runner | None = None,
         artifacts_dir: str | None = None,
         cron_tz: str | None = None,
-        cron_lease_ms: int = 15_000,
-        cron_missed_policy: str = "latest",
+        cron_lease_ms: int | None = None,
+        cron_missed_policy: str | None = None,
         conversation_lock_ttl_ms: int = 30_000,
         **overrides: Any,
     ) -> None:
@@ -161,6 +161,7 @@ class Orchestrator:
         self._processors.append(self.workflows.process)
         self._routes: list[Route] = []  # the routes the consumers run (set by start())
         self.fleet = Fleet(self, self._subscriber_step, self._extra_processors)
+        # cron_* given here count where the settings (cron_tz, cron_lease_ms, cron_missed_policy) leave them unset
         self.cron = CronRegistry(self, tz=cron_tz, lease_ms=cron_lease_ms, missed_policy=cron_missed_policy)
         self.add_lifecycle(self.cron)
         from orchestrator.runs.cancel import CancelWatcher

@@ -105,6 +105,16 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     state_dir: Path = Field(default_factory=default_state_dir)
     log_level: str = "INFO"
+    # log lines on stderr: "text" (one line per record) or "json" (one object per line with
+    # time, level, logger, message and exc_info)
+    log_format: Literal["text", "json"] = "text"
+    # cron (producer / all mode): the time zone of cron expressions (a zone name, e.g.
+    # Asia/Tokyo; None = the host's: $TZ, else /etc/localtime, else UTC), the leader lease (a
+    # standby producer takes over within it) and what a new leader does with slots missed
+    # while none ran: fire the latest once, all of them (within an hour), or none.
+    cron_tz: str | None = None
+    cron_lease_ms: int = Field(default=15_000, ge=100, le=600_000)
+    cron_missed_policy: Literal["latest", "all", "none"] = "latest"
     # observability (docs/observability.md): off unless a port is set
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -141,6 +151,24 @@ class Settings(BaseModel):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("log_format", "cron_missed_policy", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cron_tz")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC or Asia/Tokyo)") from exc
+        return value.strip()
+
     @property
     def renew_interval_s(self) -> float:
         ms = self.renew_interval_ms or max(50, self.visibility_timeout_ms // 3)
@@ -171,13 +199,17 @@ def _from_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
+        raise ConfigError(f"config file not found: {path}", field="config") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}", field="config") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc}", field="config") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", field="config") from exc
     # accept either a flat file or a [tokiwa] table
     section = data.get("tokiwa", data)
     if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: [tokiwa] must be a table")
+        raise ConfigError(f"config file {path}: [tokiwa] must be a table", field="config")
     return {k: v for k, v in section.items() if not isinstance(v, dict) or k == "tokiwa"}
 
 
@@ -196,23 +228,38 @@ def load_settings(
     """
     env = os.environ if env is None else env
     merged: dict[str, Any] = {k: v for k, v in (base or {}).items() if v is not None}
+    origins = dict.fromkeys(merged, "the app's own arguments")
     path = config_file or env.get(ENV_PREFIX + "CONFIG")
     if path:
-        merged.update(_from_toml(Path(path)))
-    merged.update(_from_env(env))
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_settings(merged, source=str(path) if path else None)
+        from_file = _from_toml(Path(path))
+        merged.update(from_file)
+        origins.update(dict.fromkeys(from_file, f"config file {path}"))
+    from_env = _from_env(env)
+    merged.update(from_env)
+    origins.update({k: ENV_PREFIX + k.upper() for k in from_env})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(flags)
+    origins.update({k: f"--{k.replace('_', '-')}" for k in flags})
+    return build_settings(merged, source=str(path) if path else None, origins=origins)
 
 
-def build_settings(values: Mapping[str, Any], *, source: str | None = None) -> Settings:
-    """Validate ``values`` into Settings, turning pydantic's error into a ConfigError naming the field."""
+def build_settings(values: Mapping[str, Any], *, source: str | None = None,
+                   origins: Mapping[str, str] | None = None) -> Settings:
+    """Validate ``values`` into Settings, turning pydantic's error into a ConfigError naming the
+    field, and where its value came from when ``origins`` (field -> "TOKIWA_X", "config file
+    PATH", "--x" ...) says."""
     try:
         return Settings(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or None
-        where = f" in {source}" if source else ""
-        lines = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
-        )
+        where = f" in {source}" if source and not origins else ""
+
+        def one(error: Any) -> str:
+            name = ".".join(str(p) for p in error.get("loc", ()))
+            origin = (origins or {}).get(name.split(".")[0])
+            shown = f"{name} (from {origin})" if origin else name  # values stay hidden: they may be secrets
+            return f"{shown}: {error.get('msg')}"
+
+        lines = "; ".join(one(e) for e in exc.errors())
         raise ConfigError(f"invalid tokiwa settings{where}: {lines}", field=field) from exc

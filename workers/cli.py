@@ -1,7 +1,8 @@
 """``tokiwa-worker``: run workers, the relay, and manage local worker processes.
 
 Thin: parse, set up logging, load ``--app``, call one library function, return a named
-exit code.
+exit code. Errors are one line and a named exit code, as in ``tokiwa-producer``
+(:func:`orchestrator.cli.producer.report_error`); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from typing import Any
 
 import click
 
-from orchestrator.cli.lazy import LazyGroup
 from orchestrator.cli.producer import (
     build_app,
+    cli_group,
     common_options,
     observability_options,
     run_async,
@@ -22,13 +23,11 @@ from orchestrator.cli.producer import (
 from orchestrator.cli.runtime import serve
 
 
-@click.group(cls=LazyGroup, lazy={
-    "relay": "workers.relay.cli:relay_command",
-    "start": "workers.processes.manage_cli:start_command",
-    "ps": "workers.processes.manage_cli:ps_command",
-    "stop": "workers.processes.manage_cli:stop_command",
-    "logs": "workers.processes.manage_cli:logs_command",
-})
+@cli_group(relay="workers.relay.cli:relay_command",
+           start="workers.processes.manage_cli:start_command",
+           ps="workers.processes.manage_cli:ps_command",
+           stop="workers.processes.manage_cli:stop_command",
+           logs="workers.processes.manage_cli:logs_command")
 def cli() -> None:
     """tokiwa worker: consume events, run workflows and relay topics."""
 
@@ -44,7 +43,7 @@ def cli() -> None:
 def run(concurrency: int | None, relay_file: str | None, processes: int, app_spec: str | None,
         **settings: Any) -> None:
     """Consume events until SIGTERM / Ctrl+C (graceful), a second signal exits at once."""
-    setup_logging(settings.pop("log_level"))
+    setup_logging(settings.pop("log_level"), settings.get("log_format"))
     if not app_spec:
         raise click.UsageError("--app is required")
     if processes > 1 and settings.get("api_port") is not None:

@@ -1,5 +1,5 @@
 """``tokiwa-producer inspect …``: look into the cluster (streams, pending, dead letters, leaders,
-locks, workers, runs) and requeue or purge dead letters.
+locks, workers, runs), requeue or purge dead letters, and purge the events stream.
 
 Thin: each command parses its options, calls one :class:`~orchestrator.ops.inspector.Inspector`
 method and prints the result as a readable table, or as JSON with ``--json`` (for scripts:
@@ -27,7 +27,7 @@ from orchestrator.cli.producer import (
     run_async,
     setup_logging,
 )
-from orchestrator.errors import InvalidArgumentError, NotFoundError
+from orchestrator.errors import InvalidArgumentError, NotFoundError, TokiwaError
 from orchestrator.ops.inspector import Inspector
 from orchestrator.runs.stores import RedisRunStore
 
@@ -208,7 +208,8 @@ def _render_requeued(rows: list[dict[str, Any]]) -> str:
 
 @dead.command("requeue")
 @click.argument("dead_ids", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Requeue every dead letter (oldest first).")
+@click.option("--all", "all_", is_flag=True, help="Requeue every dead letter there is now (oldest first; one that "
+                                                  "dies again meanwhile is not requeued twice).")
 @leaf
 def dead_requeue(dead_ids: tuple[str, ...], all_: bool, as_json: bool, app_spec: str | None, **settings: Any) -> None:
     """Put dead letters back on the events stream (DEAD_ID … or --all)."""
@@ -233,6 +234,58 @@ def dead_purge(yes: bool, as_json: bool, app_spec: str | None, **settings: Any) 
         return {"purged": await i.purge()}
 
     _execute(settings, app_spec, call, as_json, lambda d: f"purged {d['purged']} dead letter(s)")
+
+
+# -- the events stream -----------------------------------------------------------------------
+class NotConfirmed(TokiwaError):
+    """The operator did not confirm a destructive command: nothing was changed."""
+
+
+@inspect_group.group()
+def events() -> None:
+    """The events stream: purge it."""
+
+
+def _render_purged(d: dict[str, Any]) -> str:
+    if d["up_to"] is None:
+        return f"{d['stream']} is empty: nothing purged ({d['delayed_kept']} delayed event(s) kept)"
+    per = ", ".join(f"{g}: {n}" for g, n in d["groups"].items()) or "no group"
+    return (f"purged {d['purged']} entries of {d['stream']} up to {d['up_to']}\n"
+            f"pending entries dropped per group: {per}\n"
+            f"ids removed from conversation order lists: {d['order_ids_removed']}\n"
+            f"delayed events kept: {d['delayed_kept']} (published when due; `inspect delayed cancel` drops one)")
+
+
+@events.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask: purge at once (for scripts).")
+@leaf
+def events_purge(yes: bool, as_json: bool, app_spec: str | None, **settings: Any) -> None:
+    """Delete every entry of the events stream (asks you to type the namespace first).
+
+    Each consumer group stays, its pending entries up to the purge are acked and its
+    last-delivered id moves past them; entries published meanwhile stay. Delayed events,
+    dead letters and run records are not touched. Exit 0 when purged, 1 when not confirmed."""
+
+    async def call(i: Inspector) -> dict[str, Any]:
+        if not yes:
+            streams = await i.streams()
+            ev = streams[0]
+            pending = sum(g["pending"] for g in ev["groups"])
+            click.echo(f"{ev['stream']}: {ev['length']} entries, {len(ev['groups'])} group(s) with {pending} "
+                       "pending: all of them will be deleted", err=True)
+            namespace = i.keys.namespace
+            try:
+                typed = click.prompt("type the namespace to confirm", default="", show_default=False, err=True)
+            except click.exceptions.Abort:
+                typed = None
+            if typed is None or not sys.stdin.isatty():
+                click.echo("", err=True)  # end the prompt's line
+            if typed != namespace:
+                raise NotConfirmed(f"not confirmed (the namespace is {namespace!r}): nothing was purged; "
+                                   "type it at the prompt, or pass --yes")
+        return await i.purge_events()
+
+    _execute(settings, app_spec, call, as_json, _render_purged)
 
 
 # -- leases, workers, runs --------------------------------------------------------------------

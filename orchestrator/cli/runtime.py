@@ -5,6 +5,11 @@ work finish within the grace period (then hands the rest back) and exits 0; a se
 exits at once with ``FORCED``. Nothing acked is lost either way: acks happen only after work
 is done, and unacked entries are reclaimed by other workers.
 
+Start-up: a URL's Redis is asked once (:func:`check_redis`) before the app starts, so what
+waiting cannot mend (a refused password or ACL, a TLS failure) stops the command at once
+with one line; an unreachable Redis is waited out by a worker (one warning line per outage)
+and ends a producer with exit 69. A signal while the app starts stops it: exit 0.
+
 A worker writes a heartbeat to ``{ns}:workers`` every ``heartbeat_interval_s`` and removes
 it on a clean exit; entries older than 3 intervals are pruned by any live worker.
 """
@@ -30,6 +35,34 @@ from orchestrator.locks import cancel_and_wait
 from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 
 log = logging.getLogger("tokiwa.worker")
+
+#: exit codes of start-up errors that no retry mends (the command stops with its line)
+PERMANENT = frozenset({exitcodes.NOPERM, exitcodes.PROTOCOL, exitcodes.USAGE})
+
+
+async def check_redis(app: Orchestrator) -> None:
+    """PING the app's Redis once (on a URL; the embedded server is started by the app) and
+    raise the error when it is one that waiting does not mend: a refused password, an ACL
+    rule, a TLS failure, a missing certificate file."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from orchestrator.cli.producer import explain
+
+    url = app.settings.redis_url
+    if url is None:
+        return
+    timeout_s = app.settings.redis_timeout_ms / 1000.0
+    # one plain attempt, outside the fault model's bookkeeping: an outage is the app's to report
+    client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                     retry=Retry(NoBackoff(), 0))
+    try:
+        await client.ping()
+    except Exception as exc:
+        if explain(exc).code in PERMANENT:
+            raise
+    finally:
+        await client.aclose()
 
 
 
@@ -152,6 +185,11 @@ class SignalStop:
             loop.remove_signal_handler(sig)
 
 
+async def _start(app: Orchestrator) -> None:
+    await check_redis(app)
+    await app.start()
+
+
 async def serve(app: Orchestrator, *, components: list[Any] | None = None, heartbeat: bool = True) -> int:
     """Start ``app`` (plus extra ``components`` with start/stop), run until a signal or a fatal
     error, then stop gracefully. Returns an exit code."""
@@ -159,7 +197,15 @@ async def serve(app: Orchestrator, *, components: list[Any] | None = None, heart
     stopper.install()
     beat = None
     try:
-        await app.start()
+        starting = asyncio.create_task(_start(app), name="tokiwa-start")
+        stop_wait = asyncio.create_task(stopper.event.wait())
+        await asyncio.wait([starting, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not starting.done():  # a signal while Redis is waited for: nothing runs yet
+            await cancel_and_wait(starting)
+            log.info("%s stopped before it finished starting", app.mode)
+            return exitcodes.OK
+        starting.result()  # a start-up error ends the command (one line, its exit code)
         for component in components or []:
             await component.start()
         if heartbeat:

@@ -6,6 +6,12 @@ kept here, and handed to a :class:`LeaderScheduler` when the app starts in ``pro
 each (job, slot) fires at most once cluster-wide. Worker mode never runs cron.
 
 The registry does not know the app: it uses the few things :class:`CronHost` lists.
+
+Its time zone, leader lease and missed-slot policy are the settings ``cron_tz``,
+``cron_lease_ms`` and ``cron_missed_policy`` (flags, ``TOKIWA_*``, the config file), read
+when the scheduler is built, so ``configure()`` before ``start()`` applies them. A value the
+app gave its constructor (``Orchestrator(cron_tz=...)``) is used where the settings leave the
+field unset, so the precedence is the settings' own: flags > env > file > the app > defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from orchestrator.config import Settings
 from orchestrator.errors import ConflictError, InvalidArgumentError, NotFoundError
 from orchestrator.keys import Keys
 
@@ -25,6 +32,9 @@ if TYPE_CHECKING:  # imported lazily: an app without cron never loads croniter
     from orchestrator.workflow.model import Workflow
 
 log = logging.getLogger("tokiwa.cron")
+
+_DEFAULTS: dict[str, Any] = {name: Settings.model_fields[name].default
+                             for name in ("cron_tz", "cron_lease_ms", "cron_missed_policy")}
 
 
 @dataclass(slots=True)
@@ -68,18 +78,41 @@ class CronHost(Protocol):
 class CronRegistry:
     """Cron jobs of one app, and the leader-elected scheduler that fires them."""
 
-    def __init__(self, host: CronHost, *, tz: str | None = None, lease_ms: int = 15_000,
-                 missed_policy: str = "latest", missed_window_s: float = 3_600.0,
+    def __init__(self, host: CronHost, *, tz: str | None = None, lease_ms: int | None = None,
+                 missed_policy: str | None = None, missed_window_s: float = 3_600.0,
                  check_interval_s: float | None = None) -> None:
         self.host = host
-        self.tz = tz
-        self.lease_ms = lease_ms
-        self.missed_policy = missed_policy
+        self._given: dict[str, Any] = {"cron_tz": tz, "cron_lease_ms": lease_ms, "cron_missed_policy": missed_policy}
         self.missed_window_s = missed_window_s
         self.check_interval_s = check_interval_s
         self._specs: dict[str, CronSpec] = {}
         self.scheduler: LeaderScheduler | None = None
         self.elector: LeaderElector | None = None
+
+    # -- settings ---------------------------------------------------------------------------
+    def _setting(self, name: str) -> Any:
+        """``name`` from the host's settings when they set it (flag, env, file), else the
+        constructor's value, else the settings' default."""
+        settings = getattr(self.host, "settings", None)
+        given = self._given[name]
+        if settings is None:
+            return given if given is not None else _DEFAULTS[name]
+        if name in settings.model_fields_set or given is None:
+            return getattr(settings, name)
+        return given
+
+    @property
+    def tz(self) -> str | None:
+        value: str | None = self._setting("cron_tz")
+        return value
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self._setting("cron_lease_ms"))
+
+    @property
+    def missed_policy(self) -> str:
+        return str(self._setting("cron_missed_policy"))
 
     # -- registration -----------------------------------------------------------------------
     def add(self, expr: str, name: str, handler: Callable[..., Any], kind: str = "job") -> str:

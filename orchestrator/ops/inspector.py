@@ -61,6 +61,71 @@ return out
 """.replace("__EXTRAS__", ", ".join(f"'{name}'" for name in DEAD_EXTRAS))
 
 
+# KEYS[1] = events stream; ARGV[1] = the last entry id to purge
+# Deletes every entry <= ARGV[1] (XTRIM MINID to the next id) and, per consumer group, acks
+# its pending entries <= ARGV[1] and moves its last-delivered id up to ARGV[1] (with the
+# entries-read count that keeps its lag exact). Returns {deleted, group1, acked1, group2, ...}.
+PURGE_EVENTS = """
+local bound = ARGV[1]
+local ms, seq = string.match(bound, '^(%d+)-(%d+)$')
+local deleted = redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+local out = {deleted}
+local function le(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  return tonumber(as) <= tonumber(bs)
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local added, length = 0, 0
+for i = 1, #info, 2 do
+  if info[i] == 'entries-added' then added = info[i + 1] end
+  if info[i] == 'length' then length = info[i + 1] end
+end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, last = nil, '0-0'
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local acked = 0
+  while true do
+    local rows = redis.call('XPENDING', KEYS[1], name, '-', bound, 1000)
+    if #rows == 0 then break end
+    local ids = {}
+    for i, row in ipairs(rows) do ids[i] = row[1] end
+    acked = acked + redis.call('XACK', KEYS[1], name, unpack(ids))
+  end
+  if le(last, bound) then
+    -- every entry left is newer than the bound: the group has read all the others
+    redis.call('XGROUP', 'SETID', KEYS[1], name, bound, 'ENTRIESREAD', added - length)
+  end
+  out[#out + 1] = name
+  out[#out + 1] = acked
+end
+return out
+"""
+
+# KEYS = conversation order lists; ARGV[1] = the last purged stream id
+# Removes every id <= ARGV[1] from each list (they name purged entries); returns how many.
+PURGE_ORDER = """
+local bm, bs = string.match(ARGV[1], '^(%d+)-(%d+)$')
+local removed = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('TYPE', key)['ok'] == 'list' then
+    for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do
+      local am, as = string.match(id, '^(%d+)-(%d+)$')
+      if am and (#am < #bm or (#am == #bm and (am < bm or (am == bm and tonumber(as) <= tonumber(bs))))) then
+        removed = removed + redis.call('LREM', key, 1, id)
+      end
+    end
+  end
+end
+return removed
+"""
+
+
 def _s(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
@@ -142,6 +207,8 @@ class Inspector:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._clock = clock
         self._requeue = redis.register_script(REQUEUE)
+        self._purge_events = redis.register_script(PURGE_EVENTS)
+        self._purge_order = redis.register_script(PURGE_ORDER)
 
     @classmethod
     def from_app(cls, app: Any) -> Inspector:
@@ -267,11 +334,17 @@ class Inspector:
         return new_id
 
     async def requeue_all(self) -> list[dict[str, Any]]:
-        """Requeue every dead letter, oldest first (so their order is kept)."""
+        """Requeue every dead letter there is when it starts, oldest first (so their order is
+        kept). Bounded by the dead stream's last id at the start: a requeued event that fails
+        again and comes back as a new dead letter meanwhile is not requeued a second time."""
         out: list[dict[str, Any]] = []
+        newest = await self.redis.xrevrange(self.keys.dead, "+", "-", count=1)
+        if not newest:
+            return out
+        last = _s(newest[0][0])
         start = "-"
         while True:
-            entries = await self.redis.xrange(self.keys.dead, start, "+", count=REQUEUE_BATCH)
+            entries = await self.redis.xrange(self.keys.dead, start, last, count=REQUEUE_BATCH)
             if not entries:
                 return out
             batch = [_s(eid) for eid, _ in entries]
@@ -285,6 +358,37 @@ class Inspector:
             pipe.delete(self.keys.dead)
             count, _ = await pipe.execute()
         return int(count)
+
+    async def purge_events(self) -> dict[str, Any]:
+        """Delete every entry of the events stream up to its last id now, and leave each
+        consumer group consistent (see the module docstring). Returns ``{stream, purged,
+        up_to, groups: {group: pending entries dropped}, order_ids_removed, delayed_kept}``.
+
+        What it does not touch: delayed events (``{ns}:delayed``: they are published when due;
+        ``delayed cancel`` drops one), dead letters, publish markers (an event id or
+        idempotency key published again within its window still adds nothing), run records.
+        A worker holding a purged entry loses it at its next lease renewal and cancels its
+        handler; an ack that comes first finds nothing to ack. Neither is an error."""
+        key = self.keys.events
+        newest = await self.redis.xrevrange(key, "+", "-", count=1)
+        delayed = int(await self.redis.zcard(self.keys.delayed))
+        if not newest:
+            return {"stream": key, "purged": 0, "up_to": None, "groups": {}, "order_ids_removed": 0,
+                    "delayed_kept": delayed}
+        bound = _s(newest[0][0])
+        reply = await self._purge_events(keys=[key], args=[bound])
+        groups = {_s(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
+        removed = 0
+        batch: list[str] = []
+        async for raw in self.redis.scan_iter(match=f"{self.keys.namespace}:conv:*:order*", count=500):
+            batch.append(_s(raw))
+            if len(batch) >= REQUEUE_BATCH:
+                removed += int(await self._purge_order(keys=batch, args=[bound]))
+                batch = []
+        if batch:
+            removed += int(await self._purge_order(keys=batch, args=[bound]))
+        return {"stream": key, "purged": int(reply[0]), "up_to": bound, "groups": groups,
+                "order_ids_removed": removed, "delayed_kept": delayed}
 
     # -- leases -----------------------------------------------------------------------------
     async def _leases(self, lease_key: Callable[[str], str], epoch_key: Callable[[str], str],

@@ -277,9 +277,9 @@ def test_the_fault_apps_call_log_reads_back_as_written(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("fault", "code", "text"), [
-    ("unreachable", 69, "is Redis running and reachable?"),
-    ("password", 77, "check the password / ACL user"),
-    ("full", 75, "Redis is full (maxmemory)"),
+    ("unreachable", 69, "cannot reach Redis at redis://127.0.0.1:"),
+    ("password", 77, "refused the password or user"),
+    ("full", 75, "is full (maxmemory with noeviction)"),
 ])
 def test_the_producer_cli_names_a_redis_fault_in_one_line_with_its_exit_code(fault, code, text, namespace,
                                                                             subprocess_env, tmp_path):

@@ -295,4 +295,4 @@ def test_inspecting_an_unused_namespace_writes_nothing(redis_url, namespace, syn
 
 def test_an_unreachable_redis_exits_with_unavailable(namespace):
     result = invoke("redis://127.0.0.1:1/0", namespace, "streams")
-    assert result.exit_code == 69 and "is Redis running and reachable?" in result.output
+    assert result.exit_code == 69 and "cannot reach Redis at redis://127.0.0.1:1/0 (connection refused)" in result.output

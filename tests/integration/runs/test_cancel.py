@@ -274,7 +274,7 @@ async def test_the_cli_writes_the_request_and_says_so(redis_url, namespace, subp
     done = await asyncio.to_thread(cli, "cli-4", "--redis-url", "redis://127.0.0.1:1/0", "--namespace", namespace,
                                    env=subprocess_env)
     assert done.returncode == 69, done.stderr
-    assert "redis connection" in done.stderr
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in done.stderr
 
     done = await asyncio.to_thread(cli, "cli-5", "--namespace", namespace, env=subprocess_env)
     assert done.returncode == 2 and "--redis-url" in done.stderr

@@ -248,6 +248,59 @@ def test_k8s_producer_has_two_replicas_and_workloads_run_real_commands_with_the_
         assert pod["terminationGracePeriodSeconds"] > float(config["data"]["TOKIWA_GRACE_PERIOD_S"])
 
 
+def _container(name: str) -> dict:
+    [container] = _workloads()[name]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+@pytest.mark.parametrize("name", ["tokiwa-producer", "tokiwa-worker"])
+def test_k8s_probes_hit_the_http_api_that_the_command_line_turns_on(name):
+    container = _container(name)
+    config = next(d for _, d in _k8s_docs() if d["kind"] == "ConfigMap")["data"]
+    api_port = _flag(container["args"], "--api-port")
+    assert api_port, f"{name}: the probes need the HTTP API (--api-port)"
+    assert config["TOKIWA_API_HOST"] == "0.0.0.0", "the kubelet probes the pod's address, not loopback"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(api_port)
+    paths = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert paths["livenessProbe"]["path"] == "/healthz" and paths["startupProbe"]["path"] == "/healthz"
+    assert paths["readinessProbe"]["path"] == "/readyz"
+    assert all(probe["port"] in ("http", int(api_port)) for probe in paths.values())
+    # liveness must not fail while a worker waits for Redis at start: the startup probe covers it
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+
+
+def test_the_probed_routes_exist_in_the_http_api():
+    from orchestrator.ops.http_api import ApiServer
+
+    assert {"healthz", "readyz"} <= set(ApiServer.routes)
+
+
+@pytest.mark.parametrize("name", ["tokiwa-producer", "tokiwa-worker"])
+def test_k8s_metrics_are_on_and_annotated_for_prometheus(name):
+    workload = _workloads()[name]
+    container = _container(name)
+    config = next(d for _, d in _k8s_docs() if d["kind"] == "ConfigMap")["data"]
+    metrics_port = _flag(container["args"], "--metrics-port")
+    assert metrics_port and config["TOKIWA_METRICS_HOST"] == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == int(metrics_port)
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": metrics_port,
+                           "prometheus.io/path": "/metrics"}
+
+
+def test_compose_turns_metrics_on():
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    for name in ("producer", "worker"):
+        assert _flag(services[name]["command"], "--metrics-port") == "9464"
+        assert services[name]["environment"]["TOKIWA_METRICS_HOST"] == "0.0.0.0"
+
+
 def test_k8s_selectors_match_their_pod_labels_and_the_redis_service_matches_redis():
     workloads = _workloads()
     for name, workload in workloads.items():
