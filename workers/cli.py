@@ -38,10 +38,13 @@ def cli() -> None:
               help="Also run a Miclow relay from this TOML file.")
 @click.option("--processes", "-p", type=int, default=1, show_default=True,
               help="Supervise P worker processes on this host.")
+@click.option("--plain", is_flag=True, help="Plain run lines instead of the cute ones (or TOKIWA_CUTE=0).")
+@click.option("--run-lines/--no-run-lines", default=True, show_default=True,
+              help="Print one line per finished workflow run.")
 @observability_options
 @common_options
-def run(concurrency: int | None, relay_file: str | None, processes: int, app_spec: str | None,
-        **settings: Any) -> None:
+def run(concurrency: int | None, relay_file: str | None, processes: int, plain: bool, run_lines: bool,
+        app_spec: str | None, **settings: Any) -> None:
     """Consume events until SIGTERM / Ctrl+C (graceful), a second signal exits at once."""
     setup_logging(settings.pop("log_level"), settings.get("log_format"))
     if not app_spec:
@@ -55,6 +58,13 @@ def run(concurrency: int | None, relay_file: str | None, processes: int, app_spe
         sys.exit(supervise_cli(sys.argv, processes, metrics_port=settings.get("metrics_port"),
                                metrics_host=settings.get("metrics_host") or "127.0.0.1"))
     app = build_app(app_spec, mode="worker", concurrency=concurrency, **settings)
+    if run_lines:
+        from orchestrator.ops.runlines import install
+        from orchestrator.workflow.trace import Tracer
+
+        if plain:
+            Tracer.set_plain()
+        install(app.runner)  # one line per finished run, cute or plain
     components = []
     if relay_file:
         from workers.assemble import relay_component

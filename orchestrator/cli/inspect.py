@@ -123,7 +123,8 @@ def _render_streams(streams: list[dict[str, Any]]) -> str:
                        f"last delivered {g['last_delivered']}")
             if g["consumers"]:
                 out.append(table(g["consumers"], [("CONSUMER", "name"), ("PENDING", "pending"),
-                                                  ("IDLE_MS", "idle_ms"), ("INACTIVE_MS", "inactive_ms")]))
+                                                  ("IDLE_MS", "idle_ms"), ("INACTIVE_MS", "inactive_ms"),
+                                                  ("LIVE", "live")]))
     return "\n".join(out)
 
 
@@ -398,7 +399,7 @@ def _render_run(r: dict[str, Any]) -> str:
 
 
 @runs.command("list")
-@click.option("--status", default=None, help="running, succeeded, failed or cancelled.")
+@click.option("--status", default=None, help="running, succeeded, failed, timed_out or cancelled.")
 @click.option("--workflow", default=None, help="Workflow name or id.")
 @click.option("--limit", default=50, show_default=True)
 @leaf

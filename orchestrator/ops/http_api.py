@@ -16,12 +16,13 @@ Routes (JSON unless said otherwise):
   status, by, at}``, or ``{run_id, cancelled: false, status, reason}`` if it had finished;
 * ``GET /workers`` - worker heartbeats with age and a stale flag;
 * ``GET /healthz`` - 200 while the process serves requests (never needs the token);
-* ``GET /readyz`` - 200 if Redis answers and the consumer group exists, else 503;
+* ``GET /readyz`` - 200 if Redis answers and the app's consumer groups exist, else 503
+  (never needs the token either: Kubernetes probes it);
 * ``GET /metrics`` - Prometheus text (every process of the host in multiprocess mode);
 * ``/dashboard/`` - the web dashboard and the JSON it polls (:mod:`orchestrator.ops.dashboard`).
 
 It binds to 127.0.0.1 unless given another host. With a ``token``, every route but
-``/healthz`` and the dashboard's reads needs ``Authorization: Bearer <token>`` (401
+``/healthz``, ``/readyz`` and the dashboard's reads needs ``Authorization: Bearer <token>`` (401
 otherwise); the dashboard's requeue and purge need it too, and are refused without a token.
 """
 
@@ -47,6 +48,8 @@ log = logging.getLogger("tokiwa.http")
 DEFAULT_PORT = 8000  # pyoco's server port
 MAX_LIMIT = 200
 READY_TIMEOUT_S = 2.0  # /readyz answers 503 rather than hang on a dead Redis
+#: the probes a kubelet calls without a token (they tell only "up" / "ready" and why not)
+PROBES = frozenset({"/healthz", "/readyz"})
 REFRESH_TIMEOUT_S = 1.0  # a scrape serves stale Redis gauges rather than wait longer
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -146,7 +149,7 @@ class ApiServer:
     # -- middlewares ------------------------------------------------------------------------
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.token is not None and request.path != "/healthz" and not self._dashboard_read(request):
+        if self.token is not None and request.path not in PROBES and not self._dashboard_read(request):
             if not bearer_ok(request, self.token):
                 response = _json({"error": "unauthorized: send Authorization: Bearer <token>"}, 401)
                 response.headers["WWW-Authenticate"] = 'Bearer realm="tokiwa"'

@@ -21,7 +21,7 @@ from orchestrator.events import decode_fields
 from orchestrator.faults import Fault, classify, is_missing_key
 from orchestrator.keys import Keys
 from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
-from orchestrator.runs.stores import RedisRunStore, RunStore
+from orchestrator.runs.stores import RedisRunStore, RunStore, is_stale
 from orchestrator.workflow.result import RUN_STATUSES
 
 # Fields the broker adds to a dead entry (see StreamBroker.dead_letter); all others are the
@@ -130,6 +130,12 @@ def _s(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
 
+#: a consumer without a heartbeat (an app consuming in-process, or a worker whose stale
+#: heartbeat was pruned) counts as live if it read this recently (a live one reads every
+#: ``block_ms``, 2 s by default, and reclaims every 0.5 s even with its slots full)
+LIVE_CONSUMER_IDLE_MS = 5_000
+
+
 def _id_key(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms or 0), int(seq or 0)
@@ -158,6 +164,7 @@ def run_summary(record: dict[str, Any]) -> dict[str, Any]:
         "status": record.get("status"), "started_at": record.get("started_at"),
         "finished_at": record.get("finished_at"), "duration_ms": record.get("duration_ms"),
         "conversation_id": record.get("conversation_id"), "error": record.get("error"),
+        "worker_id": record.get("worker_id"), "updated_at": record.get("updated_at"),
         "task_summary": {
             name: {"state": n.get("status"), "duration_ms": n.get("duration_ms"),
                    "ended_at": n.get("finished_at"), "attempts": n.get("attempts")}
@@ -222,9 +229,12 @@ class Inspector:
     # -- streams ----------------------------------------------------------------------------
     async def streams(self) -> list[dict[str, Any]]:
         """The events and dead streams: length, first/last id, groups with consumers, lag, pending."""
-        return [await self._stream(self.keys.events), await self._stream(self.keys.dead)]
+        beats = {w["id"]: not w["stale"] for w in await self.workers()}
+        return [await self._stream(self.keys.events, beats), await self._stream(self.keys.dead, beats)]
 
-    async def _stream(self, key: str) -> dict[str, Any]:
+    async def _stream(self, key: str, beats: dict[str, bool]) -> dict[str, Any]:
+        """``beats``: worker id -> whether its heartbeat is fresh (a consumer is named after its
+        worker)."""
         try:
             info = await self.redis.xinfo_stream(key)
         except ResponseError:  # no such key
@@ -239,7 +249,9 @@ class Inspector:
                 "name": name, "pending": int(g["pending"]), "lag": None if lag is None else int(lag),
                 "last_delivered": _s(g["last-delivered-id"]), "consumers": [
                     {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"]),
-                     "inactive_ms": int(c["inactive"]) if c.get("inactive") is not None else None}
+                     "inactive_ms": int(c["inactive"]) if c.get("inactive") is not None else None,
+                     # its worker's heartbeat says; without one, a recent read
+                     "live": beats.get(_s(c["name"]), int(c["idle"]) < LIVE_CONSUMER_IDLE_MS)}
                     for c in consumers],
             })
         return {"stream": key, "exists": True, "length": int(info["length"]),
@@ -482,7 +494,13 @@ class Inspector:
         _check_limit("limit", limit)
         if status is not None and status not in RUN_STATUSES:
             raise InvalidArgumentError(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
-        return [run_summary(r) for r in await self.run_store.list(status=status, workflow=workflow, limit=limit)]
+        rows = [run_summary(r) for r in await self.run_store.list(status=status, workflow=workflow, limit=limit)]
+        if any(r["status"] == "running" for r in rows):  # a running record whose worker is gone is stale
+            live = [w["id"] for w in await self.workers() if not w["stale"]]
+            now = self._clock()
+            for r in rows:
+                r["stale"] = is_stale(r, now, live)
+        return rows
 
     async def run(self, run_id: str, *, tail: int | None = None) -> dict[str, Any]:
         """A whole run record with its task summary and log lines (``tail`` = last N);

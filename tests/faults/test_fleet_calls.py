@@ -214,3 +214,19 @@ def test_delayed_events_survive_restarts_of_redis_and_of_every_worker(own_redis,
     client.close()
     print(f"20 delayed events fired once each {fired - published:.2f}s after publishing, across the restarts")
     assert codes == [0, 0]
+
+
+def test_a_worker_prints_one_plain_line_per_finished_run(redis_url, namespace, sync_redis, subprocess_env, tmp_path):
+    out, log = tmp_path / "runs.txt", tmp_path / "w.log"
+    worker = start(subprocess_env, redis_url, namespace, out, log, "", "--plain", TEST_EXTRAS=1)
+    try:
+        wait_until(lambda: groups_exist(sync_redis, namespace, "wf:fleet-add"), 30, message="the worker")
+        done = cli(redis_url, namespace, "trigger", "fleet-add", "--input", '{"a": 1, "b": 2}', "--wait",
+                   "--timeout", "20")
+        assert done.returncode == 0, done.stderr
+        run_id = json.loads(done.stdout)["run_id"]
+        wait_until(lambda: run_id in log.read_text(), 10, message="the run line")
+    finally:
+        assert stop(worker) == 0
+    (line,) = [x for x in log.read_text().splitlines() if run_id in x]
+    assert "flow=fleet-add" in line and "status=succeeded" in line and "🥕" not in line, line

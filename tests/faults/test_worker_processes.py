@@ -198,7 +198,7 @@ def test_the_consumer_of_a_killed_worker_is_removed_once_its_entries_are_reclaim
     """kill -9 of one of two workers: the survivor reclaims its entries, and then removes its
     consumer from the group (nothing pending, idle past dead_consumer_idle_ms); none lost."""
     env = worker_env(subprocess_env, redis_url, namespace, concurrency=4, visibility_timeout_ms=1000,
-                     dead_consumer_idle_ms=2000, TEST_SLEEP_MS=20)
+                     dead_consumer_idle_ms=12000, heartbeat_interval_s=0.5, TEST_SLEEP_MS=20)
     workers = [start_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
     victim, survivor = workers
     try:
@@ -208,12 +208,27 @@ def test_the_consumer_of_a_killed_worker_is_removed_once_its_entries_are_reclaim
         victim.kill()
         victim.wait(5)
         killed_at = time.monotonic()
+        # an operator sees which consumers are live (the victim's heartbeat goes stale in 3 beats)
+        env_no_url = {k: v for k, v in env.items()}
+
+        def live_flags() -> dict[str, bool]:
+            import json as _json
+            import subprocess as _sp
+            import sys as _sys
+            done = _sp.run([_sys.executable, "-m", "orchestrator.cli", "inspect", "streams", "--json"], env=env_no_url,
+                           capture_output=True, text=True, timeout=30)
+            rows = _json.loads(done.stdout)[0]["groups"]
+            return {c["name"]: c["live"] for g in rows for c in g["consumers"]}
+
+        wait_until(lambda: any(f"-{victim.pid}-" in n and not live for n, live in live_flags().items()), 20,
+                   interval=0.5, message="the victim shown not live")
+        assert any(f"-{survivor.pid}-" in n and live for n, live in live_flags().items())
 
         def consumers() -> list[str]:
             return [c["name"].decode() for c in sync_redis.xinfo_consumers(f"{namespace}:events", COUNTING_GROUP)]
 
         wait_until(lambda: len(seen(sync_redis, namespace)) == 300, 30, message="every event processed")
-        took = wait_until(lambda: not any(f"-{victim.pid}-" in c for c in consumers()), 20,
+        took = wait_until(lambda: not any(f"-{victim.pid}-" in c for c in consumers()), 30,
                           message="the dead consumer removed")
         left = consumers()
     finally:

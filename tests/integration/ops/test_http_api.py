@@ -188,15 +188,16 @@ async def test_readyz_is_503_when_redis_is_down_while_healthz_stays_200(own_redi
 
 
 # -- token ----------------------------------------------------------------------------------------
-async def test_a_token_is_required_on_every_route_but_healthz(app, http):
+async def test_a_token_is_required_on_every_route_but_the_probes(app, http):
     async with serve(app, token="s3cret") as server:
-        for path in ("/runs", "/workers", "/readyz", "/metrics", "/runs/x/logs"):
+        for path in ("/runs", "/workers", "/metrics", "/runs/x/logs"):
             status, _, headers = await get(http, server, path)
             assert status == 401, path
             assert headers["WWW-Authenticate"].startswith("Bearer")
         assert (await get(http, server, "/runs", token="wrong"))[0] == 401
         assert (await get(http, server, "/runs", token="s3cret"))[0] == 200
         assert (await get(http, server, "/healthz"))[0] == 200
+        assert (await get(http, server, "/readyz"))[0] == 200  # a kubelet probes it without a token
 
 
 def test_bad_server_arguments_are_refused(app):
