@@ -37,9 +37,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from orchestrator.errors import InvalidArgumentError, NotFoundError, StateError
+from orchestrator.errors import InvalidArgumentError, StateError
 from orchestrator.ops import metrics
-from orchestrator.ops.dashboard import MOUNT, Dashboard, DashboardData, bearer_ok
+from orchestrator.ops.dashboard import MOUNT, Dashboard, DashboardData, bearer_ok, json_errors
 from orchestrator.ops.inspector import Inspector
 from orchestrator.runs.stores import check_run_id
 
@@ -162,17 +162,7 @@ class ApiServer:
         return ("dashboard" in self.routes and request.method in ("GET", "HEAD")
                 and (path == MOUNT or path.startswith(MOUNT + "/")))
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except InvalidArgumentError as exc:
-            return _json({"error": str(exc)}, 400)
-        except NotFoundError as exc:
-            return _json({"error": str(exc)}, 404)
-        except (RedisError, OSError, StateError) as exc:
-            log.warning("HTTP %s %s: Redis unavailable: %s", request.method, request.path, exc)
-            return _json({"error": f"Redis unavailable: {exc}"}, 503)
+    _errors = staticmethod(json_errors("HTTP"))
 
     # -- handlers ---------------------------------------------------------------------------
     def _inspector(self) -> Inspector:

@@ -11,6 +11,6 @@ serves it alone. See docs/dashboard.md.
 from __future__ import annotations
 
 from orchestrator.ops.dashboard.data import DashboardData, run_graph
-from orchestrator.ops.dashboard.routes import MOUNT, STATIC_DIR, Dashboard, bearer_ok
+from orchestrator.ops.dashboard.routes import MOUNT, STATIC_DIR, Dashboard, bearer_ok, json_errors
 
-__all__ = ["MOUNT", "STATIC_DIR", "Dashboard", "DashboardData", "bearer_ok", "run_graph"]
+__all__ = ["MOUNT", "STATIC_DIR", "Dashboard", "DashboardData", "bearer_ok", "json_errors", "run_graph"]

@@ -50,6 +50,24 @@ def bearer_ok(request: web.Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def json_errors(what: str) -> Any:
+    """An aiohttp middleware that answers the errors of a JSON route as JSON: 400 for a bad
+    argument, 404 for something missing, 503 when Redis is unavailable (logged with ``what``:
+    the dashboard's and the HTTP API's routes share it)."""
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InvalidArgumentError as exc:
+            return _json({"error": str(exc)}, 400)
+        except NotFoundError as exc:
+            return _json({"error": str(exc)}, 404)
+        except (RedisError, OSError, StateError) as exc:
+            log.warning("%s %s %s: Redis unavailable: %s", what, request.method, request.path, exc)
+            return _json({"error": f"Redis unavailable: {exc}"}, 503)
+    return middleware
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     response = web.Response(text=json.dumps(data, default=repr, ensure_ascii=False), status=status,
                             content_type="application/json")
@@ -108,17 +126,7 @@ class Dashboard:
         parent.add_subapp(prefix + "/", self.application())
 
     # -- middleware and token ---------------------------------------------------------------
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except InvalidArgumentError as exc:
-            return _json({"error": str(exc)}, 400)
-        except NotFoundError as exc:
-            return _json({"error": str(exc)}, 404)
-        except (RedisError, OSError, StateError) as exc:
-            log.warning("dashboard %s %s: Redis unavailable: %s", request.method, request.path, exc)
-            return _json({"error": f"Redis unavailable: {exc}"}, 503)
+    _errors = staticmethod(json_errors("dashboard"))
 
     def _refusal(self, request: web.Request) -> web.Response | None:
         """None when ``request`` may change state, else the 403 / 401 answer."""
