@@ -27,6 +27,7 @@ import collections
 import enum
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -91,12 +92,27 @@ def classify(exc: BaseException) -> Fault:
         return Fault.OOM
     if isinstance(exc, rx.NoScriptError):
         return Fault.NOSCRIPT
+    if _certificate_refused(exc):  # a link that can never be trusted: waiting cannot help
+        return Fault.FATAL
     if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, ConnectionError, TimeoutError,
                         asyncio.TimeoutError, OSError)):
         return Fault.CONNECTION  # BusyLoadingError (LOADING) is a ConnectionError
     if isinstance(exc, rx.ResponseError):
         return _classify_reply(_message(exc).upper())
     return Fault.FATAL
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a TLS certificate that failed
+    verification (redis-py wraps it in a ConnectionError)."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _classify_reply(upper: str) -> Fault:

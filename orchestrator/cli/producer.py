@@ -331,7 +331,7 @@ def explain_redis(exc: BaseException) -> Problem:
         return Problem(f"Redis{where} refused a command by an ACL rule ({_text(exc)}): give the ACL user "
                        "the permissions docs/faults.md lists", exitcodes.NOPERM)
     fault = faults.classify(exc)
-    if fault is faults.Fault.CONNECTION:
+    if fault is faults.Fault.CONNECTION or _first(exc, ssl.SSLError) is not None:  # TLS faults are fatal
         return _connection_problem(exc)
     if fault is faults.Fault.OOM:
         return Problem(f"Redis{where} is full (maxmemory with noeviction): raise maxmemory, or let workers "
