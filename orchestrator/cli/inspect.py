@@ -325,6 +325,25 @@ def groups_command(as_json: bool, app_spec: str | None, **settings: Any) -> None
     _execute(settings, app_spec, lambda i: i.groups(), as_json, listing("consumer groups", cols))
 
 
+@inspect_group.command("remove-group")
+@click.argument("group")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Even while a live worker reads it.")
+@leaf
+def remove_group_command(group: str, yes: bool, force: bool, as_json: bool, app_spec: str | None,
+                         **settings: Any) -> None:
+    """Remove the consumer group GROUP of a retired registration (and its advert): its waiting
+    events are dropped for it, and the stream is no longer kept for it."""
+    if not yes:
+        click.confirm(f"Remove group {group!r} and drop what waits in it?", abort=True)
+
+    async def call(i: Inspector) -> dict[str, Any]:
+        return await i.remove_group(group, force=force)
+
+    _execute(settings, app_spec, call, as_json,
+             lambda d: f"removed group {d['group']} ({d['lag']} undelivered, {d['pending']} pending dropped)")
+
+
 @inspect_group.group()
 def delayed() -> None:
     """Delayed events: list, cancel one before it is due."""

@@ -464,6 +464,21 @@ class Inspector:
                         "waiting": (lag_n + int(g["pending"])) > 0 and not live.get(name)})
         return out
 
+    async def remove_group(self, group: str, *, force: bool = False) -> dict[str, Any]:
+        """Remove a retired registration's consumer group (XGROUP DESTROY) and its advert, so the
+        stream is no longer kept for it. Refused (InvalidArgumentError) while a live worker reads
+        it, unless ``force``: that worker would recreate it. Returns what it held."""
+        rows = {g["group"]: g for g in await self.groups()}
+        row = rows.get(group)
+        if row is None:
+            raise NotFoundError(f"no consumer group {group!r} on {self.keys.events} (see inspect groups)")
+        if row["live_workers"] and not force:
+            raise InvalidArgumentError(f"{row['live_workers']} live worker(s) read {group!r}; stop them first "
+                                       "(or --force: a worker that has the registration creates it again)")
+        await self.redis.xgroup_destroy(self.keys.events, group)
+        await self.redis.hdel(self.keys.routes, group)
+        return {"group": group, "removed": True, "lag": row["lag"], "pending": row["pending"]}
+
     async def delayed(self, *, limit: int = 100) -> list[dict[str, Any]]:
         """Delayed events in due order: event id, type, due time (epoch ms), seconds left."""
         from orchestrator.broker.delayed import DelayedEvents

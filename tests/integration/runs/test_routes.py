@@ -71,3 +71,44 @@ async def test_each_registration_reads_through_its_own_group(redis_url, namespac
     assert set(found) == {"workers:sub:t.sub", "workers:wf:wf"}
     assert all(int(g["pending"]) == 0 and int(g["lag"]) == 0 for g in found.values())
     assert set(snap["groups"]) == set(found) and snap["pending"] == 0 and snap["lag"] == 0
+
+
+def test_remove_group_retires_a_registration_and_refuses_while_a_live_worker_reads_it(redis_url, namespace,
+                                                                                     sync_redis):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import msgpack
+
+    from tests.integration.procs import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", "inspect", *args, "--redis-url", redis_url,
+                               "--namespace", namespace], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    import asyncio
+
+    async def declare() -> None:
+        app = Orchestrator(redis_url, namespace=namespace, mode="producer")
+        app.register_workflow(Workflow(name="old", nodes=[Node(name="n", handler=lambda ctx: None)]),
+                              trigger={"event_type": "job"})
+        await app.connect()
+        for i in range(3):
+            await app.publish("job", {"i": i})
+        await app.close()
+
+    asyncio.run(declare())
+    group = "workers:wf:old"
+    beat = {"id": "w1", "last_seen": time.time(), "groups": [group]}
+    sync_redis.hset(f"{namespace}:workers", "w1", msgpack.packb(beat))
+    refused = cli("remove-group", group, "--yes")
+    assert refused.returncode == 2 and "1 live worker(s) read 'workers:wf:old'" in refused.stderr
+    sync_redis.hdel(f"{namespace}:workers", "w1")
+    done = cli("remove-group", group, "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"group": group, "removed": True, "lag": 3, "pending": 0}
+    assert group not in groups(sync_redis, namespace) and not sync_redis.hexists(f"{namespace}:routes", group)
+    missing = cli("remove-group", "workers:wf:nope", "--yes")
+    assert missing.returncode != 0 and "no consumer group 'workers:wf:nope'" in missing.stderr
