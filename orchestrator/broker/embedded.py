@@ -35,6 +35,7 @@ from redis.retry import Retry
 
 from orchestrator.errors import BrokerError, ConfigError
 from orchestrator.keys import Keys
+from orchestrator.proc import pid_alive
 
 log = logging.getLogger("tokiwa")
 
@@ -227,23 +228,6 @@ class ServerRecord:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): kill(0) is all we know
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _reap(pid: int) -> None:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[3]
 LAYERS = [
     # small shared modules
     "orchestrator._lazy", "orchestrator.errors", "orchestrator.callbacks", "orchestrator.faults", "orchestrator.config",
-    "orchestrator.keys", "orchestrator.clock", "orchestrator.events", "orchestrator.topics",
+    "orchestrator.keys", "orchestrator.clock", "orchestrator.proc", "orchestrator.events", "orchestrator.topics",
     "orchestrator.locks", "orchestrator.leader", "orchestrator.dispatcher",
     # the parts
     "orchestrator.workflow", "orchestrator.broker", "orchestrator.chat", "orchestrator.cron",
