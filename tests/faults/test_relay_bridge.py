@@ -29,20 +29,22 @@ def _child_pids(worker_pid: int) -> list[int]:
     return out
 
 
+def _five_orders(redis_url: str, namespace: str) -> None:
+    async def produce() -> None:
+        app = Orchestrator(redis_url, namespace=namespace, mode="producer")
+        for i in range(5):
+            await app.publish("order.created", {"ref": f"R-{i}", "items": [{"sku": "x", "qty": 1, "price": 2}]})
+        await app.close()
+    asyncio.run(produce())
+
+
 def test_node_topic_line_reaches_a_child_whose_answer_becomes_an_event(redis_url, namespace, sync_redis,
                                                                        subprocess_env, tmp_path):
     env = worker_env(subprocess_env, redis_url, namespace)
     worker = start_worker(env, tmp_path / "w.log", "--relay", "examples/relay/shop.toml", app="examples.shop:app")
     try:
         wait_until(lambda: sync_redis.hlen(f"{namespace}:relays") == 1, 30, message="relay up")
-
-        async def produce() -> None:
-            app = Orchestrator(redis_url, namespace=namespace, mode="producer")
-            for i in range(5):
-                await app.publish("order.created", {"ref": f"R-{i}", "items": [{"sku": "x", "qty": 1, "price": 2}]})
-            await app.close()
-
-        asyncio.run(produce())
+        _five_orders(redis_url, namespace)
         wait_until(lambda: sync_redis.llen(f"{namespace}:demo:desk_acks") == 5, 30, message="5 desk acks")
         acks = sorted(x.decode() for x in sync_redis.lrange(f"{namespace}:demo:desk_acks", 0, -1))
         assert acks == [f"R-{i} packed" for i in range(5)]
@@ -65,15 +67,6 @@ def test_node_topic_line_reaches_a_child_whose_answer_becomes_an_event(redis_url
     assert code == 0
     time.sleep(0.2)
     assert _child_pids(worker.pid) == []
-
-
-def _five_orders(redis_url: str, namespace: str) -> None:
-    async def produce() -> None:
-        app = Orchestrator(redis_url, namespace=namespace, mode="producer")
-        for i in range(5):
-            await app.publish("order.created", {"ref": f"R-{i}", "items": [{"sku": "x", "qty": 1, "price": 2}]})
-        await app.close()
-    asyncio.run(produce())
 
 
 def test_the_relay_runs_once_per_host_under_processes_and_replicas(redis_url, namespace, sync_redis,
