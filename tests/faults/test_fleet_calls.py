@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -26,11 +28,23 @@ from tests.integration.procs import ROOT, stop, wait_until
 
 def cli(redis_url: str, namespace: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``tokiwa-producer ARGS`` as a real process, without --app and without TOKIWA_* settings."""
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TOKIWA_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKIWA_")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--redis-url", redis_url,
                            "--namespace", namespace], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def bare_producer(redis_url: str, namespace: str, body: str) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` (awaits allowed, ``app`` = a bare producer ``Orchestrator``) in a Python
+    process that imports nothing of the workers' app and has no TOKIWA_* settings."""
+    lines = "\n".join("    " + line for line in body.splitlines())
+    code = ("import asyncio\nfrom orchestrator import Orchestrator\n\nasync def main():\n"
+            f"    app = Orchestrator({redis_url!r}, namespace={namespace!r}, mode='producer')\n"
+            f"    try:\n{textwrap.indent(lines, '    ')}\n    finally:\n        await app.close()\n\n"
+            "asyncio.run(main())\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
 
 
 def record(client: redis.Redis, namespace: str, run_id: str) -> dict | None:
@@ -62,14 +76,8 @@ def test_call_by_name_from_processes_that_import_nothing_of_the_app(redis_url, n
     result = json.loads(done.stdout)
     assert result["status"] == "succeeded" and result["nodes"]["sum"]["output"] == 5
     # the same from plain Python: a bare producer, no import of the app
-    code = ("import asyncio, sys; from orchestrator import Orchestrator\n"
-            "async def main():\n"
-            f"    app = Orchestrator({redis_url!r}, namespace={namespace!r}, mode='producer')\n"
-            "    r = await app.run_workflow('fleet-add', input={'a': 40, 'b': 2}, timeout=20)\n"
-            "    print(r.status, r.nodes['sum'].output); await app.close()\n"
-            "asyncio.run(main())\n")
-    py = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                        env={"PYTHONPATH": str(ROOT), "PATH": __import__("os").environ["PATH"]})
+    py = bare_producer(redis_url, namespace, "r = await app.run_workflow('fleet-add', input={'a': 40, 'b': 2}, "
+                                            "timeout=20)\nprint(r.status, r.nodes['sum'].output)")
     assert py.returncode == 0, py.stderr
     assert py.stdout.split() == ["succeeded", "42"]
     unknown = cli(redis_url, namespace, "trigger", "fleet-nope", "--wait", "--timeout", "5")
@@ -170,15 +178,8 @@ def test_delayed_events_survive_restarts_of_redis_and_of_every_worker(own_redis,
     try:
         wait_until(lambda: groups_exist(client, namespace, "wf:fleet-x"), 30, message="the group")
         published = time.time()
-        app_code = ("import asyncio; from orchestrator import Orchestrator\n"
-                    "async def main():\n"
-                    f"    app = Orchestrator({url!r}, namespace={namespace!r}, mode='producer')\n"
-                    "    for i in range(20):\n"
-                    "        await app.publish('job', {'i': i}, delay_s=3.0 + i * 0.05)\n"
-                    "    await app.close()\n"
-                    "asyncio.run(main())\n")
-        py = subprocess.run([sys.executable, "-c", app_code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env={"PYTHONPATH": str(ROOT), "PATH": __import__("os").environ["PATH"]})
+        py = bare_producer(url, namespace, "for i in range(20):\n"
+                                           "    await app.publish('job', {'i': i}, delay_s=3.0 + i * 0.05)")
         assert py.returncode == 0, py.stderr
         extra = cli(url, namespace, "publish", "job", "--payload", '{"i": 99}', "--delay", "3")
         assert extra.returncode == 0 and json.loads(extra.stdout)["delayed"] is True, extra.stderr
