@@ -522,8 +522,10 @@ class Orchestrator:
             await asyncio.sleep(0.05)
 
     async def group_states(self) -> dict[str, dict[str, Any]]:
-        """group -> {length, pending, lag, consumers, last_delivered} for this app's routes."""
-        return await self._session.stream_broker().groups_state(self.route_groups())
+        """group -> {length, pending, lag, consumers, last_delivered} for this app's routes (the
+        consumers' groups while consuming: the drain loop asks every 50 ms)."""
+        groups = self.consumer.groups if self.consumer is not None else self.route_groups()
+        return await self._session.stream_broker().groups_state(groups)
 
     async def owns(self, event: Event) -> bool:
         """Whether this worker still holds ``event``'s stream entry.
