@@ -159,7 +159,6 @@ class Orchestrator:
         self._chatflows: ChatflowExecutor | None = None
         self.workflows = WorkflowRegistry(self, self._owned_entries, workflow_concurrency=workflow_concurrency)
         self._processors.append(self.workflows.process)
-        self._routes: list[Route] = []  # the routes the consumers run (set by start())
         self.fleet = Fleet(self, self._subscriber_step, self._extra_processors)
         # cron_* given here count where the settings (cron_tz, cron_lease_ms, cron_missed_policy) leave them unset
         self.cron = CronRegistry(self, tz=cron_tz, lease_ms=cron_lease_ms, missed_policy=cron_missed_policy)
@@ -499,9 +498,8 @@ class Orchestrator:
     def _new_consumer(self) -> ConsumerGroups:
         """One consumer per route, each on its route's group."""
         redis, name = self._session.client(), self._session.stream_broker().consumer
-        self._routes = self.routes()
         consumers = {}
-        for route in self._routes:
+        for route in self.routes():
             group = route.group(self.settings.group)
             broker = StreamBroker(redis, self.settings, name, group=group)
             consumer = consumers[group] = Consumer(broker, self.settings, self._route_process(route), self._event_dead)
