@@ -93,7 +93,14 @@ class RelayComponent:
             self.relay = Relay(self.config, redis_url=cast(str, self.app.redis_url),  # set once connected
                                namespace=self.app.settings.namespace,
                                on_task_exit=self._task_exited, on_topic_event=self._topic_event)
-            await self.relay.start()
+            try:
+                await self.relay.start()
+            except Exception as exc:  # holding the lease without a relay would block the others
+                log.error("the relay did not start (%s); stopping the worker", exc, exc_info=exc)
+                self.relay = None
+                if self._failed is not None and not self._failed.done():
+                    self._failed.set_result(RelayFatalError(f"the relay did not start: {exc}"))
+                return
             log.info("running the relay on this host (lease %s, epoch %d)", self.role, epoch)
             if self.app.hooks.event_observer is not None:  # metrics are on: export the overflow count
                 self._overflow_task = asyncio.create_task(self._export_overflow())

@@ -200,7 +200,7 @@ class Gate:
             try:
                 await self.redis.zrem(key, self._holder(event))
             except Exception as exc:  # the lease then simply ends
-                faults.report(exc)
+                self._fault("releasing a place", exc)
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -214,8 +214,14 @@ class Gate:
                     await self._renew(keys=[key], args=[holder, self.lease_ms])
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # transient: the next round renews; a lapse frees a place early
-                    faults.report(exc)
+                except Exception as exc:  # the next round renews; a lapse frees a place early
+                    self._fault("renewing a place", exc)
+
+    def _fault(self, what: str, exc: Exception) -> None:
+        """A transient Redis fault counts against its condition (one line per episode); anything
+        else is logged with its traceback, never swallowed."""
+        if faults.report(exc) not in faults.TRANSIENT:
+            log.error("limit of %s: %s failed", self.route, what, exc_info=exc)
 
     async def close(self) -> None:
         if self._renewer is not None:

@@ -77,3 +77,20 @@ async def test_the_rate_limit_is_exact_for_every_window_across_clients(redis_url
     busiest = max(sum(1 for t in taken if s <= t < s + 0.45) for s in taken)
     assert len(taken) == 120 and busiest <= 20, busiest
     assert taken[-1] - taken[0] >= (120 - 20) / 40 - 0.2, "faster than 20 per 500 ms"
+
+
+async def test_a_failure_that_is_not_a_redis_fault_is_logged_not_swallowed(redis_url, namespace, caplog):
+    client = create_redis(redis_url)
+    gate = Gate(client, Keys(namespace), "wf:w", Limits(concurrency=1), lease_ms=1000)
+    try:
+        assert await gate.enter(event(1)) == 0
+
+        async def broken(*args):
+            raise RuntimeError("a bug in the release")
+
+        gate.redis = type("Broken", (), {"zrem": staticmethod(broken)})()
+        await gate.leave(event(1))
+    finally:
+        await gate.close()
+        await client.aclose()
+    assert any("releasing a place failed" in r.getMessage() and r.exc_info for r in caplog.records)
