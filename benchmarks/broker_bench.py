@@ -95,7 +95,7 @@ async def tokiwa_throughput(url: str, n: int, concurrency: int) -> dict:
         for start in range(0, n, 500):
             await producer.publish_many(events[start:start + 500])
         p1 = time.perf_counter()
-        stream = f"{namespace}:events"
+        stream = f"{{{namespace}:0}}:events"
         t0 = time.perf_counter()
         os.kill(worker.pid, signal.SIGCONT)
         while True:

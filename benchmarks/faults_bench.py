@@ -51,7 +51,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _publish(client: redis.Redis, namespace: str, count: int, start: int = 0, group: bool = True) -> None:
-    stream = f"{namespace}:events"
+    stream = f"{{{namespace}:0}}:events"
     if group:
         try:
             client.xgroup_create(stream, "workers", id="0", mkstream=True)
@@ -70,7 +70,7 @@ def _lines(path: Path) -> list[list[str]]:
 
 def _pending(client: redis.Redis, namespace: str) -> int:
     try:
-        return int(client.xpending(f"{namespace}:events", "workers")["pending"])
+        return int(client.xpending(f"{{{namespace}:0}}:events", "workers")["pending"])
     except redis.ResponseError:
         return 0
 
@@ -98,15 +98,15 @@ def redelivery(url: str, total: int = 100_000, workers: int = 3) -> dict:
             first_pass = _wait(lambda: len(_lines(out)) >= total, 300)
             dead_expected = len(range(0, total, 1000))
             done = _wait(lambda: sum(1 for r in _lines(out) if r[3] == "ok") >= total - dead_expected
-                         and client.xlen(f"{namespace}:dead") >= dead_expected
+                         and client.xlen(f"{{{namespace}:0}}:dead") >= dead_expected
                          and _pending(client, namespace) == 0, 300)
             elapsed = time.monotonic() - started
         finally:
             _stop(procs)
         ok = {int(r[0]) for r in _lines(out) if r[3] == "ok"}
         calls = len(_lines(out))
-    dead = client.xlen(f"{namespace}:dead")
-    client.delete(f"{namespace}:events", f"{namespace}:dead", f"{namespace}:workers")
+    dead = client.xlen(f"{{{namespace}:0}}:dead")
+    client.delete(f"{{{namespace}:0}}:events", f"{{{namespace}:0}}:dead", f"{namespace}:workers")
     return {
         "events": total, "workers": workers, "redelivery_backoff_ms": backoff_ms,
         "first_pass_s": round(first_pass, 2), "until_all_settled_s": round(elapsed, 2),
@@ -132,7 +132,7 @@ def resume_after_empty_restart(tmp: Path, n: int = 2000) -> dict:
         client = redis.Redis.from_url(server.url)
         _publish(client, namespace, n, start=n, group=False)
         took = _wait(lambda: len(_lines(out)) >= 2 * n and _pending(client, namespace) == 0
-                     and client.xlen(f"{namespace}:events") <= 200, 60)
+                     and client.xlen(f"{{{namespace}:0}}:events") <= 200, 60)
         processed_twice = len(_lines(out)) - 2 * n
     finally:
         _stop([worker])

@@ -129,7 +129,7 @@ async def _publish_rates(url: str, dedup_ms: int, n: int, singles: int) -> dict:
     await client.delete(broker.stream)
     cursor = 0
     while True:  # drop this run's markers
-        cursor, found = await client.scan(cursor, match=f"{namespace}:published:*", count=5000)
+        cursor, found = await client.scan(cursor, match=f"{{{namespace}:0}}:published:*", count=5000)
         if found:
             await client.delete(*found)
         if cursor == 0:

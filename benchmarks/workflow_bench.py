@@ -64,12 +64,12 @@ async def through_redis(url: str, n: int) -> dict:
         t0 = time.perf_counter()
         os.kill(worker.pid, signal.SIGCONT)
         while True:
-            info = next(g for g in sync.xinfo_groups(f"{namespace}:events") if g["name"] == b"workers")
+            info = next(g for g in sync.xinfo_groups(f"{{{namespace}:0}}:events") if g["name"] == b"workers")
             if info["pending"] == 0 and (info.get("lag") or 0) == 0:
                 break
             await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - t0
-        runs = sync.zcard(f"{namespace}:runs")
+        runs = sync.zcard(f"{{{namespace}:runs}}")
     finally:
         worker.terminate()
         worker.wait(30)

@@ -93,7 +93,7 @@ async def scenario(url: str, forever: bool, logs: Path) -> None:
 
     say("\n6. Cron: the producer leads (SET NX lease demo:leader:cron) and fires system.heartbeat every 2 s:")
     beats = await wait_for(lambda: _count(r, "system.heartbeat", 2), 30, "two heartbeats")
-    leader = await r.get(f"{NS}:leader:cron")
+    leader = await r.get(f"{{{NS}:leader:cron}}")
     say(f"   {beats} heartbeats so far, leader = {leader.decode() if leader else None}")
 
     if forever:

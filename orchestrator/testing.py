@@ -46,6 +46,7 @@ from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import Settings
 from orchestrator.errors import EventDecodeError, InvalidArgumentError, StateError
 from orchestrator.events import Event, decode_fields
+from orchestrator.keys import Keys
 from orchestrator.ops.inspector import dead_entry
 from orchestrator.workflow.result import WorkflowRunResult
 
@@ -217,14 +218,13 @@ class TokiwaTestApp:
 
     async def _delete_keys(self) -> None:
         redis = self._client()
-        batch: list[bytes] = []
-        async for key in redis.scan_iter(match=f"{self.namespace}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                await redis.unlink(*batch)
-                batch = []
-        if batch:
-            await redis.unlink(*batch)
+        for pattern in Keys(self.namespace).all_patterns:
+            doomed = [key async for key in redis.scan_iter(match=pattern, count=1000)]
+            for start in range(0, len(doomed), 1000):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for key in doomed[start:start + 1000]:
+                        pipe.unlink(key)  # one key per command: tagged keys lie in many slots
+                    await pipe.execute()
 
     async def __aenter__(self) -> TokiwaTestApp:
         return await self.start()

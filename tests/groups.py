@@ -16,7 +16,7 @@ def group(route: str, prefix: str = PREFIX) -> str:
 def groups(client: redis.Redis, namespace: str) -> dict[str, dict]:
     """name -> XINFO GROUPS row of the events stream (empty when there is no stream)."""
     try:
-        rows = client.xinfo_groups(f"{namespace}:events")
+        rows = client.xinfo_groups(f"{{{namespace}:0}}:events")
     except redis.ResponseError:
         return {}
     return {(r["name"].decode() if isinstance(r["name"], bytes) else r["name"]): r for r in rows}
@@ -35,7 +35,7 @@ def lag_total(client: redis.Redis, namespace: str) -> int:
 def ensure_group(client: redis.Redis, namespace: str, name: str) -> None:
     """Create ``name`` from the stream's start (tests that publish before a worker starts)."""
     try:
-        client.xgroup_create(f"{namespace}:events", name, id="0", mkstream=True)
+        client.xgroup_create(f"{{{namespace}:0}}:events", name, id="0", mkstream=True)
     except redis.ResponseError as exc:
         assert "BUSYGROUP" in str(exc)
 
@@ -45,7 +45,7 @@ def consumer_pending(client: redis.Redis, namespace: str, pid: int) -> int:
     over every group."""
     total = 0
     for name in groups(client, namespace):
-        for c in client.xpending(f"{namespace}:events", name)["consumers"] or []:
+        for c in client.xpending(f"{{{namespace}:0}}:events", name)["consumers"] or []:
             if f"-{pid}-" in c["name"].decode():
                 total += int(c["pending"])
     return total

@@ -222,7 +222,7 @@ class DelayedEvents:
         scheduled already. InvalidArgumentError for an event over ``max_event_bytes``."""
         if isinstance(due_ms, bool) or not isinstance(due_ms, int) or due_ms < 0:
             raise InvalidArgumentError(f"due_ms must be a non-negative integer (epoch ms), got {due_ms!r}")
-        prefix = f"{self.keys.namespace}:"
+        prefix = f"{self.keys.partition(0).tag}:"
         for key in order_lists:
             if not isinstance(key, str) or not key.startswith(prefix):
                 raise InvalidArgumentError(f"order list {key!r} is not a key of namespace {self.keys.namespace!r}")

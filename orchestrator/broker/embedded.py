@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from orchestrator.errors import BrokerError, ConfigError
-from orchestrator.keys import Keys
+from orchestrator.keys import Keys, partition_of
 from orchestrator.proc import pid_alive
 
 log = logging.getLogger("tokiwa")
@@ -290,29 +290,37 @@ def queued_summary(client: redis.Redis) -> dict[str, Any]:
     most any one group has left) plus the delayed ones; a namespace's stream without any
     group counts every entry.
     """
-    namespaces: set[str] = set()
-    for key in client.scan_iter(match="*:events", count=1000, _type="stream"):
-        namespaces.add(_s(key)[: -len(":events")])
-    for key in client.scan_iter(match="*:delayed", count=1000, _type="zset"):
-        namespaces.add(_s(key)[: -len(":delayed")])
+    found: dict[str, set[int]] = {}
+    for match, suffix, kind in (("*:events", ":events", "stream"), ("*:delayed", ":delayed", "zset")):
+        for key in client.scan_iter(match=match, count=1000, _type=kind):
+            place = partition_of(_s(key), suffix)
+            if place is not None:
+                found.setdefault(place[0], set()).add(place[1])
     rows: list[dict[str, Any]] = []
-    for ns in sorted(namespaces):
+    for ns in sorted(found):
         keys = Keys(ns)
-        events = int(client.xlen(keys.events))
-        groups: list[dict[str, Any]] = []
-        try:
-            infos = client.xinfo_groups(keys.events) if events or client.exists(keys.events) else []
-        except redis.ResponseError:
-            infos = []
-        for g in infos:
-            lag = g.get("lag")
-            if lag is None:  # Redis < 7 (or a lag it cannot tell): count what follows the last delivered id
-                last = _s(g["last-delivered-id"])
-                after: Any = client.xrange(keys.events, min=f"({last}", count=100_000)
-                lag = len(after or [])
-            groups.append({"group": _s(g["name"]), "pending": int(g["pending"]), "undelivered": int(lag)})
-        delayed = int(client.zcard(keys.delayed))
-        dead = int(client.xlen(keys.dead))
+        events = delayed = dead = 0
+        per_group: dict[str, dict[str, int]] = {}
+        for p in sorted(found[ns]):
+            part = keys.partition(p)
+            length = int(client.xlen(part.events))
+            events += length
+            try:
+                infos = client.xinfo_groups(part.events) if length or client.exists(part.events) else []
+            except redis.ResponseError:
+                infos = []
+            for g in infos:
+                lag = g.get("lag")
+                if lag is None:  # Redis < 7 (or a lag it cannot tell): count what follows the last delivered id
+                    last = _s(g["last-delivered-id"])
+                    after: Any = client.xrange(part.events, min=f"({last}", count=100_000)
+                    lag = len(after or [])
+                row = per_group.setdefault(_s(g["name"]), {"pending": 0, "undelivered": 0})
+                row["pending"] += int(g["pending"])
+                row["undelivered"] += int(lag)
+            delayed += int(client.zcard(part.delayed))
+            dead += int(client.xlen(part.dead))
+        groups: list[dict[str, Any]] = [{"group": name, **counts} for name, counts in per_group.items()]
         left = max((g["pending"] + g["undelivered"] for g in groups), default=events)
         rows.append({"namespace": ns, "events": events, "groups": groups, "delayed": delayed,
                      "dead": dead, "queued": left + delayed})

@@ -392,7 +392,7 @@ class Inspector:
         groups = {_s(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
         removed = 0
         batch: list[str] = []
-        async for raw in self.redis.scan_iter(match=f"{self.keys.namespace}:conv:*:order*", count=500):
+        async for raw in self.redis.scan_iter(match=self.keys.conversation_order("*") + "*", count=500):
             batch.append(_s(raw))
             if len(batch) >= REQUEUE_BATCH:
                 removed += int(await self._purge_order(keys=batch, args=[bound]))
@@ -407,12 +407,13 @@ class Inspector:
                       name_field: str) -> list[dict[str, Any]]:
         """Leases whose key is ``lease_key(name)`` and their ``epoch_key(name)`` counters (an
         epoch without a lease = nobody holds it now)."""
-        prefix = lease_key("")
-        suffix = epoch_key("")[len(prefix):]  # ":epoch"
         names: set[str] = set()
-        async for raw in self.redis.scan_iter(match=lease_key("*"), count=500):
-            name = _s(raw)[len(prefix):]
-            names.add(name[: -len(suffix)] if suffix and name.endswith(suffix) else name)
+        for key_of in (lease_key, epoch_key):
+            prefix, _, suffix = key_of("\0").partition("\0")  # the name sits between the two
+            async for raw in self.redis.scan_iter(match=key_of("*"), count=500):
+                key = _s(raw)
+                if key.startswith(prefix) and key.endswith(suffix) and len(key) > len(prefix) + len(suffix):
+                    names.add(key[len(prefix): len(key) - len(suffix)])
         rows = []
         for name in sorted(names):
             async with self.redis.pipeline(transaction=False) as pipe:

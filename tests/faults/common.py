@@ -37,13 +37,13 @@ def publish_jobs(client: redis.Redis, namespace: str, count: int, start: int = 0
         pipe = client.pipeline(transaction=False)
         for i in range(base, min(base + 1000, start + count)):
             payload = {"i": i, "pad": "x" * pad} if pad else {"i": i}
-            pipe.xadd(f"{namespace}:events", encode_fields(Event("job", payload)))
+            pipe.xadd(f"{{{namespace}:0}}:events", encode_fields(Event("job", payload)))
         ids += [x.decode() for x in pipe.execute()]
     return ids
 
 
 def dead_entries(client: redis.Redis, namespace: str) -> list[dict[bytes, bytes]]:
-    return [fields for _, fields in client.xrange(f"{namespace}:dead")]
+    return [fields for _, fields in client.xrange(f"{{{namespace}:0}}:dead")]
 
 
 def pending(client: redis.Redis, namespace: str) -> int:

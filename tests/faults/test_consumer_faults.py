@@ -56,14 +56,14 @@ def test_poison_entries_of_any_shape_end_in_dead_letters_while_the_worker_keeps_
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     rng = random.Random(1234)
     poison = poison_entries(rng)
-    stream = f"{namespace}:events"
+    stream = f"{{{namespace}:0}}:events"
     publish_jobs(sync_redis, namespace, 100)
     poison_ids = {sync_redis.xadd(stream, fields).decode() for fields in poison}
     publish_jobs(sync_redis, namespace, 100, start=100)
     out = tmp_path / "calls.txt"
     worker = start_fault_worker(subprocess_env, redis_url, namespace, tmp_path / "w.log", out, concurrency=8)
     try:
-        took = wait_for(lambda: sync_redis.xlen(f"{namespace}:dead") >= len(poison_ids)
+        took = wait_for(lambda: sync_redis.xlen(f"{{{namespace}:0}}:dead") >= len(poison_ids)
                         and len(successes(out)) >= 200 and pending(sync_redis, namespace) == 0,
                         60, "poison dead-lettered and jobs processed")
         assert worker.poll() is None, "the worker died on a poison entry"
@@ -94,7 +94,7 @@ def test_full_redis_worker_starts_keeps_acking_dead_letters_and_memory_comes_bac
     out = tmp_path / "calls.txt"
     worker = None
     try:
-        stream = f"{namespace}:events"
+        stream = f"{{{namespace}:0}}:events"
         publish_jobs(client, namespace, 10)
         poison_ids = {client.xadd(stream, {b"id": b"x", b"type": b"job", b"body": b"\xc1" * 100}).decode()
                       for _ in range(5)}
@@ -106,7 +106,7 @@ def test_full_redis_worker_starts_keeps_acking_dead_letters_and_memory_comes_bac
             client.set(f"{namespace}:probe", "x")
         worker = start_fault_worker(subprocess_env, server.url, namespace, tmp_path / "w.log", out,
                                     concurrency=16)
-        took = wait_for(lambda: len(successes(out)) >= 3010 and client.xlen(f"{namespace}:dead") >= 5
+        took = wait_for(lambda: len(successes(out)) >= 3010 and client.xlen(f"{{{namespace}:0}}:dead") >= 5
                         and pending(client, namespace) == 0, 60, "backlog processed on a full redis")
         assert worker.poll() is None, "the worker died on a full Redis"
         # trimming gave the memory back: the stream holds (about) nothing once all is acked
@@ -224,7 +224,7 @@ def test_mass_redelivery_ends_processed_or_dead_within_first_pass_plus_backoff(
         first_pass = wait_for(lambda: len(read_calls(out)) >= total, 90, "first pass")
         always_failing = {i for i in range(total) if i % (100 * fail_every) == 0}
         wait_for(lambda: len(successes(out)) >= total - len(always_failing)
-                 and sync_redis.xlen(f"{namespace}:dead") >= len(always_failing)
+                 and sync_redis.xlen(f"{{{namespace}:0}}:dead") >= len(always_failing)
                  and pending(sync_redis, namespace) == 0, 60, "every event processed or dead")
         elapsed = time.monotonic() - started
     finally:
@@ -324,11 +324,11 @@ def test_a_worker_runs_under_the_documented_acl(namespace, subprocess_env, tmp_p
     url = f"redis://tokiwa:secret@127.0.0.1:{server.port}/0"
     out = tmp_path / "calls.txt"
     publish_jobs(admin, namespace, 200)
-    admin.xadd(f"{namespace}:events", {b"junk": b"x"})
+    admin.xadd(f"{{{namespace}:0}}:events", {b"junk": b"x"})
     worker = start_fault_worker(subprocess_env, url, namespace, tmp_path / "w.log", out, concurrency=8,
                                 visibility_timeout_ms=1000)
     try:
-        wait_for(lambda: len(successes(out)) >= 200 and admin.xlen(f"{namespace}:dead") == 1
+        wait_for(lambda: len(successes(out)) >= 200 and admin.xlen(f"{{{namespace}:0}}:dead") == 1
                  and pending(admin, namespace) == 0 and admin.hlen(f"{namespace}:workers") == 1,
                  30, "work done under the ACL")
         time.sleep(1.5)  # renewals, reclaim scans and trims ran meanwhile

@@ -44,7 +44,7 @@ def pid_in(holder: str, procs: list[subprocess.Popen]) -> subprocess.Popen:
 
 def fired_markers(client: redis.Redis, namespace: str, job: str) -> list[int]:
     """Slots (epoch seconds) that have a ``{ns}:cron:{job}:{slot}`` marker, sorted."""
-    prefix = f"{namespace}:cron:{job}:"
+    prefix = f"{{{namespace}:leader:cron}}:job:{job}:"
     slots = [k.decode()[len(prefix):] for k in client.scan_iter(f"{prefix}*")]
     return sorted(int(parse_slot(s).timestamp()) for s in slots if s != "last")
 

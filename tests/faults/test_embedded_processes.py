@@ -62,7 +62,7 @@ def test_a_state_file_left_by_a_killed_server_is_replaced_and_its_data_kept(subp
     assert record.port == killed.port  # clients of the killed server find the new one
     client = redis.Redis.from_url(record.url)
     try:
-        assert client.xlen("tokiwa:events") == 2
+        assert client.xlen("{tokiwa:0}:events") == 2
     finally:
         client.close()
 

@@ -43,7 +43,7 @@ def publish_raw(client: redis.Redis, namespace: str, start: int, count: int) -> 
     """What a producer without the app does: XADD ``job`` events."""
     pipe = client.pipeline(transaction=False)
     for i in range(start, start + count):
-        pipe.xadd(f"{namespace}:events", encode_fields(Event("job", {"i": i})))
+        pipe.xadd(f"{{{namespace}:0}}:events", encode_fields(Event("job", {"i": i})))
     return [x.decode() for x in pipe.execute()]
 
 
@@ -305,7 +305,7 @@ def test_glob_subscriptions_and_triggers_on_worker_processes(redis_url, namespac
         pipe = sync_redis.pipeline(transaction=False)
         for i in range(30):
             etype = ("order.created", "order.paid", "refund.issued")[i // 10]
-            pipe.xadd(f"{namespace}:events", encode_fields(Event(etype, {"i": i})))
+            pipe.xadd(f"{{{namespace}:0}}:events", encode_fields(Event(etype, {"i": i})))
         pipe.execute()
         wait_until(lambda: all(len(runs(out).get(n, ())) == 20 for n in ("fleet-glob", "fleet-glob-wf")), 30,
                    message="the order.* events")
@@ -336,7 +336,7 @@ def test_rate_and_concurrency_limits_hold_across_three_workers(redis_url, namesp
                    and all(live_groups(sync_redis, namespace, w.pid) for w in workers), 30, message="the workers")
         pipe = sync_redis.pipeline(transaction=False)
         for i in range(total):
-            pipe.xadd(f"{namespace}:events", encode_fields(Event("limited", {"i": i, "tenant": f"t{i % 2}"})))
+            pipe.xadd(f"{{{namespace}:0}}:events", encode_fields(Event("limited", {"i": i, "tenant": f"t{i % 2}"})))
         pipe.execute()
         t0 = time.monotonic()
         wait_until(lambda: len(runs_limited(out)) >= total, 60, message="every limited run")

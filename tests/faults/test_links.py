@@ -45,7 +45,7 @@ STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (WARNING|ERROR|CRIT
 
 
 def publish(client: redis.Redis, namespace: str, start: int, count: int) -> None:
-    stream = f"{namespace}:events"
+    stream = f"{{{namespace}:0}}:events"
     create_group(client, namespace, group("sub:tests.integration.apps.counting.record"))  # the counting app's route
     pipe = client.pipeline(transaction=False)
     for i in range(start, start + count):

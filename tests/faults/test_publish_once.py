@@ -31,7 +31,7 @@ DELAY_MS = 500  # reply delay: past the timeout
 
 
 def event_ids(client: redis.Redis, namespace: str) -> list[str]:
-    return [decode_fields(f, entry_id=i.decode()).id for i, f in client.xrange(f"{namespace}:events")]
+    return [decode_fields(f, entry_id=i.decode()).id for i, f in client.xrange(f"{{{namespace}:0}}:events")]
 
 
 # -- the marker ------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ async def test_the_same_event_published_twice_is_one_entry_with_one_stream_id(re
     assert again == first and batch[0] == first and batch[2] == first and batch[1] != first
     ids = event_ids(sync_redis, namespace)
     assert len(ids) == 2 and ids[0] == event.id and ids[1] != event.id
-    marker = f"{namespace}:published:{event.id}"
+    marker = f"{{{namespace}:0}}:published:{event.id}"
     assert sync_redis.get(marker) == first.encode()
     assert 0 < sync_redis.pttl(marker) <= 60_000
 
@@ -62,7 +62,7 @@ async def test_marker_off_adds_every_publish(redis_url, namespace, sync_redis):
         await app.close()
     assert first != again
     assert event_ids(sync_redis, namespace) == [event.id, event.id]
-    assert sync_redis.exists(f"{namespace}:published:{event.id}") == 0
+    assert sync_redis.exists(f"{{{namespace}:0}}:published:{event.id}") == 0
 
 
 async def test_marker_expires_after_publish_dedup_ms(redis_url, namespace, sync_redis):
@@ -76,7 +76,7 @@ async def test_marker_expires_after_publish_dedup_ms(redis_url, namespace, sync_
     finally:
         await app.close()
     assert later != first
-    assert sync_redis.xlen(f"{namespace}:events") == 2
+    assert sync_redis.xlen(f"{{{namespace}:0}}:events") == 2
 
 
 @pytest.mark.parametrize("dedup_ms", [60_000, 0])
@@ -93,7 +93,7 @@ async def test_conversation_order_lists_get_the_id_once(redis_url, namespace, sy
     finally:
         await client.aclose()
     for conv in ("c1", "c2"):
-        order = [x.decode() for x in sync_redis.lrange(f"{namespace}:conv:{conv}:order", 0, -1)]
+        order = [x.decode() for x in sync_redis.lrange(f"{{{namespace}:0}}:order:{conv}", 0, -1)]
         if dedup_ms:
             assert order == [first] and again == first and batched == first
         else:
@@ -110,7 +110,7 @@ def test_sync_publisher_marks_too(redis_url, namespace, sync_redis):
     finally:
         publisher.close()
     assert event_ids(sync_redis, namespace) == [event.id]
-    assert sync_redis.llen(f"{namespace}:conv:c1:order") == 0
+    assert sync_redis.llen(f"{{{namespace}:0}}:order:c1") == 0
 
 
 # -- resends after a timeout -----------------------------------------------------------------
@@ -151,7 +151,7 @@ async def test_publish_resent_after_a_timeout_lands_once(proxy, namespace, sync_
     assert condition(Fault.CONNECTION).hits >= 1, "redis-py met no timeout: nothing was resent"
     if dedup_ms:
         assert ids.count(event.id) == 1
-        assert stream_id == sync_redis.xrange(f"{namespace}:events")[-1][0].decode()
+        assert stream_id == sync_redis.xrange(f"{{{namespace}:0}}:events")[-1][0].decode()
     else:
         assert ids.count(event.id) == 2, "the resend of a plain XADD adds the event twice"
 
@@ -216,8 +216,8 @@ async def test_flapping_replies_every_event_once_in_the_stream_and_run_once(
           f"{resent} timeouts met")
     assert resent >= 3, "the flapping produced too few timeouts to test anything"
     entries = {decode_fields(f, entry_id=i.decode()).id: i.decode()
-               for i, f in sync_redis.xrange(f"{namespace}:events")}
-    assert sync_redis.xlen(f"{namespace}:events") == total == len(entries), "an event id is in the stream twice"
+               for i, f in sync_redis.xrange(f"{{{namespace}:0}}:events")}
+    assert sync_redis.xlen(f"{{{namespace}:0}}:events") == total == len(entries), "an event id is in the stream twice"
     assert entries == sent, "publish returned another stream id than the one in the stream"
 
     worker = start_worker(worker_env(subprocess_env, redis_url, namespace, concurrency=16), tmp_path / "w.log")

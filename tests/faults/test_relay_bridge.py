@@ -57,7 +57,7 @@ def test_node_topic_line_reaches_a_child_whose_answer_becomes_an_event(redis_url
         os.kill(children[0], signal.SIGKILL)
         wait_until(lambda: sync_redis.hget(f"{namespace}:demo:events", "relay.task_exited") is not None, 20,
                    message="relay.task_exited event")
-        exited = [e for e in sync_redis.xrange(f"{namespace}:events")
+        exited = [e for e in sync_redis.xrange(f"{{{namespace}:0}}:events")
                   if e[1][b"type"] == b"relay.task_exited"]
         body = msgpack.unpackb(exited[0][1][b"body"])
         assert body["payload"]["task"] == "shipping-desk" and body["payload"]["failed"] is True

@@ -48,7 +48,7 @@ def test_forged_unsigned_and_wrong_key_entries_are_dead_lettered_while_signed_on
         redis_url, namespace, sync_redis, subprocess_env, tmp_path):
     out = tmp_path / "calls.txt"
     ensure_group(sync_redis, namespace)
-    stream = f"{namespace}:events"
+    stream = f"{{{namespace}:0}}:events"
     # forged with redis-cli-like XADDs: no signature, a key the workers do not know, a tampered body
     sync_redis.xadd(stream, encode_fields(Event("job", {"i": 900})))
     wrong = signing.sign(encode_fields(Event("job", {"i": 901})), Settings(signing_keys="evil=0123456789abcdefXYZ"))

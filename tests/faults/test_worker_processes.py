@@ -175,7 +175,7 @@ def test_frozen_worker_does_not_ack_an_entry_another_worker_finished(redis_url, 
     assert seen(sync_redis, namespace) == {0: 1}, "the effect happened twice"
     assert sync_redis.llen(f"{namespace}:test:started") == 2  # both really ran it
     assert pending_total(sync_redis, namespace) == 0
-    assert sync_redis.xlen(f"{namespace}:dead") == 0
+    assert sync_redis.xlen(f"{{{namespace}:0}}:dead") == 0
 
 
 def test_once_subscriber_fires_once_across_two_worker_processes(redis_url, namespace, sync_redis,
@@ -225,7 +225,7 @@ def test_the_consumer_of_a_killed_worker_is_removed_once_its_entries_are_reclaim
         assert any(f"-{survivor.pid}-" in n and live for n, live in live_flags().items())
 
         def consumers() -> list[str]:
-            return [c["name"].decode() for c in sync_redis.xinfo_consumers(f"{namespace}:events", COUNTING_GROUP)]
+            return [c["name"].decode() for c in sync_redis.xinfo_consumers(f"{{{namespace}:0}}:events", COUNTING_GROUP)]
 
         wait_until(lambda: len(seen(sync_redis, namespace)) == 300, 30, message="every event processed")
         took = wait_until(lambda: not any(f"-{victim.pid}-" in c for c in consumers()), 30,

@@ -154,7 +154,7 @@ async def test_a_request_no_live_worker_can_run_waits_for_one_instead_of_being_s
         await producer.run_workflow("only-here", timeout=1)
     await worker.stop()
     await worker.close()
-    group = sync_redis.xinfo_groups(f"{namespace}:events")[0]
+    group = sync_redis.xinfo_groups(f"{{{namespace}:0}}:events")[0]
     assert (group["name"], group["lag"], group["pending"]) == (b"workers:wf:only-here", 1, 0)  # it waits
     able = Orchestrator(redis_url, namespace=namespace, mode="worker")
     able.register_workflow(Workflow(name="only-here", nodes=[Node(name="n", handler=lambda c: 1)]))

@@ -226,7 +226,7 @@ class DashboardData:
     async def _cron_last(self) -> dict[str, str | None]:
         i = self.inspector
         prefix, suffix = i.keys.cron_last(""), ":last"
-        prefix = prefix[: -len(suffix)]  # "{ns}:cron:"
+        prefix = prefix[: -len(suffix)]  # "{ns:leader:cron}:job:"
         names: dict[str, str | None] = {}
         async for raw in i.redis.scan_iter(match=i.keys.cron_last("*"), count=500):
             key = _s(raw)

@@ -99,11 +99,11 @@ async def test_bad_entries_go_to_dead_letters_with_a_reason(redis_url, namespace
     good = []
     app.dispatcher.subscribe("*", lambda e: good.append(e.payload))
     await app.connect()
-    sync_redis.xadd(f"{namespace}:events", fields)
+    sync_redis.xadd(f"{{{namespace}:0}}:events", fields)
     await app.publish("t", "still-fine")
     await app.drain(timeout=10)
     await app.close()
-    dead = sync_redis.xrange(f"{namespace}:dead")
+    dead = sync_redis.xrange(f"{{{namespace}:0}}:dead")
     assert len(dead) == 1
     entry = dead[0][1]
     assert entry[b"reason"].decode() == reason
@@ -138,7 +138,7 @@ async def test_failing_handler_with_on_success_is_dead_after_max_deliveries(redi
     await app.drain(timeout=20)
     await app.close()
     assert calls == [1, 2, 3]
-    dead = sync_redis.xrange(f"{namespace}:dead")
+    dead = sync_redis.xrange(f"{{{namespace}:0}}:dead")
     assert len(dead) == 1
     assert dead[0][1][b"reason"] == b"max_deliveries"
     assert b"payment service down" in dead[0][1][b"error"]
@@ -170,7 +170,7 @@ async def test_trimming_never_removes_pending_or_undelivered_entries(redis_url, 
     await consumer.ack([d.stream_id for d in read_more])   # 350 delivered, 10 still pending
     for _ in range(3):
         await producer.trim()
-    remaining = await redis.xrange(settings.namespace + ":events")
+    remaining = await redis.xrange(f"{{{settings.namespace}:0}}:events")
     remaining_ids = {r[0].decode() for r in remaining}
     assert {d.stream_id for d in first[:10]} <= remaining_ids  # pending ones survive
     undelivered = await consumer.read(1000, None)
@@ -178,7 +178,7 @@ async def test_trimming_never_removes_pending_or_undelivered_entries(redis_url, 
     await consumer.ack([d.stream_id for d in first[:10]] + [d.stream_id for d in undelivered])
     for _ in range(3):
         await producer.trim()
-    assert await redis.xlen(settings.namespace + ":events") < 300  # trimmed once work is done
+    assert await redis.xlen(f"{{{settings.namespace}:0}}:events") < 300  # trimmed once work is done
     await redis.aclose()
 
 
@@ -334,12 +334,12 @@ async def test_publish_sync_from_plain_code_is_consumed_like_publish(redis_url, 
     ids = app.publish_many_sync([Event("sync.event", {"n": i}) for i in range(2, 5)])
     chat_event = app.publish_sync("chat.msg", {"c": "conv-1"})
     # the chatflow's conversation order list got the id atomically with the XADD
-    assert sync_redis.lrange(f"{namespace}:conv:conv-1:order:workers:wf:chat", 0, -1) == [chat_event.stream_id.encode()]
+    assert sync_redis.lrange(f"{{{namespace}:0}}:order:conv-1:workers:wf:chat", 0, -1) == [chat_event.stream_id.encode()]
     assert event.stream_id and len(ids) == 3
     await app.drain(timeout=10)
     await app.close()
     assert sorted(p["n"] for p, _ in seen) == [1, 2, 3, 4] and seen[0][1] == ["sync"]
-    assert sync_redis.llen(f"{namespace}:conv:conv-1:order") == 0  # its turn was taken and released
+    assert sync_redis.llen(f"{{{namespace}:0}}:order:conv-1") == 0  # its turn was taken and released
 
 
 def test_publish_sync_needs_a_redis_url(namespace):

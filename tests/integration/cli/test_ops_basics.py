@@ -200,19 +200,19 @@ def _purge(subprocess_env, redis_url, namespace, *flags, input_=""):
 
 def test_the_purge_command_asks_for_the_namespace(subprocess_env, redis_url, namespace, sync_redis):
     for i in range(3):
-        sync_redis.xadd(f"{namespace}:events", {"id": f"e{i}", "type": "x", "body": b""})
+        sync_redis.xadd(f"{{{namespace}:0}}:events", {"id": f"e{i}", "type": "x", "body": b""})
     for typed in ("", "wrong\n"):
         refused = _purge(subprocess_env, redis_url, namespace, input_=typed)
         assert refused.returncode == exitcodes.FAILURE
         assert refused.stderr.splitlines()[-1] == (f"error: not confirmed (the namespace is {namespace!r}): nothing "
                                                    "was purged; type it at the prompt, or pass --yes")
-        assert f"{namespace}:events: 3 entries, 0 group(s) with 0 pending" in refused.stderr
-        assert sync_redis.xlen(f"{namespace}:events") == 3
+        assert f"{{{namespace}:0}}:events: 3 entries, 0 group(s) with 0 pending" in refused.stderr
+        assert sync_redis.xlen(f"{{{namespace}:0}}:events") == 3
     done = _purge(subprocess_env, redis_url, namespace, input_=f"{namespace}\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"purged 3 entries of {namespace}:events up to ")
-    assert sync_redis.xlen(f"{namespace}:events") == 0
-    sync_redis.xadd(f"{namespace}:events", {"id": "e9", "type": "x", "body": b""})
+    assert done.stdout.startswith(f"purged 3 entries of {{{namespace}:0}}:events up to ")
+    assert sync_redis.xlen(f"{{{namespace}:0}}:events") == 0
+    sync_redis.xadd(f"{{{namespace}:0}}:events", {"id": "e9", "type": "x", "body": b""})
     scripted = _purge(subprocess_env, redis_url, namespace, "--yes", "--json")
     assert scripted.returncode == 0 and scripted.stderr == ""
     assert json.loads(scripted.stdout)["purged"] == 1

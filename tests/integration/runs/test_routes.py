@@ -46,7 +46,7 @@ async def test_a_turn_published_without_its_order_runs_and_is_counted_and_logged
     seen: list = []
     app = chat_app(redis_url, namespace, seen)
     await app.connect()
-    sync_redis.xadd(f"{namespace}:events", encode_fields(Event("chat.msg", {"user": {"id": "u2"}, "seq": 7})))
+    sync_redis.xadd(f"{{{namespace}:0}}:events", encode_fields(Event("chat.msg", {"user": {"id": "u2"}, "seq": 7})))
     with caplog.at_level(logging.WARNING):
         await app.drain(timeout=10)
     await app.close()

@@ -21,9 +21,9 @@ def _delayed(**settings) -> DelayedEvents:
 def test_a_packed_entry_unpacks_to_the_stream_fields_and_order_lists():
     event = Event("t", {"bytes": b"\x00\xff", "text": "é" * 300, "n": [1, None]}, {"tags": ["a"]})
     fields = checked_fields(event, 1 << 20)
-    raw = pack_entry(fields, ["ns:conv:a:order"])
+    raw = pack_entry(fields, ["{ns:0}:order:a"])
     got, order = unpack_entry(raw)
-    assert order == ["ns:conv:a:order"]
+    assert order == ["{ns:0}:order:a"]
     assert set(got) == {b"id", b"type", b"body"}
     assert decode_fields(got).to_dict() == event.to_dict()
 
@@ -57,7 +57,7 @@ async def test_schedule_refuses_a_due_time_that_is_not_epoch_ms(due):
 
 async def test_schedule_refuses_order_lists_outside_the_namespace():
     with pytest.raises(InvalidArgumentError, match="namespace"):
-        await _delayed().schedule(Event("x"), 1, ["other:conv:a:order"])
+        await _delayed().schedule(Event("x"), 1, ["{other:0}:order:a"])
 
 
 async def test_schedule_refuses_an_event_over_max_event_bytes():

@@ -70,18 +70,22 @@ def key_builders() -> list[tuple[str, str]]:
     """(builder name, key with each argument as NUL) for every Keys member."""
     import inspect
 
-    from orchestrator.keys import Keys
+    from orchestrator.keys import Keys, PartitionKeys
 
-    keys = Keys("tokiwa")
     built = []
-    for name, member in vars(Keys).items():
-        if name.startswith("_"):
-            continue
-        if isinstance(member, property):
-            built.append((name, getattr(keys, name)))
-        elif inspect.isfunction(member):
-            params = list(inspect.signature(member).parameters)[1:]
-            built.append((name, getattr(keys, name)(*["\0"] * len(params))))
+    for cls, keys in ((Keys, Keys("tokiwa")), (PartitionKeys, PartitionKeys("tokiwa", 0))):
+        for name, member in vars(cls).items():
+            if name.startswith("_") or name in ("tag", "all_patterns"):
+                continue
+            if isinstance(member, property):
+                key = getattr(keys, name)
+            elif inspect.isfunction(member):
+                params = list(inspect.signature(member).parameters)[1:]
+                key = getattr(keys, name)(*["\0"] * len(params)) if "index" not in params and "count" not in params else None
+            else:
+                continue
+            if isinstance(key, str):
+                built.append((f"{cls.__name__}.{name}", key))
     return built
 
 
