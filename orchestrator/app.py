@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator import faults
-from orchestrator.broker.consumer import Consumer, Outcome
+from orchestrator.broker.consumer import Consumer, Outcome, SlotShare
 from orchestrator.broker.delayed import IDLE_POLL_MS, DelayedEvents, DelayMover, due_ms
 from orchestrator.broker.groups import ConsumerGroups
 from orchestrator.broker.session import BrokerSession
@@ -46,7 +46,7 @@ from orchestrator.runs.limits import Gate
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import ErrorHook
 from orchestrator.runs.registry import RunServices, RunTarget, WorkflowRegistry
-from orchestrator.runs.routes import Route
+from orchestrator.runs.routes import Route, advert_matches
 from orchestrator.runs.stores import InMemoryRunStore, RedisRunStore, RunStore
 from orchestrator.topics import encode_topic_frame
 from orchestrator.workflow.runner import Runner
@@ -230,9 +230,16 @@ class Orchestrator:
         consumer = self.worker_id if self.mode != "producer" else f"producer-{self.worker_id}"
         await self._session.open(self.settings, consumer, routes=len(self.routes()))
         redis = self._session.client()
+        from orchestrator.broker.partitions import check_layout
+
+        def layout() -> Awaitable[int]:
+            return check_layout(redis, self.keys, self.settings.partitions)
+
         if self.mode == "worker":  # a worker waits out an unreachable or full Redis
+            await faults.retry_transient(layout)
             await faults.retry_transient(self.declare_routes)
         else:
+            await layout()
             await self.declare_routes()
 
         async def claim_once_cluster_wide(name: str) -> bool:
@@ -241,16 +248,28 @@ class Orchestrator:
 
         self.dispatcher.once_claim = claim_once_cluster_wide
         if not self._run_store_given:
-            self.run_store = RedisRunStore(redis, self.keys)
+            self.run_store = RedisRunStore(redis, self.keys, retention_s=self.settings.run_retention_s,
+                                           max_records=self.settings.run_records_max)
         if self.conversation_store is None:
             from orchestrator.chat.conversations import RedisConversationStore
 
-            self.conversation_store = RedisConversationStore(redis, self.keys)
+            self.conversation_store = RedisConversationStore(redis, self.keys, ttl_s=self.settings.conversation_ttl_s)
 
     @property
     def redis(self) -> aioredis.Redis | None:
         """The asyncio Redis client; None until ``connect()`` and after ``close()``."""
         return self._session.redis
+
+    @property
+    def shared_redis(self) -> Any:
+        """An :class:`~orchestrator.broker.autopipe.AutoPipeline` on the app's client, one per
+        client: the commands that concurrent handlers issue through it in one loop tick go to
+        Redis as one pipeline (docs/performance.md). StateError before ``connect()``."""
+        from orchestrator.broker.autopipe import shared_pipeline
+
+        if (redis := self._session.redis) is None:
+            raise StateError("shared_redis needs a Redis connection: call connect() or start() first")
+        return shared_pipeline(redis)
 
     @property
     def broker(self) -> StreamBroker | None:
@@ -293,7 +312,8 @@ class Orchestrator:
         clock). Its conversation order is taken when it is moved to the stream. False when an
         event of that id is already scheduled."""
         await self.connect()
-        added = await self.delayed().schedule(event, due_at_ms, await self.fleet.order_lists(event))
+        where = await self.fleet.placement(event)
+        added = await self.delayed().schedule(event, due_at_ms, where.order_lists, partition=where.partition)
         if added:
             self.metrics["delayed"] += 1
         return added
@@ -314,9 +334,10 @@ class Orchestrator:
         published again within ``publish_dedup_ms`` (``idempotency_window_s`` for an id made
         from an idempotency key) adds nothing and returns the first stream id."""
         await self.connect()
-        lists = await self.fleet.order_lists(event)
-        stream_id = await self._session.stream_broker().publish(event, order_lists=lists,
-                                                                dedup_ms=self._dedup_ms(event))
+        where = await self.fleet.placement(event)
+        stream_id = await self._session.stream_broker().publish(event, order_lists=where.order_lists,
+                                                                dedup_ms=self._dedup_ms(event),
+                                                                partition=where.partition)
         self.metrics["published"] += 1
         return stream_id
 
@@ -324,8 +345,10 @@ class Orchestrator:
         """Add many events in one pipelined round trip."""
         await self.connect()
         events = list(events)
-        lists = [await self.fleet.order_lists(e) for e in events]
-        ids = await self._session.stream_broker().publish_many(events, order_lists=lists if any(lists) else None)
+        where = [await self.fleet.placement(e) for e in events]
+        lists = [w.order_lists for w in where]
+        ids = await self._session.stream_broker().publish_many(events, order_lists=lists if any(lists) else None,
+                                                               partitions=[w.partition for w in where])
         self.metrics["published"] += len(ids)
         return ids
 
@@ -336,8 +359,8 @@ class Orchestrator:
         redis-py's sync client. Needs ``redis_url``. Thread-safe."""
         event = self._build(type, payload, metadata, key, idempotency_key)
         sync = self._sync()
-        sync.publish(event, self.fleet.order_lists_now(event, self.fleet.book.refresh_sync(sync.redis)),
-                     dedup_ms=self._dedup_ms(event))
+        where = self.fleet.placement_now(event, self.fleet.book.refresh_sync(sync.redis))
+        sync.publish(event, where.order_lists, dedup_ms=self._dedup_ms(event), partition=where.partition)
         self.metrics["published"] += 1
         return event
 
@@ -346,7 +369,8 @@ class Orchestrator:
         events = list(events)
         sync = self._sync()
         adverts = self.fleet.book.refresh_sync(sync.redis)
-        ids = sync.publish_many(events, [self.fleet.order_lists_now(e, adverts) for e in events])
+        where = [self.fleet.placement_now(e, adverts) for e in events]
+        ids = sync.publish_many(events, [w.order_lists for w in where], [w.partition for w in where])
         self.metrics["published"] += len(ids)
         return ids
 
@@ -416,7 +440,7 @@ class Orchestrator:
         if event.stream_id is None:
             return
         for cid in self.workflows.conversations_of(event, group=event.group):
-            await self.chatflows().abandon(cid, event.stream_id, event.group)
+            await self.chatflows().abandon(cid, event.stream_id, event.group, event.partition)
 
     def _component_failed(self, exc: BaseException) -> None:
         """A background component failed for good: stop consuming, so that ``wait()`` ends and
@@ -496,17 +520,30 @@ class Orchestrator:
         await asyncio.wait_for(consumer.run(until_drained=True), timeout)
 
     def _new_consumer(self) -> ConsumerGroups:
-        """One consumer per route, each on its route's group."""
+        """One consumer per route and stream partition, each on its route's group; the
+        consumers of one route share its concurrency (:class:`SlotShare`)."""
         redis, name = self._session.client(), self._session.stream_broker().consumer
-        consumers = {}
+        consumers: dict[tuple[str, int], Consumer] = {}
         for route in self.routes():
             group = route.group(self.settings.group)
-            broker = StreamBroker(redis, self.settings, name, group=group)
-            consumer = consumers[group] = Consumer(broker, self.settings, self._route_process(route), self._event_dead)
+            process = self._route_process(route)
+            gate = None
             if route.limits is not None:
-                consumer.gate = Gate(redis, self.keys, route.name, route.limits,
-                                     lease_ms=self.settings.visibility_timeout_ms)
-                consumer.observe_wait = self.hooks.on_limit_wait
+                gate = Gate(redis, self.keys, route.name, route.limits, lease_ms=self.settings.visibility_timeout_ms)
+                advert = route.advert
+                # run requests (reserved types) may be the route's own: they stay limited
+                gate.takes = lambda event, advert=advert: (event.type.startswith(RESERVED_PREFIX)
+                                                           or advert_matches(advert, event.type))
+            share = SlotShare(self.settings.concurrency) if self.settings.partitions > 1 else None
+            for partition in range(self.settings.partitions):
+                broker = StreamBroker(redis, self.settings, name, group=group, partition=partition)
+                consumer = consumers[(group, partition)] = Consumer(broker, self.settings, process, self._event_dead)
+                if share is not None:
+                    consumer.share = share
+                    share.members.append(consumer)
+                if gate is not None:
+                    consumer.gate = gate
+                    consumer.observe_wait = self.hooks.on_limit_wait
         groups = ConsumerGroups(consumers)
         groups.set_observer(self.hooks.event_observer)
         return groups
@@ -523,7 +560,7 @@ class Orchestrator:
         """group -> {length, pending, lag, consumers, last_delivered} for this app's routes (the
         consumers' groups while consuming: the drain loop asks every 50 ms)."""
         groups = self.consumer.groups if self.consumer is not None else self.route_groups()
-        return await self._session.stream_broker().groups_state(groups)
+        return await self._session.stream_broker().groups_state_all(groups)
 
     async def owns(self, event: Event) -> bool:
         """Whether this worker still holds ``event``'s stream entry.
@@ -535,18 +572,18 @@ class Orchestrator:
         if event.stream_id is None or self.broker is None:
             return False
         # the consumer's rule (it also knows the entries it lost); without one, Redis's pending list
-        if self.consumer is not None and self.consumer.consumer_of(event.group) is not None:
+        if self.consumer is not None and self.consumer.consumer_of(event.group, event.partition) is not None:
             return bool(await self.consumer.owned_events([event]))
-        broker = self.broker if event.group is None else StreamBroker(self._session.client(), self.settings,
-                                                                      self.broker.consumer, group=event.group)
+        broker = StreamBroker(self._session.client(), self.settings, self.broker.consumer,
+                              group=event.group or self.broker.group, partition=event.partition)
         return event.stream_id in await broker.owned([event.stream_id])
 
-    async def _owned_entries(self, events: Sequence[Event]) -> set[tuple[str | None, str]]:
-        """Which of ``events``' entries (group, stream id) this worker still holds, before their
+    async def _owned_entries(self, events: Sequence[Event]) -> set[tuple[str | None, int, str]]:
+        """Which of ``events``' entries (group, partition, stream id) this worker still holds, before their
         runs are recorded: the consumer's rule, or all of them when the app is not consuming
         (``process_event`` called directly has no lease to lose)."""
         if self.consumer is None:
-            return {(e.group, e.stream_id) for e in events if e.stream_id}
+            return {(e.group, e.partition, e.stream_id) for e in events if e.stream_id}
         return await self.consumer.owned_events(events)
 
     # -- inspection -----------------------------------------------------------------------
@@ -586,7 +623,8 @@ class Orchestrator:
         """Register a Workflow (or pyoco-style Flow) with a trigger: ``None`` / ``{"type": "manual"}``
         or ``{"type": "event", "event_type": str | list | re.Pattern | "*", "filter": fn,
         "map_input": fn, "map_context": fn, "map_conversation_id": fn}``. Options: input,
-        context, conversation_id, concurrency, fail_fast, timeout, memory. Returns the workflow
+        context, conversation_id, concurrency, fail_fast, timeout, memory, checkpoint (False: no node
+        checkpoints, see docs/workflows.md). Returns the workflow
         (its ``id`` is derived from its name, so every host agrees)."""
         return self.workflows.register(workflow, trigger, **options)
 

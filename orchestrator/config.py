@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError
+from orchestrator.urls import parse_redis_url
 
 ENV_PREFIX = "TOKIWA_"
 
@@ -48,7 +49,9 @@ class Settings(BaseModel):
 
     ``redis_url`` None means "start an embedded redis-server" (see :mod:`orchestrator.broker.embedded`).
     URLs with a password (``redis://:pw@host``), an ACL user (``redis://user:pw@host``),
-    TLS (``rediss://``) and a db number are passed to redis-py as they are.
+    TLS (``rediss://``) and a db number are passed to redis-py as they are; Sentinel
+    (``redis+sentinel://``) and Cluster (``redis+cluster://``) URLs are described in
+    :mod:`orchestrator.urls`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True)
@@ -56,6 +59,10 @@ class Settings(BaseModel):
     redis_url: str | None = None
     namespace: str = "tokiwa"
     group: str = "workers"
+    # partitions of the event streams, each with its own stream, dead letters, delayed events
+    # and conversation order in its own hash slot (docs/scaling.md). Every producer and worker
+    # of a namespace must use the same number: changing it is a migration (docs/scaling.md).
+    partitions: int = Field(default=1, ge=1, le=1024)
     # events a worker processes at once (its free slots bound how much it fetches).
     concurrency: int = Field(default=16, ge=1, le=10_000)
     # an entry idle longer than this (no renewal by its owner) is reclaimed by another worker.
@@ -94,9 +101,24 @@ class Settings(BaseModel):
     # a second entry. redis-py's own resends all fall within ~15 s; a marker costs ~240 bytes.
     # 0 = plain XADD, and a retried publish may then add the event twice.
     publish_dedup_ms: int = Field(default=20_000, ge=0)
+    # durable publish: > 0 makes every publish wait (Redis WAIT) until this many replicas have
+    # its entry, up to publish_wait_timeout_ms, and raise ReplicationError when fewer did, so
+    # an acknowledged publish survives a failover (docs/scaling.md, "Sentinel"). 0: the
+    # publish returns once the master has it; a failover right after may lose it.
+    publish_wait_replicas: int = Field(default=0, ge=0, le=100)
+    publish_wait_timeout_ms: int = Field(default=1_000, ge=1, le=600_000)
     # seconds a publish with an idempotency_key stays unique: the same key published again
     # within this window adds nothing (one marker of ~240 bytes per key while it lasts).
     idempotency_window_s: float = Field(default=86_400.0, gt=0)
+    # memory bounds (README, "Redis keys"). A conversation's memory (snapshot, deltas, applied
+    # ids, lock epoch) expires this long after its last write: a chat idle for 30 days starts
+    # again from empty memory. Keep it far longer than the longest chatflow run. 0 = never.
+    conversation_ttl_s: float = Field(default=30 * 86_400.0, ge=0)
+    # run records (hash, logs, node checkpoints) expire this long after their last write, and
+    # the run index keeps at most run_records_max runs (the oldest starts go first, about 1%
+    # past the cap at a time, never a running one); 0 = no count bound.
+    run_retention_s: float = Field(default=7 * 86_400.0, gt=0)
+    run_records_max: int = Field(default=100_000, ge=0)
     # an encoded envelope larger than this is refused by the producer and dead-lettered by workers.
     max_event_bytes: int = Field(default=1_048_576, ge=1024)
     ack_policy: Literal["always", "on_success"] = "always"
@@ -147,8 +169,7 @@ class Settings(BaseModel):
     def _url_scheme(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        parse_redis_url(value)  # InvalidArgumentError (a ValueError) naming the bad part
         return value
 
     @field_validator("log_format", "cron_missed_policy", mode="before")

@@ -59,6 +59,17 @@ class BrokerError(TokiwaError):
     """Raised when the Redis broker cannot do what was asked (after its own retries)."""
 
 
+class ReplicationError(BrokerError):
+    """Raised when a durable publish (``publish_wait_replicas`` > 0) was stored on the master
+    but fewer replicas than asked confirmed it within ``publish_wait_timeout_ms``: a failover
+    now could lose it. The event may still be delivered; publishing it again (same event id,
+    within ``publish_dedup_ms``) adds nothing twice. ``stream_id`` is where it landed."""
+
+    def __init__(self, message: str, *, acked: int, wanted: int, stream_id: str | None = None) -> None:
+        super().__init__(message)
+        self.acked, self.wanted, self.stream_id = acked, wanted, stream_id
+
+
 class LockError(TokiwaError):
     """Raised when a lock cannot be acquired, renewed or released as required.
 

@@ -85,7 +85,7 @@ class Event:
     (str or None) and ``tags`` (list of str); extra metadata keys are kept as they are.
     """
 
-    __slots__ = ("id", "type", "payload", "metadata", "published_at", "stream_id", "deliveries", "group")
+    __slots__ = ("id", "type", "payload", "metadata", "published_at", "stream_id", "deliveries", "group", "partition")
 
     def __init__(
         self,
@@ -109,6 +109,8 @@ class Event:
         self.deliveries: int = 0
         #: the consumer group (the registration's delivery state) that delivered this entry
         self.group: str | None = None
+        #: the partition of the event streams the entry is in (see ``Settings.partitions``)
+        self.partition: int = 0
 
     # -- convenience accessors -------------------------------------------------------
     @property
@@ -175,6 +177,7 @@ def _from_wire(data: dict[str, Any]) -> Event:
         event.stream_id = None
         event.deliveries = 0
         event.group = None
+        event.partition = 0
         return event
     return Event(etype, data.get("payload"), meta, id=eid, published_at=data["published_at"])
 

@@ -9,7 +9,10 @@ class               what it is                                             polic
 ``NOGROUP``         the consumer group is gone (Redis came back empty)     recreate
 ``OOM``             maxmemory reached with ``noeviction``                  back off the write
 ``FAILOVER``        READONLY, MOVED / ASK, TRYAGAIN, CLUSTERDOWN,          re-resolve, retry
-                    MASTERDOWN
+                    MASTERDOWN, UNBLOCKED (a blocked read on a demoted
+                    master), NOREPLICAS, Sentinel: no master known, "the
+                    previous master is now a slave"; redis-py's cluster
+                    client: redirects exhausted, a slot not covered
 ``BUSY``            a script runs too long (BUSY)                          retry with backoff
 ``NOSCRIPT``        the script cache was flushed                           reload, retry
 ``SCRIPT``          a script failed on an entry's data                     dead-letter
@@ -34,6 +37,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from redis import exceptions as rx
+from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFound
+from redis.sentinel import MasterNotFoundError as SyncMasterNotFound
 
 T = TypeVar("T")
 
@@ -72,7 +77,10 @@ POLICY: dict[Fault, Policy] = {
 #: faults that pass by themselves: the caller waits (with :class:`Backoff`) and tries again
 TRANSIENT = frozenset({Fault.CONNECTION, Fault.OOM, Fault.FAILOVER, Fault.BUSY, Fault.NOSCRIPT})
 
-_FAILOVER_PREFIXES = ("READONLY", "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
+# UNBLOCKED: Redis ends a blocked XREADGROUP with it when the master is turned into a replica;
+# NOREPLICAS: a master with min-replicas-to-write that lost its replicas (a demoted one, often)
+_FAILOVER_PREFIXES = ("READONLY", "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "UNBLOCKED",
+                      "NOREPLICAS")
 
 
 def _message(exc: BaseException) -> str:
@@ -86,8 +94,12 @@ def classify(exc: BaseException) -> Fault:
     if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError,
                         rx.AuthenticationWrongNumberOfArgsError)):
         return Fault.FATAL
-    if isinstance(exc, (rx.ReadOnlyError, rx.AskError, rx.TryAgainError, rx.ClusterDownError)):
-        return Fault.FAILOVER  # MovedError and MasterDownError are subclasses
+    if isinstance(exc, (rx.ReadOnlyError, rx.AskError, rx.TryAgainError, rx.ClusterError, rx.SlotNotCoveredError)) \
+            or _sentinel_failover(exc):
+        # MovedError, ClusterDownError and MasterDownError are subclasses; a ClusterError is
+        # also redis-py's cluster client giving up on redirects ("TTL exhausted"), and a slot
+        # not covered is a cluster whose failover has not finished
+        return Fault.FAILOVER
     if isinstance(exc, rx.OutOfMemoryError):
         return Fault.OOM
     if isinstance(exc, rx.NoScriptError):
@@ -99,7 +111,31 @@ def classify(exc: BaseException) -> Fault:
         return Fault.CONNECTION  # BusyLoadingError (LOADING) is a ConnectionError
     if isinstance(exc, rx.ResponseError):
         return _classify_reply(_message(exc).upper())
+    if _closed_under_redis(exc):
+        return Fault.CONNECTION
     return Fault.FATAL
+
+
+def _closed_under_redis(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py using a connection that was closed under it (its stream
+    writer or reader already None): an AttributeError raised inside redis-py's connection code,
+    which its cluster client meets when a node goes away mid-command. A lost link, not a bug."""
+    if not isinstance(exc, AttributeError) or "'NoneType' object" not in str(exc):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/redis/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
+
+
+def _sentinel_failover(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's Sentinel client meeting a failover: no sentinel names a
+    healthy master yet, or the master answered READONLY (it was demoted; redis-py drops that
+    connection and raises a ConnectionError from the READONLY, so the next connect asks the
+    sentinels again)."""
+    if isinstance(exc, (AsyncMasterNotFound, SyncMasterNotFound)):
+        return True
+    return isinstance(exc, rx.ConnectionError) and isinstance(exc.__context__, rx.ReadOnlyError)
 
 
 def _certificate_refused(exc: BaseException) -> bool:

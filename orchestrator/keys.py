@@ -9,7 +9,7 @@ Redis Cluster hash slot, because they share a hash tag, the part in braces:
 * ``{ns:p}`` - partition ``p`` of the event streams: its stream, dead letters, delayed events,
   publish markers and conversation order lists (the publish script writes them together);
 * ``{ns:conv:<id>}`` - one conversation: its memory, deltas, applied ids and lock;
-* ``{ns:leader:<role>}`` - one leader lease, its epoch, and (role ``cron``) the cron markers;
+* ``{ns:leader:<role>}`` - one leader lease, its epoch, and (role ``cron``) the cron jobs' state;
 * ``{ns:runs}`` - the run records and their index; ``{ns:cancels}`` - cancel requests;
 * ``{ns:result:<id>}`` - one remote run's result and its notify list.
 
@@ -114,6 +114,12 @@ class Keys:
     def all_patterns(self) -> tuple[str, str]:
         return f"{self.namespace}:*", f"{{{self.namespace}:*"
 
+    # hash: the namespace's layout (field ``partitions``), written once by the first process
+    # that connects (HSETNX); a process set to another number of partitions refuses to start.
+    @property
+    def layout(self) -> str:
+        return f"{self.namespace}:layout"
+
     # -- workers, relays, routes ----------------------------------------------------------
     # hash: worker id -> msgpack heartbeat. Entries older than 3 heartbeat intervals are stale.
     @property
@@ -137,12 +143,15 @@ class Keys:
         return f"{self.namespace}:routes"
 
     # -- runs -----------------------------------------------------------------------------
-    # zset: run id -> start time (epoch seconds); used for listing and pruning runs.
+    # zset: run id -> start time (epoch seconds); used for listing and pruning runs. Bound:
+    # entries older than ``run_retention_s`` go at every save, and a save that finds more than
+    # ``run_records_max`` + 1% removes the oldest (but running) runs with their keys.
     @property
     def runs(self) -> str:
         return f"{{{self.namespace}:runs}}"
 
-    # hash: one run record. Expires with the run store's retention (default 7 days).
+    # hash: one run record. EX = ``run_retention_s`` (default 7 days) after its last write;
+    # removed earlier with its logs and checkpoints when the index is past ``run_records_max``.
     def run(self, run_id: str) -> str:
         return f"{self.runs}:{run_id}"
 
@@ -150,8 +159,10 @@ class Keys:
     def run_logs(self, run_id: str) -> str:
         return f"{self.run(run_id)}:logs"
 
-    # hash: a run's node checkpoints (node id -> msgpack result and attempts), written under
-    # the run's owner token; expires with the run record.
+    # hash: a run's node checkpoints (node id -> msgpack {status, attempts, output, times, worker_id}),
+    # written under the run's owner token (orchestrator.runs.checkpoints). TTL: the run record's
+    # (each write copies the run hash's PTTL; the run store re-expires and prunes it with the
+    # record). Bound: one field per node of the workflow.
     def run_nodes(self, run_id: str) -> str:
         return f"{self.run(run_id)}:nodes"
 
@@ -183,16 +194,17 @@ class Keys:
     def leader_epoch(self, role: str) -> str:
         return f"{self.leader(role)}:epoch"
 
-    # string: cron "fired" marker for (job, slot), SET NX, EX = 1 day. In the cron leader's
-    # slot: the fire script checks the lease and sets the marker in one step.
-    def cron_fired(self, job: str, slot: str) -> str:
-        return f"{self.leader('cron')}:job:{job}:{slot}"
+    # hash: one cron job's last fired slot: ``slot`` (ISO UTC) and ``token`` (the firing
+    # claim, ``<holder id>/<random>``). In the cron leader's slot: the fire script checks the
+    # lease and moves ``slot`` forward in one step, so a slot at or before it never fires
+    # again. One key per job, EX = the job's period + the missed-slot window + 1 day, renewed
+    # by every fire: a job removed from the code leaves a key that expires by itself.
+    def cron_job(self, job: str) -> str:
+        return f"{self.leader('cron')}:job:{job}"
 
-    # string: last fired slot of a cron job (for ``cron list``), no expiry.
-    def cron_last(self, job: str) -> str:
-        return f"{self.leader('cron')}:job:{job}:last"
-
-    # string: cluster-wide claim of a ``once=True`` subscriber, SET NX, no expiry.
+    # string: cluster-wide claim of a ``once=True`` subscriber, SET NX, no expiry (it must
+    # outlive every worker, or the subscriber would run again). Bound: one per ``once=True``
+    # subscriber name in the app's code.
     def once(self, subscriber_name: str) -> str:
         return f"{self.namespace}:once:{subscriber_name}"
 
@@ -200,6 +212,9 @@ class Keys:
     def _conv(self, conversation_id: str) -> str:
         return f"{{{self.namespace}:conv:{conversation_id}}}"
 
+    # The conversation's memory keys (snapshot, deltas, applied ids, lock epoch) all expire
+    # ``conversation_ttl_s`` (default 30 days; 0 = never) after the conversation's last memory
+    # write, which renews them together (chat/conversations.py, APPLY_DELTA).
     # hash: conversation memory snapshot (+ ``__epoch`` of the last writer's fencing token).
     def conversation(self, conversation_id: str) -> str:
         return self._conv(conversation_id)
@@ -217,7 +232,8 @@ class Keys:
     def conversation_lock(self, conversation_id: str) -> str:
         return f"{self._conv(conversation_id)}:lock"
 
-    # counter: fencing epoch of a conversation lock.
+    # counter: fencing epoch of a conversation lock, seeded from Redis's clock (ms) when it is
+    # created, so one that expired never hands out a token a stale holder still has.
     def conversation_lock_epoch(self, conversation_id: str) -> str:
         return f"{self._conv(conversation_id)}:lock:epoch"
 

@@ -126,8 +126,33 @@ def redelivery_delay_ms(settings: Settings, deliveries: int) -> int:
     return int(delay / 2 + random.uniform(0, delay / 2))
 
 
+class SlotShare:
+    """The concurrency of one route, shared by its consumers of the stream partitions.
+
+    Each consumer may fill the slots the others leave free, and always gets its even share
+    (``concurrency / partitions``, rounded up) however busy the others are: an idle partition
+    leaves its slots to a busy one, and a busy partition never starves another. A read asks for
+    at most one share, so readers that return at the same moment overshoot the concurrency by
+    less than a share each."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.members: list[Consumer] = []
+
+    def free_for(self, consumer: Consumer) -> int:
+        share = -(-self.total // max(1, len(self.members)))
+        active = sum(c.active for c in self.members)
+        own = consumer.active
+        return min(share, self.total - own, max(share - own, self.total - active))
+
+    def freed(self) -> None:
+        """A slot of one member freed up: the others may read again."""
+        for c in self.members:
+            c._slot_freed.set()
+
+
 class Consumer:
-    """Consumes the events stream for one consumer name until stopped.
+    """Consumes one partition of the events stream for one consumer name until stopped.
 
     Every Redis error is handled by the fault model (:mod:`orchestrator.faults`): transient
     faults are waited out with backoff and logged once per episode, a missing group is
@@ -174,6 +199,8 @@ class Consumer:
         self._budget = RestartBudget("consumer task", stops="the worker")
         self.failure: BaseException | None = None
         self.connected = asyncio.Event()
+        #: the route's concurrency when its consumers of several partitions share it
+        self.share: SlotShare | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, until_drained: bool = False) -> None:
@@ -317,10 +344,17 @@ class Consumer:
             if until_drained and not progressed and await self._drained():
                 return
 
+    @property
+    def active(self) -> int:
+        """Entries that hold a slot: in flight, not waiting for a dead-letter nor parked."""
+        return len(self.in_flight) - len(self._dead_waiting) - self._parked
+
     def _free(self) -> int:
         if self._parked >= PARKED_MAX_PER_SLOT * self.settings.concurrency:
             return 0  # enough entries wait for a limit already: read no more
-        return self.settings.concurrency - (len(self.in_flight) - len(self._dead_waiting) - self._parked)
+        if self.share is not None:
+            return self.share.free_for(self)
+        return self.settings.concurrency - self.active
 
     def _park(self, entry: _InFlight, wait_ms: int) -> bool:
         """Keep ``entry`` in flight (owned, renewed) without a slot for ``wait_ms``, then hand
@@ -473,7 +507,10 @@ class Consumer:
             except Exception as exc:
                 # the entry stays pending and comes back after the lease (then, past
                 # max_deliveries, it is dead-lettered by a path that keeps none of its data)
-                self._fail(f"slot ({entry.delivery.stream_id})", exc)
+                if classify(exc) in TRANSIENT:  # Redis failing over or unreachable: not a bug
+                    faults.report(exc)
+                else:
+                    self._fail(f"slot ({entry.delivery.stream_id})", exc)
             finally:
                 entry.task = None
 
@@ -495,6 +532,7 @@ class Consumer:
                 return
             event.deliveries = d.deliveries
             event.group = self.broker.group
+            event.partition = self.broker.partition
             if self.gate is not None:
                 wait_ms = await self.gate.enter(event)
                 if wait_ms:  # over a limit: park it (pending, renewed, no slot), try again later
@@ -517,6 +555,8 @@ class Consumer:
             if not keep:
                 self.in_flight.pop(d.stream_id, None)
             self._slot_freed.set()
+            if self.share is not None:
+                self.share.freed()
 
     async def _process(self, event: Event) -> Outcome:
         try:
@@ -616,6 +656,7 @@ class Consumer:
         except Exception:
             return
         event.group = self.broker.group
+        event.partition = self.broker.partition
         try:
             await self.on_dead(event)
         except Exception:

@@ -44,18 +44,19 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import redis.asyncio as aioredis
 
 from orchestrator import faults
+from orchestrator.broker.scripts import ORDER_LIST_TTL_S
 from orchestrator.broker.streams import wire_fields
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.events import Event
 from orchestrator.faults import TRANSIENT, Backoff, Fault, RestartBudget, classify
-from orchestrator.keys import Keys
+from orchestrator.keys import Keys, PartitionKeys
 from orchestrator.locks import cancel_and_wait
 
 log = logging.getLogger("tokiwa.delayed")
@@ -142,7 +143,10 @@ for i = 1, #due, 2 do
         end
         sid = redis.call('XADD', KEYS[1], '*', unpack(entry['fields']))
         if ttl ~= '0' then redis.call('SET', ARGV[3] .. eid, sid, 'PX', ttl) end
-        for _, key in ipairs(order) do redis.call('RPUSH', key, sid) end
+        for _, key in ipairs(order) do
+          redis.call('RPUSH', key, sid)
+          redis.call('EXPIRE', key, __ORDER_TTL_S__)
+        end
         status = 'moved'
       end
     end
@@ -155,7 +159,7 @@ local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local nxt = false
 if head[2] then nxt = head[2] end
 return {out, nxt, now}
-"""
+""".replace("__ORDER_TTL_S__", str(ORDER_LIST_TTL_S))
 
 
 def _s(value: bytes | str) -> str:
@@ -215,19 +219,26 @@ class DelayedEvents:
         # movers of this process: a schedule due before a mover's wake-up wakes it
         self._movers: set[DelayMover] = set()
 
-    async def schedule(self, event: Event, due_ms: int, order_lists: Sequence[str] = ()) -> bool:
-        """Store ``event`` to be added to the stream at ``due_ms`` (epoch ms, by the caller's
-        clock), with the stream id to be RPUSHed to each of ``order_lists`` (keys of this
-        namespace) when it moves. Returns False, changing nothing, when an event of this id is
-        scheduled already. InvalidArgumentError for an event over ``max_event_bytes``."""
+    def _parts(self) -> list[PartitionKeys]:
+        return self.keys.partitions(self.settings.partitions)
+
+    async def schedule(self, event: Event, due_ms: int, order_lists: Sequence[str] = (), *,
+                       partition: int = 0) -> bool:
+        """Store ``event`` to be added to the stream of ``partition`` at ``due_ms`` (epoch ms,
+        by the caller's clock), with the stream id to be RPUSHed to each of ``order_lists``
+        (keys of that partition) when it moves. Returns False, changing nothing, when an event
+        of this id is scheduled already in that partition. InvalidArgumentError for an event
+        over ``max_event_bytes``."""
         if isinstance(due_ms, bool) or not isinstance(due_ms, int) or due_ms < 0:
             raise InvalidArgumentError(f"due_ms must be a non-negative integer (epoch ms), got {due_ms!r}")
-        prefix = f"{self.keys.partition(0).tag}:"
+        part = self.keys.partition(partition)
+        prefix = f"{part.tag}:"
         for key in order_lists:
             if not isinstance(key, str) or not key.startswith(prefix):
-                raise InvalidArgumentError(f"order list {key!r} is not a key of namespace {self.keys.namespace!r}")
+                raise InvalidArgumentError(f"order list {key!r} is not a key of namespace {self.keys.namespace!r} "
+                                           f"partition {partition}")
         fields = wire_fields(event, self.settings)
-        stored = bool(await self._schedule(keys=[self.keys.delayed, self.keys.delayed_events],
+        stored = bool(await self._schedule(keys=[part.delayed, part.delayed_events],
                                            args=[event.id, due_ms, pack_entry(fields, order_lists)]))
         if stored:
             for mover in list(self._movers):
@@ -246,23 +257,35 @@ class DelayedEvents:
         Redis's time when it moved, both epoch ms: what a mover needs to plan its sleep."""
         if limit < 1:
             raise InvalidArgumentError(f"limit must be at least 1, got {limit}")
-        reply = await self._move(
-            keys=[self.keys.events, self.keys.delayed, self.keys.delayed_events, self.keys.dead],
-            args=[limit, self.settings.publish_dedup_ms, self.keys.published(""), self.settings.dead_maxlen],
-        )
-        rows, head, now = reply
-        now_ms = int(now)
-        moved = [{"event_id": _s(eid), "stream_id": _s(sid) if sid else None, "due_ms": _ms(score),
-                  "moved_ms": now_ms, "status": _s(status)} for eid, sid, score, status in rows]
-        return moved, (_ms(head) if head else None), now_ms
+        moved: list[dict[str, Any]] = []
+        heads: list[int] = []
+        now_ms = 0
+        for part in self._parts():  # one script per partition: each is one hash slot
+            rows, head, now = await self._move(
+                keys=[part.events, part.delayed, part.delayed_events, part.dead],
+                args=[limit, self.settings.publish_dedup_ms, part.published(""), self.settings.dead_maxlen],
+            )
+            now_ms = max(now_ms, int(now))
+            moved += [{"event_id": _s(eid), "stream_id": _s(sid) if sid else None, "due_ms": _ms(score),
+                       "moved_ms": int(now), "status": _s(status), "partition": part.index}
+                      for eid, sid, score, status in rows]
+            if len(rows) >= limit:
+                heads.append(int(now))  # a full batch: more may be due at once
+            elif head:
+                heads.append(_ms(head))
+        return moved, (min(heads) if heads else None), now_ms
 
     async def next_due_ms(self) -> int | None:
         """The earliest due time (epoch ms), or None when nothing is scheduled."""
-        head = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
-        return _ms(head[0][1]) if head else None
+        heads = []
+        for part in self._parts():
+            head = await self.redis.zrange(part.delayed, 0, 0, withscores=True)
+            if head:
+                heads.append(_ms(head[0][1]))
+        return min(heads) if heads else None
 
     async def count(self) -> int:
-        return int(await self.redis.zcard(self.keys.delayed))
+        return sum([int(await self.redis.zcard(part.delayed)) for part in self._parts()])
 
     async def list(self, limit: int = 100) -> list[dict[str, Any]]:
         """The first ``limit`` delayed events in due order: ``[{event_id, type, due_ms,
@@ -270,24 +293,28 @@ class DelayedEvents:
         the stored value cannot be read)."""
         if limit < 1:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrange(self.keys.delayed, 0, limit - 1, withscores=True)
-        pipe.time()
-        members, (secs, micros) = await pipe.execute()
-        if not members:
-            return []
+        secs, micros = await self.redis.time()
         now_ms = secs * 1000 + micros // 1000
-        raws = await self.redis.hmget(self.keys.delayed_events, [m for m, _ in members])
         out: list[dict[str, Any]] = []
-        for (member, score), raw in zip(members, raws, strict=True):
-            due = _ms(score)
-            out.append({"event_id": _s(member), "type": _event_type(raw), "due_ms": due,
-                        "due_in_s": round((due - now_ms) / 1000.0, 3)})
-        return out
+        for part in self._parts():
+            members = cast("list[tuple[bytes, float]]",
+                           await self.redis.zrange(part.delayed, 0, limit - 1, withscores=True))
+            if not members:
+                continue
+            raws = await self.redis.hmget(part.delayed_events, [m for m, _ in members])
+            for (member, score), raw in zip(members, raws, strict=True):
+                due = _ms(score)
+                out.append({"event_id": _s(member), "type": _event_type(raw), "due_ms": due,
+                            "due_in_s": round((due - now_ms) / 1000.0, 3), "partition": part.index})
+        out.sort(key=lambda row: row["due_ms"])
+        return out[:limit]
 
     async def cancel(self, event_id: str) -> bool:
-        """Remove a delayed event before it moves; True if it was scheduled."""
-        return bool(await self._cancel(keys=[self.keys.delayed, self.keys.delayed_events], args=[event_id]))
+        """Remove a delayed event before it moves; True if it was scheduled (in any partition)."""
+        found = False
+        for part in self._parts():
+            found = bool(await self._cancel(keys=[part.delayed, part.delayed_events], args=[event_id])) or found
+        return found
 
 
 def _event_type(raw: bytes | str | None) -> str | None:

@@ -76,19 +76,22 @@ async def declare_groups(redis: Any, stream: str, wanted: Iterable[str], prefix:
 
 
 class ConsumerGroups:
-    """One worker's consumers, one per route group, run and stopped together. A consumer that
-    fails for good (:class:`ConsumerFailed`) stops the others: the worker exits non-zero."""
+    """One worker's consumers, one per route group and stream partition, run and stopped
+    together. A consumer that fails for good (:class:`ConsumerFailed`) stops the others: the
+    worker exits non-zero."""
 
-    def __init__(self, consumers: dict[str, Consumer]) -> None:
+    def __init__(self, consumers: dict[tuple[str, int], Consumer]) -> None:
         self.consumers = consumers
-        for n, consumer in enumerate(consumers.values()):
-            consumer.trims = n == 0  # one trim per worker covers every group
+        trimmed: set[int] = set()
+        for (_, partition), consumer in consumers.items():
+            consumer.trims = partition not in trimmed  # one trim per partition covers every group
+            trimmed.add(partition)
         self._stop = asyncio.Event()
         self.failure: BaseException | None = None
 
     @property
     def groups(self) -> list[str]:
-        return list(self.consumers)
+        return list(dict.fromkeys(group for group, _ in self.consumers))
 
     async def run(self, *, until_drained: bool = False) -> None:
         if not self.consumers:
@@ -97,8 +100,8 @@ class ConsumerGroups:
             if self.failure is not None:
                 raise ConsumerFailed(f"stopped: {self.failure!r}") from self.failure
             return
-        tasks = {asyncio.create_task(c.run(until_drained=until_drained), name=f"tokiwa-consumer-{g}"): g
-                 for g, c in self.consumers.items()}
+        tasks = {asyncio.create_task(c.run(until_drained=until_drained), name=f"tokiwa-consumer-{g}-p{p}"): g
+                 for (g, p), c in self.consumers.items()}
         failed: BaseException | None = None
         try:
             pending = set(tasks)
@@ -148,20 +151,26 @@ class ConsumerGroups:
         for consumer in self.consumers.values():
             consumer.observe = observe
 
-    def consumer_of(self, group: str | None) -> Consumer | None:
-        return self.consumers.get(group) if group is not None else None
+    def consumer_of(self, group: str | None, partition: int = 0) -> Consumer | None:
+        return self.consumers.get((group, partition)) if group is not None else None
 
-    async def owned_events(self, events: Sequence[Event]) -> set[tuple[str | None, str]]:
-        """The (group, stream id) pairs of ``events`` this worker still holds, asked of each
-        event's own group (one query per group)."""
-        by_group: dict[str | None, list[str]] = {}
+    async def owned_events(self, events: Sequence[Event]) -> set[tuple[str | None, int, str]]:
+        """The entries (:func:`entry_of`) of ``events`` this worker still holds, asked of each
+        event's own group and partition (one query each)."""
+        by_consumer: dict[tuple[str | None, int], list[str]] = {}
         for e in events:
             if e.stream_id:
-                by_group.setdefault(e.group, []).append(e.stream_id)
-        out: set[tuple[str | None, str]] = set()
-        for group, ids in by_group.items():
-            consumer = self.consumer_of(group)
+                by_consumer.setdefault((e.group, e.partition), []).append(e.stream_id)
+        out: set[tuple[str | None, int, str]] = set()
+        for (group, partition), ids in by_consumer.items():
+            consumer = self.consumer_of(group, partition)
             if consumer is None:
                 continue  # not delivered by a consumer of ours: not ours to record
-            out |= {(group, sid) for sid in await consumer.owned(ids)}
+            out |= {(group, partition, sid) for sid in await consumer.owned(ids)}
         return out
+
+
+def entry_of(event: Event) -> tuple[str | None, int, str | None]:
+    """What names an event's stream entry among a worker's: its group, partition and id (ids
+    of different partitions may be equal)."""
+    return event.group, event.partition, event.stream_id

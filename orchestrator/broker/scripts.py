@@ -139,6 +139,10 @@ end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', cut)
 """
 
+# seconds a conversation order list lives after its last append: ids leave it as their turns
+# end, so this only bounds a list whose ids were never taken (a route removed meanwhile)
+ORDER_LIST_TTL_S = 7 * 24 * 3600
+
 # KEYS[1] = events stream, KEYS[2] = the event's marker ({ns}:published:{event_id}),
 # KEYS[3..n] = conversation order lists
 # ARGV[1] = marker lifetime in ms (0 = no marker), ARGV[2..n] = the entry's field/value pairs
@@ -146,7 +150,8 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', cut)
 # lifetime, say by a publish resent after a timeout), returns the stream id it holds and adds
 # nothing. Otherwise XADDs the entry, sets the marker to its id and RPUSHes the id to every
 # conversation order list, atomically (the order lists follow stream order). Returns the
-# entry id. The XADD is the first write, so a full Redis (OOM) refuses the whole publish.
+# entry id. The XADD is the first write, so a full Redis (OOM) refuses the whole publish. Each
+# order list expires :data:`ORDER_LIST_TTL_S` after its last append.
 PUBLISH_ONCE = """
 local ttl = ARGV[1]
 if ttl ~= '0' then
@@ -155,9 +160,12 @@ if ttl ~= '0' then
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 if ttl ~= '0' then redis.call('SET', KEYS[2], id, 'PX', ttl) end
-for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], id) end
+for i = 3, #KEYS do
+  redis.call('RPUSH', KEYS[i], id)
+  redis.call('EXPIRE', KEYS[i], __ORDER_TTL_S__)
+end
 return id
-"""
+""".replace("__ORDER_TTL_S__", str(ORDER_LIST_TTL_S))
 
 # KEYS[1] = events stream
 # ARGV[1] = group name prefix ("{prefix}:"), ARGV[2] = idle ms

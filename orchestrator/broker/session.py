@@ -15,6 +15,7 @@ import logging
 import redis.asyncio as aioredis
 
 from orchestrator.broker.connection import create_redis, read_block_ms
+from orchestrator.broker.durable import wait_block_ms
 from orchestrator.broker.embedded import SharedEmbeddedRedis
 from orchestrator.broker.streams import StreamBroker
 from orchestrator.config import Settings
@@ -51,7 +52,8 @@ class BrokerSession:
         # renewal, heartbeats, the delay mover and the cancel watcher)
         slots = settings.concurrency * max(1, routes)
         self.redis = create_redis(url, timeout_ms=settings.redis_timeout_ms,
-                                  block_ms=read_block_ms(settings.block_ms, settings.redis_timeout_ms),
+                                  block_ms=max(read_block_ms(settings.block_ms, settings.redis_timeout_ms),
+                                               wait_block_ms(settings)),  # a durable publish's WAIT blocks too
                                   max_connections=max(100, 2 * slots + 4 * max(1, routes) + 32))
         self.broker = StreamBroker(self.redis, settings, consumer)
 

@@ -17,12 +17,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
-from orchestrator.broker import scripts, signing
+from orchestrator.broker import durable, scripts, signing
+from orchestrator.broker.batch import Batch
+from orchestrator.broker.connection import is_cluster
 from orchestrator.config import Settings
 from orchestrator.errors import BrokerError, InvalidArgumentError
 from orchestrator.events import Event, encode_fields
 from orchestrator.faults import Fault, classify, is_group_exists, is_missing_key
-from orchestrator.keys import Keys
+from orchestrator.keys import Keys, PartitionKeys
 
 log = logging.getLogger("tokiwa.broker")
 
@@ -73,13 +75,13 @@ def checked_fields(event: Event, max_bytes: int) -> dict[str, bytes | str]:
     return fields
 
 
-def publish_once_call(keys: Keys, event_id: str, fields: Mapping[str, bytes | str], order_lists: Sequence[str],
+def publish_once_call(part: PartitionKeys, event_id: str, fields: Mapping[str, bytes | str], order_lists: Sequence[str],
                       dedup_ms: int) -> tuple[list[str], list[int | bytes | str]] | None:
     """KEYS and ARGV of :data:`scripts.PUBLISH_ONCE` for one entry, or None when a plain XADD
     does the same (``dedup_ms`` 0 and no conversation order lists)."""
     if not dedup_ms and not order_lists:
         return None
-    script_keys = [keys.events, keys.published(event_id), *order_lists]
+    script_keys = [part.events, part.published(event_id), *order_lists]
     return script_keys, [dedup_ms, *(x for kv in fields.items() for x in kv)]
 
 
@@ -121,14 +123,17 @@ def dead_fields(fields: Mapping[bytes, bytes], extra: Mapping[bytes, str], max_b
 
 
 class StreamBroker:
-    """Stream operations for one namespace, group and consumer name."""
+    """Stream operations for one namespace, group, consumer name and partition (publishing
+    goes to any partition: the caller's placement says which)."""
 
     def __init__(self, redis: aioredis.Redis, settings: Settings, consumer: str | None = None, *,
-                 group: str | None = None) -> None:
+                 group: str | None = None, partition: int = 0) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.stream = self.keys.events
+        self.partition = partition
+        self.part = self.keys.partition(partition)
+        self.stream = self.part.events
         self.group = group or settings.group
         self.consumer = consumer or "producer"
         self._ack = redis.register_script(scripts.ACK_OWNED)
@@ -139,6 +144,7 @@ class StreamBroker:
         self._publish_once = redis.register_script(scripts.PUBLISH_ONCE)
         self._delete_idle = redis.register_script(scripts.DELETE_IDLE_CONSUMERS)
         self._reclaim_cursor = "0-0"
+        self._cluster = is_cluster(redis)
 
     # -- group ----------------------------------------------------------------------------
     async def group_exists(self) -> bool:
@@ -171,42 +177,57 @@ class StreamBroker:
             raise BrokerError(f"cannot create group {self.group!r} on {self.stream}: {exc}") from exc
 
     # -- publish --------------------------------------------------------------------------
-    async def publish(self, event: Event, *, order_lists: Sequence[str] = (), dedup_ms: int | None = None) -> str:
-        """Add one event to the stream once; returns its stream id. The id is also appended to
-        each of the conversation ``order_lists`` (keys) in the same atomic step.
+    async def publish(self, event: Event, *, order_lists: Sequence[str] = (), dedup_ms: int | None = None,
+                      partition: int | None = None) -> str:
+        """Add one event to the stream of ``partition`` (default: this broker's) once; returns
+        its stream id. The id is also appended to each of the conversation ``order_lists``
+        (keys in that partition) in the same atomic step.
 
         Publishing lands once per event id within ``publish_dedup_ms``: a publish that redis-py
         resends after a timeout (the first may have landed), or the same Event published again,
         returns the first stream id and adds nothing (:data:`scripts.PUBLISH_ONCE`)."""
         fields = wire_fields(event, self.settings)
         window = self.settings.publish_dedup_ms if dedup_ms is None else dedup_ms
-        call = publish_once_call(self.keys, event.id, fields, order_lists, window)
-        if call is None:
-            stream_id = _s(await self.redis.xadd(self.stream, cast("dict[FieldT, EncodableT]", fields)))
+        part = self.part if partition is None else self.keys.partition(partition)
+        call = publish_once_call(part, event.id, fields, order_lists, window)
+        if self.settings.publish_wait_replicas:  # durable: WAIT for replicas on the same connection
+            stream_id = await durable.publish_and_wait(self.redis, self._publish_once, part.events, fields, call,
+                                                       self.settings)
+        elif call is None:
+            stream_id = _s(await self.redis.xadd(part.events, cast("dict[FieldT, EncodableT]", fields)))
         else:
             stream_id = _s(await self._publish_once(keys=call[0], args=call[1]))
         event.stream_id = stream_id
         return stream_id
 
     async def publish_many(
-        self, events: Iterable[Event], *, order_lists: Sequence[Sequence[str]] | None = None
+        self, events: Iterable[Event], *, order_lists: Sequence[Sequence[str]] | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[str]:
-        """Publish many events in one pipelined round trip (no transaction), each once as in
-        :meth:`publish` (a resent pipeline adds nothing twice); returns their stream ids."""
+        """Publish many events together (one pipelined round trip on one Redis, one per
+        master on a cluster: :class:`~orchestrator.broker.batch.Batch`; no transaction), each
+        once as in :meth:`publish` (a resent batch adds nothing twice), event ``i`` to
+        ``partitions[i]`` (default: this broker's), in order per partition; returns their
+        stream ids."""
         events = list(events)
         if not events:
             return []
+        if self.settings.publish_wait_replicas:  # durable: each publish with its own WAIT
+            return [await self.publish(event, order_lists=order_lists[i] if order_lists else (),
+                                       partition=partitions[i] if partitions else None)
+                    for i, event in enumerate(events)]
         dedup_ms = self.settings.publish_dedup_ms
-        pipe = self.redis.pipeline(transaction=False)
+        batch = Batch(self.redis)
         for i, event in enumerate(events):
             fields = wire_fields(event, self.settings)
             convs = order_lists[i] if order_lists else ()
-            call = publish_once_call(self.keys, event.id, fields, convs, dedup_ms)
+            part = self.keys.partition(partitions[i]) if partitions else self.part
+            call = publish_once_call(part, event.id, fields, convs, dedup_ms)
             if call is None:
-                pipe.xadd(self.stream, cast("dict[FieldT, EncodableT]", fields))
+                batch.command("xadd", part.events, cast("dict[FieldT, EncodableT]", fields))
             else:
-                await self._publish_once(keys=call[0], args=call[1], client=pipe)
-        ids = [_s(x) for x in await pipe.execute()]
+                batch.script(self._publish_once, keys=call[0], args=call[1])
+        ids = [_s(x) for x in await batch.execute()]
         for event, stream_id in zip(events, ids, strict=True):
             event.stream_id = stream_id
         return ids
@@ -216,9 +237,20 @@ class StreamBroker:
         """XREADGROUP up to ``count`` new entries (``>``), blocking up to ``block_ms``."""
         if count <= 0:
             return []
-        reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
-        )
+        reply: Any
+        if self._cluster:
+            # sent straight to the stream's master: redis-py's cluster client would otherwise
+            # ask a node for the keys of every XREADGROUP (COMMAND GETKEYS, two round trips)
+            args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
+            if block_ms is not None:
+                args += ["BLOCK", block_ms]
+            cluster: Any = self.redis
+            reply = await cluster.execute_command(*args, "STREAMS", self.stream, ">",
+                                                  target_nodes=cluster.get_node_from_key(self.stream))
+        else:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+            )
         if not reply:
             return []
         out = []
@@ -308,7 +340,7 @@ class StreamBroker:
         }
         head: list[Any] = [self.group, self.consumer, delivery.stream_id, self.settings.dead_maxlen]
         try:
-            result = await self._dead(keys=[self.stream, self.keys.dead],
+            result = await self._dead(keys=[self.stream, self.part.dead],
                                       args=head + dead_fields(delivery.fields, extra, self.settings.max_event_bytes))
         except ResponseError as exc:
             if classify(exc) not in (Fault.SCRIPT, Fault.FATAL):
@@ -317,7 +349,7 @@ class StreamBroker:
                       delivery.stream_id, exc)
             extra[b"error"] = f"{error[:2000]} (entry data not kept: {str(exc)[:300]})"
             extra.update(entry_summary(delivery.fields))
-            result = await self._dead(keys=[self.stream, self.keys.dead],
+            result = await self._dead(keys=[self.stream, self.part.dead],
                                       args=head + [x for kv in extra.items() for x in kv])
         return _s(result) if result else None
 
@@ -391,5 +423,30 @@ class StreamBroker:
                          "last_delivered": _s(g["last-delivered-id"])}
         return out
 
+    async def groups_state_all(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """:meth:`groups_state` summed over every partition (``last_delivered`` is partition
+        0's when there is one partition, else None)."""
+        parts = self.settings.partitions
+        if parts == 1:
+            return await self.groups_state(names)
+        total: dict[str, dict[str, Any]] = {}
+        for p in range(parts):
+            broker = StreamBroker(self.redis, self.settings, self.consumer, group=self.group, partition=p)
+            for name, state in (await broker.groups_state(names)).items():
+                row = total.setdefault(name, {"length": 0, "pending": 0, "lag": 0, "consumers": 0,
+                                              "last_delivered": None})
+                for k in ("length", "pending", "lag"):
+                    row[k] += state[k]
+                row["consumers"] = max(row["consumers"], state["consumers"])
+        return total
+
+    async def stream_length_all(self) -> int:
+        """Entries in the streams of every partition."""
+        return sum([int(await self.redis.xlen(p.events)) for p in self.keys.partitions(self.settings.partitions)])
+
+    async def dead_count_all(self) -> int:
+        """Dead letters of every partition."""
+        return sum([int(await self.redis.xlen(p.dead)) for p in self.keys.partitions(self.settings.partitions)])
+
     async def dead_count(self) -> int:
-        return int(await self.redis.xlen(self.keys.dead))
+        return int(await self.redis.xlen(self.part.dead))

@@ -118,10 +118,11 @@ class ChatflowExecutor:
         cid = conversation_id
         stream_id = stream_id or getattr(event, "stream_id", None)
         group = getattr(event, "group", None)
+        partition = getattr(event, "partition", 0)
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
         if stream_id:
-            in_order = await self.wait_turn(cid, stream_id, group)
+            in_order = await self.wait_turn(cid, stream_id, group, partition)
             if in_order is None and group is not None and getattr(event, "deliveries", 0) <= 1:
                 self._unordered(cid, stream_id)
         finished = False
@@ -144,7 +145,7 @@ class ChatflowExecutor:
             raise
         finally:
             if stream_id and finished:
-                await asyncio.shield(self.abandon(cid, stream_id, group))
+                await asyncio.shield(self.abandon(cid, stream_id, group, partition))
 
     async def _run_locked(self, workflow: Any, lock: RedisLock, cid: str, event: Any, input: Any,  # noqa: A002
                           context: Any, memory: dict[str, Any] | None, runner_kwargs: dict[str, Any],
@@ -246,12 +247,13 @@ class ChatflowExecutor:
                         "publisher could not compute the conversation key); it runs when it is read "
                         "(%d such events so far)", cid, stream_id, self.unordered)
 
-    async def wait_turn(self, conversation_id: str, stream_id: str, group: str | None = None) -> bool | None:
+    async def wait_turn(self, conversation_id: str, stream_id: str, group: str | None = None,
+                        partition: int = 0) -> bool | None:
         """Wait until ``stream_id`` heads the conversation's order list (of the chatflow route
-        ``group``). Returns True when it is its turn, None when the id is not in the list at
+        ``group``, in the stream ``partition`` the entry is in). Returns True when it is its turn, None when the id is not in the list at
         the first look (not recorded, or its turn is over), False if it gave up after
         ``order_wait_timeout_s``."""
-        key = self.keys.conversation_order(conversation_id, group)
+        key = self.keys.conversation_order(conversation_id, group, partition)
         deadline = time.monotonic() + self.order_wait_timeout_s
         delay = self.poll_min_s
         first = True
@@ -292,10 +294,11 @@ class ChatflowExecutor:
                 del self._turn_waiters[conversation_id]
                 self._turn_events.pop(conversation_id, None)
 
-    async def abandon(self, conversation_id: str, stream_id: str, group: str | None = None) -> None:
+    async def abandon(self, conversation_id: str, stream_id: str, group: str | None = None,
+                      partition: int = 0) -> None:
         """Give up the turn of ``stream_id`` (done, dead-lettered, or not for this chatflow) in
-        the order list of the chatflow route ``group``, so the next event runs."""
-        await self.redis.lrem(self.keys.conversation_order(conversation_id, group), 1, stream_id)
+        the order list of the chatflow route ``group`` (in ``partition``), so the next event runs."""
+        await self.redis.lrem(self.keys.conversation_order(conversation_id, group, partition), 1, stream_id)
         changed = self._turn_events.pop(conversation_id, None)
         if changed is not None:  # wake this process's waiters; later ones get a fresh event
             changed.set()

@@ -14,6 +14,10 @@ Values are compared by equality (tokiwa compares by identity, so its nested obje
 count as changed; equality gives the same memory with smaller deltas). ``set`` computes its
 delta from the current memory, so writers of one conversation must be serialized: chatflow
 runs hold the conversation lock while they write.
+
+Bounds: the Redis store's keys of a conversation expire after it was idle (no write) for
+``ttl_s``; the applied ids are capped to the newest ``dedupe_keep``; the deltas are folded into
+the snapshot every ``compact_after``. The memory and file stores keep what they are given.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ Patch = dict[str, Any]  # {"set": {key: value}, "remove": [key, ...]}
 # event ids remembered per conversation for deduplication; a redelivery comes within
 # minutes, long before this many later events of the same conversation.
 DEFAULT_DEDUPE_KEEP = 10_000
+# a Redis conversation's keys expire this long after its last write (Settings.conversation_ttl_s)
+DEFAULT_TTL_S = 30 * 86_400.0
 
 
 def check_cid(conversation_id: Any) -> str:
@@ -270,11 +276,19 @@ def _iso_now() -> str:
 #           (keys.conversation_applied)
 # ARGV[1] = fencing token ('' = none), ARGV[2] = event id ('' = none), ARGV[3] = compact after N,
 # ARGV[4] = applied ids to keep, ARGV[5] = delta (msgpack [{key: msgpack value}, [removed keys]],
-#           '' = empty delta)
+#           '' = empty delta), ARGV[6] = idle TTL ms of the four keys ('0' = none)
 # Snapshot fields: 'm:<key>' = msgpack value, '__epoch' = newest writer's token, '__seq' = count
-# of applied event ids. Returns {1, n deltas} applied, {0, 0} duplicate event id,
+# of applied event ids. A write (re)sets the idle TTL of all four keys (PEXPIRE of a missing
+# key does nothing). Returns {1, n deltas} applied, {0, 0} duplicate event id,
 # {-1, newest epoch} stale fencing token.
 APPLY_DELTA = """
+local function touch(result)
+  local ttl = tonumber(ARGV[6])
+  if ttl > 0 then
+    for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+  return result
+end
 local token = tonumber(ARGV[1])
 if token then
   local newest = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -289,16 +303,16 @@ if ARGV[2] ~= '' then
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(tonumber(ARGV[4]) + 1))
 end
 if token then redis.call('HSET', KEYS[1], '__epoch', token) end
-if ARGV[5] == '' then return {1, redis.call('LLEN', KEYS[2])} end
+if ARGV[5] == '' then return touch({1, redis.call('LLEN', KEYS[2])}) end
 local n = redis.call('RPUSH', KEYS[2], ARGV[5])
-if n < tonumber(ARGV[3]) then return {1, n} end
+if n < tonumber(ARGV[3]) then return touch({1, n}) end
 for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   local delta = cmsgpack.unpack(raw)
   for k, v in pairs(delta[1]) do redis.call('HSET', KEYS[1], 'm:' .. k, v) end
   for _, k in ipairs(delta[2]) do redis.call('HDEL', KEYS[1], 'm:' .. k) end
 end
 redis.call('DEL', KEYS[2])
-return {1, 0}
+return touch({1, 0})
 """
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -317,15 +331,30 @@ class RedisConversationStore(ConversationStore):
     Each write is one Lua script (:data:`APPLY_DELTA`) that checks the fencing token against
     the conversation lock's epoch, drops an already-applied event id, appends the delta and,
     every ``compact_after`` deltas, folds them into the snapshot, all atomically. A read is
-    one MULTI (snapshot + deltas). In ``redis-cli``: ``HGETALL tokiwa:conv:<id>`` shows one
+    one MULTI (snapshot + deltas). In ``redis-cli``: ``HGETALL {tokiwa:conv:<id>}`` shows one
     ``m:<key>`` field per top-level memory key (msgpack values).
+
+    Idle expiry: every write sets the TTL of the conversation's keys (snapshot, deltas,
+    applied ids, lock epoch) to ``ttl_s`` (``Settings.conversation_ttl_s``, 30 days by default;
+    0 = never), so a conversation nobody wrote to for that long is gone, memory included, and
+    starts again from ``{}``. A read also sets the lock epoch's TTL, so the epoch of a run that
+    took the lock and then wrote nothing (it lost the lock) expires too. Fencing stays safe
+    when the epoch expires: the lock's acquire script seeds a new epoch from Redis's clock in
+    ms (:data:`orchestrator.locks.ACQUIRE`), which is larger than any token handed out before
+    (the old epoch started at the clock too, and would need more acquisitions than ms passed
+    since, the idle TTL included, to catch up), so a holder whose lock expired long ago is
+    still refused once someone else took the lock.
     """
 
     def __init__(self, redis: Any, keys: Keys, *, compact_after: int = 50,
-                 dedupe_keep: int = DEFAULT_DEDUPE_KEEP) -> None:
+                 dedupe_keep: int = DEFAULT_DEDUPE_KEEP, ttl_s: float = DEFAULT_TTL_S) -> None:
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or ttl_s < 0:
+            raise InvalidArgumentError(f"ttl_s must be a number of seconds >= 0 (0 = never expire), got {ttl_s!r}")
         self.redis, self.keys = redis, keys
         self.compact_after = check_compact_after(compact_after)
         self.dedupe_keep = dedupe_keep
+        self.ttl_s = ttl_s
+        self._ttl_ms = max(1, int(ttl_s * 1000)) if ttl_s else 0
         self._apply = redis.register_script(APPLY_DELTA)
 
     def _keys(self, cid: str) -> list[str]:
@@ -338,7 +367,9 @@ class RedisConversationStore(ConversationStore):
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.conversation(cid))
             pipe.lrange(self.keys.conversation_deltas(cid), 0, -1)
-            snapshot, deltas = await pipe.execute()
+            if self._ttl_ms:  # a chatflow reads right after taking the lock (see the class docstring)
+                pipe.pexpire(self.keys.conversation_lock_epoch(cid), self._ttl_ms)
+            snapshot, deltas, *_ = await pipe.execute()
         memory: dict[str, Any] = {}
         for field, raw in snapshot.items():
             name = field.decode() if isinstance(field, bytes) else field
@@ -361,7 +392,7 @@ class RedisConversationStore(ConversationStore):
             [{k: _packb(v) for k, v in sets.items()}, removes])
         status, value = await self._apply(keys=self._keys(cid), args=[
             "" if fencing_token is None else int(fencing_token), event_id or "", self.compact_after,
-            self.dedupe_keep, blob])
+            self.dedupe_keep, blob, self._ttl_ms])
         if int(status) == -1:
             check_token(fencing_token, int(value), cid)
         return int(status) == 1

@@ -44,18 +44,14 @@ async def check_redis(app: Orchestrator) -> None:
     """PING the app's Redis once (on a URL; the embedded server is started by the app) and
     raise the error when it is one that waiting does not mend: a refused password, an ACL
     rule, a TLS failure, a missing certificate file."""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
+    from orchestrator.broker.connection import create_redis
     from orchestrator.cli.producer import explain
 
     url = app.settings.redis_url
     if url is None:
         return
-    timeout_s = app.settings.redis_timeout_ms / 1000.0
     # one plain attempt, outside the fault model's bookkeeping: an outage is the app's to report
-    client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                     retry=Retry(NoBackoff(), 0))
+    client = create_redis(url, timeout_ms=app.settings.redis_timeout_ms, retries=0, counted=False)
     try:
         await client.ping()
     except Exception as exc:

@@ -208,7 +208,7 @@ def _is_repeat(dt: datetime) -> bool:
 
 def slot_iso(dt: datetime) -> str:
     """The canonical text of a slot: UTC, second precision, ``2026-01-02T03:04:05Z``.
-    Lexically ordered like the times themselves (used in Redis keys and ``cron_last``)."""
+    Lexically ordered like the times themselves (the FIRE script compares them as text)."""
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

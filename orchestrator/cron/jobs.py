@@ -55,7 +55,7 @@ class CronHooks(Protocol):
 
 class CronHost(Protocol):
     """What the cron registry uses of the app: its Redis, key names and worker id (the leader
-    election and the fired-slot markers), its mode (a worker never runs cron), what the jobs
+    election and the jobs' state keys), its mode (a worker never runs cron), what the jobs
     do (publish an event, start a workflow) and its hooks."""
 
     @property

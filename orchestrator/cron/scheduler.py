@@ -41,8 +41,8 @@ Handler = Callable[[str, datetime], Any]
 _MAX_SLEEP_S = 60.0
 # the most slots a leader fires for one job in one check (catch-up after a long outage).
 _MAX_SLOTS_PER_CHECK = 1_000
-# the fired marker outlives the catch-up window by this much, and lives at least a day.
-_FIRED_TTL_MIN_S = 86_400
+# a job's state key (keys.cron_job) lives this long past its next slot and the missed-slot window
+_STATE_TTL_MARGIN_S = 86_400
 
 
 @dataclass
@@ -229,19 +229,22 @@ class Scheduler:
                 await cancel_and_wait(leftover)
 
 
-# KEYS[1] = fired marker (keys.cron_fired), KEYS[2] = last fired slot (keys.cron_last),
-# KEYS[3] = leader lease (keys.leader)
-# ARGV[1] = holder id, ARGV[2] = slot (slot_iso), ARGV[3] = marker TTL s,
-# ARGV[4] = claim token (``<holder id>/<random>``, new for every claim call)
-# Fires only while ARGV[1] holds the lease and nobody fired the slot; moves cron_last
-# forward only. A marker already holding ARGV[4] is this very claim, resent by redis-py
-# after its reply was lost: it fires. Returns 1 = fire, 0 = already fired, -1 = not the leader.
+# KEYS[1] = the job's state hash (keys.cron_job: fields slot, token), KEYS[2] = leader lease
+# (keys.leader('cron'))
+# ARGV[1] = holder id, ARGV[2] = slot (slot_iso, ordered like the times), ARGV[3] = claim token
+# (``<holder id>/<random>``, new for every claim call), ARGV[4] = the state's TTL s
+# Compare-and-set: fires only while ARGV[1] holds the lease and the job's last fired slot is
+# older than ARGV[2]; then records ARGV[2] with the token and renews the TTL. A state that
+# already holds ARGV[2] with ARGV[3] is this very claim, resent by redis-py after its reply
+# was lost: it fires. Returns 1 = fire, 0 = this slot (or a later one) already fired,
+# -1 = not the leader.
 FIRE = """
-if redis.call('GET', KEYS[1]) == ARGV[4] then return 1 end
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
-if not redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[3]) then return 0 end
-local last = redis.call('GET', KEYS[2])
-if (not last) or last < ARGV[2] then redis.call('SET', KEYS[2], ARGV[2]) end
+local state = redis.call('HMGET', KEYS[1], 'slot', 'token')
+if state[1] == ARGV[2] and state[2] == ARGV[3] then return 1 end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+if state[1] and state[1] >= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'slot', ARGV[2], 'token', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -258,13 +261,24 @@ class _Term:
 
 class LeaderScheduler(Scheduler):
     """Fires jobs only while ``elector`` says this process leads; each (job, slot) fires at
-    most once cluster-wide (``SET NX keys.cron_fired(job, slot)``, idempotent when redis-py
-    resends it after a lost reply: see :data:`FIRE`).
+    most once cluster-wide, idempotent when redis-py resends the claim after a lost reply
+    (see :data:`FIRE`).
+
+    One key per job holds its state (``keys.cron_job``: the last fired slot and the claim
+    token that fired it), moved forward by compare-and-set: slots fire in time order, and a
+    slot at or before the last fired one never fires again, whoever leads. So a job's Redis
+    footprint is one small hash whatever its frequency (a marker key per slot would be 86 400
+    keys a day for an every-second job). The key expires the job's period plus
+    ``missed_window_s`` plus a day after its last fire: long enough that the state is there
+    for every slot it guards, and a job removed from the code leaves nothing for ever.
 
     The leader fires every slot of its own term. Slots that came due before its term and
-    after the last fired slot (``keys.cron_last``), within ``missed_window_s``, follow
-    ``missed_policy``. A job that never fired anywhere has no missed slots. The marker is set
-    before the handler runs: a leader that dies mid-handler does not re-run it (at most once).
+    after the last fired slot, within ``missed_window_s``, follow ``missed_policy``. A job
+    that never fired anywhere (or not for longer than its state lives) has no missed slots.
+    The state is set before the handler runs: a leader that dies mid-handler does not re-run
+    it (at most once). A claim whose reply was lost and that redis-py resends after another
+    leader already fired a later slot is answered "already fired": that slot is marked and
+    unfired, at most once still holding.
     """
 
     def __init__(self, elector: LeaderElector, redis: Any, keys: Keys, *,
@@ -280,7 +294,6 @@ class LeaderScheduler(Scheduler):
             raise InvalidArgumentError(f"missed_window_s must be >= 0, got {missed_window_s!r}")
         self.elector, self.redis, self.keys = elector, redis, keys
         self.missed_window = timedelta(seconds=missed_window_s)
-        self.fired_ttl_s = int(max(_FIRED_TTL_MIN_S, missed_window_s + 3_600))
         self._term: _Term | None = None
         self._fire = redis.register_script(FIRE)
         elector.add_listener(on_elected=lambda _epoch: self._wake.set())
@@ -299,7 +312,7 @@ class LeaderScheduler(Scheduler):
 
     async def _last_fired(self, term: _Term, job: CronJob) -> datetime | None:
         if job.name not in term.last:
-            raw = await self.redis.get(self.keys.cron_last(job.name))
+            raw = await self.redis.hget(self.keys.cron_job(job.name), "slot")
             term.last[job.name] = parse_slot(raw) if raw else None
         return term.last[job.name]
 
@@ -325,19 +338,24 @@ class LeaderScheduler(Scheduler):
         if not self.elector.is_leader:
             return False
         result = int(await self._fire(
-            keys=[self.keys.cron_fired(job.name, slot_iso(slot)), self.keys.cron_last(job.name),
-                  self.elector.key],
-            args=[self.elector.holder_id, slot_iso(slot), self.fired_ttl_s,
-                  f"{self.elector.holder_id}/{new_token()}"]))
+            keys=[self.keys.cron_job(job.name), self.elector.key],
+            args=[self.elector.holder_id, slot_iso(slot), f"{self.elector.holder_id}/{new_token()}",
+                  self.state_ttl_s(job, slot)]))
         if result == 1 and self._term is not None:
             self._term.last[job.name] = slot
         return result == 1
+
+    def state_ttl_s(self, job: CronJob, slot: datetime) -> int:
+        """Seconds the job's state lives after firing ``slot``: until its next slot, plus the
+        missed-slot window, plus a day (a 1-second job: 1 day 1 h; a daily one: 2 days 1 h)."""
+        period = job.cron.next_after(slot) - slot
+        return int(period.total_seconds() + self.missed_window.total_seconds() + _STATE_TTL_MARGIN_S)
 
     async def describe(self) -> list[dict[str, Any]]:
         rows = await super().describe()
         leader = await self.elector.current_leader()
         for row in rows:
-            raw = await self.redis.get(self.keys.cron_last(row["name"]))
+            raw = await self.redis.hget(self.keys.cron_job(row["name"]), "slot")
             row["last_fired"] = raw.decode() if isinstance(raw, bytes) else raw
             row["leader"] = leader
         return rows

@@ -231,16 +231,18 @@ class ApiServer:
                 await redis.ping()
                 if not wanted:  # an app with no routes (a producer) needs only Redis
                     return None
-                groups = await redis.xinfo_groups(keys.events)
+                missing: list[str] = []
+                for part in keys.partitions(self.app.settings.partitions):
+                    groups = await redis.xinfo_groups(part.events)
+                    names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
+                    missing += [f"{g} ({part.events})" for g in wanted if g not in names]
         except TimeoutError:
             return f"Redis did not answer within {self.ready_timeout_s}s"
         except RedisError as exc:
             if "no such key" in str(exc).lower():
                 return f"stream {keys.events} does not exist"
             return f"Redis unavailable: {type(exc).__name__}: {exc}"
-        names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
-        missing = [g for g in wanted if g not in names]
-        return None if not missing else f"consumer groups {missing} do not exist on {keys.events}"
+        return None if not missing else f"consumer groups do not exist: {', '.join(missing)}"
 
     async def metrics(self, request: web.Request) -> web.Response:
         broker = getattr(self.app, "broker", None)

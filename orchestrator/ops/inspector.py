@@ -16,10 +16,11 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from orchestrator.broker.partitions import recorded_partitions
 from orchestrator.errors import EventDecodeError, InvalidArgumentError, NotFoundError
 from orchestrator.events import decode_fields
 from orchestrator.faults import Fault, classify, is_missing_key
-from orchestrator.keys import Keys
+from orchestrator.keys import Keys, PartitionKeys
 from orchestrator.ops.heartbeats import STALE_HEARTBEATS, worker_beats
 from orchestrator.runs.stores import RedisRunStore, RunStore, is_stale
 from orchestrator.workflow.result import RUN_STATUSES
@@ -173,6 +174,11 @@ def run_summary(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _dead_name(part: PartitionKeys, dead_id: str) -> str:
+    """How a dead letter is named to people: its id, prefixed ``p/`` in a partition p > 0."""
+    return dead_id if part.index == 0 else f"{part.index}/{dead_id}"
+
+
 def dead_entry(dead_id: str, fields: dict[bytes, bytes], *, with_body: bool = False) -> dict[str, Any]:
     """One dead letter as a dict; ``with_body`` decodes the original envelope (payload ...)."""
     f = {_s(k): v for k, v in fields.items()}
@@ -216,6 +222,28 @@ class Inspector:
         self._requeue = redis.register_script(REQUEUE)
         self._purge_events = redis.register_script(PURGE_EVENTS)
         self._purge_order = redis.register_script(PURGE_ORDER)
+        self._partitions: list[PartitionKeys] | None = None
+
+    async def partitions(self) -> list[PartitionKeys]:
+        """The namespace's stream partitions, as recorded in Redis (``{ns}:layout``)."""
+        if self._partitions is None:
+            self._partitions = self.keys.partitions(await recorded_partitions(self.redis, self.keys))
+        return self._partitions
+
+    async def _dead_place(self, dead_id: str) -> tuple[PartitionKeys, str]:
+        """The partition and id of a dead letter named ``<id>`` (looked up in every partition)
+        or ``<partition>/<id>``."""
+        parts = await self.partitions()
+        head, slash, rest = str(dead_id).partition("/")
+        if slash:
+            if not head.isdigit() or int(head) >= len(parts):
+                raise InvalidArgumentError(f"no partition {head!r} (the namespace has {len(parts)})")
+            return parts[int(head)], _check_stream_id(rest)
+        sid = _check_stream_id(dead_id)
+        for part in parts:
+            if len(parts) == 1 or await self.redis.xrange(part.dead, sid, sid):
+                return part, sid
+        return parts[0], sid
 
     @classmethod
     def from_app(cls, app: Any) -> Inspector:
@@ -230,7 +258,10 @@ class Inspector:
     async def streams(self) -> list[dict[str, Any]]:
         """The events and dead streams: length, first/last id, groups with consumers, lag, pending."""
         beats = {w["id"]: not w["stale"] for w in await self.workers()}
-        return [await self._stream(self.keys.events, beats), await self._stream(self.keys.dead, beats)]
+        out = []
+        for part in await self.partitions():
+            out += [await self._stream(part.events, beats), await self._stream(part.dead, beats)]
+        return out
 
     async def _stream(self, key: str, beats: dict[str, bool]) -> dict[str, Any]:
         """``beats``: worker id -> whether its heartbeat is fresh (a consumer is named after its
@@ -266,110 +297,122 @@ class Inspector:
         the oldest ``limit`` entries with their group, consumer, idle time (ms), delivery count
         and event type."""
         _check_limit("limit", limit)
-        try:
-            names = [group] if group else [_s(g["name"]) for g in await self.redis.xinfo_groups(self.keys.events)]
-        except ResponseError as exc:
-            if not is_missing_key(exc):
-                raise
-            names = []
         total = 0
         per_group: dict[str, int] = {}
         consumers: dict[str, int] = {}
-        entries: list[tuple[str, Any]] = []
-        for name in names:
+        entries: list[tuple[str, PartitionKeys, Any]] = []
+        for part in await self.partitions():
             try:
-                summary = await self.redis.xpending(self.keys.events, name)
+                names = [group] if group else [_s(g["name"]) for g in await self.redis.xinfo_groups(part.events)]
             except ResponseError as exc:
-                if classify(exc) is Fault.NOGROUP or is_missing_key(exc):
-                    continue
-                raise
-            count = int(summary["pending"])
-            total += count
-            per_group[name] = count
-            for c in summary.get("consumers") or []:
-                consumers[_s(c["name"])] = consumers.get(_s(c["name"]), 0) + int(c["pending"])
-            if count:
-                rows = await self.redis.xpending_range(self.keys.events, name, "-", "+", limit, consumername=consumer)
-                entries += [(name, r) for r in rows]
-        entries.sort(key=lambda e: _id_key(_s(e[1]["message_id"])))
+                if not is_missing_key(exc):
+                    raise
+                names = []
+            for name in names:
+                try:
+                    summary = await self.redis.xpending(part.events, name)
+                except ResponseError as exc:
+                    if classify(exc) is Fault.NOGROUP or is_missing_key(exc):
+                        continue
+                    raise
+                count = int(summary["pending"])
+                total += count
+                per_group[name] = per_group.get(name, 0) + count
+                for c in summary.get("consumers") or []:
+                    consumers[_s(c["name"])] = consumers.get(_s(c["name"]), 0) + int(c["pending"])
+                if count:
+                    rows = await self.redis.xpending_range(part.events, name, "-", "+", limit, consumername=consumer)
+                    entries += [(name, part, r) for r in rows]
+        entries.sort(key=lambda e: _id_key(_s(e[2]["message_id"])))
         entries = entries[:limit]
-        ids = [_s(r["message_id"]) for _, r in entries]
-        types = await self._types(ids)
-        rows_out = [{"stream_id": sid, "group": name, "consumer": _s(r["consumer"]),
+        types = await self._types([(part, _s(r["message_id"])) for _, part, r in entries])
+        rows_out = [{"stream_id": _s(r["message_id"]), "group": name, "consumer": _s(r["consumer"]),
                      "idle_ms": int(r["time_since_delivered"]), "deliveries": int(r["times_delivered"]),
-                     "type": types.get(sid)} for sid, (name, r) in zip(ids, entries, strict=True)]
+                     "type": types[n], "partition": part.index} for n, (name, part, r) in enumerate(entries)]
         return {"count": total, "groups": per_group, "consumers": consumers, "entries": rows_out}
 
-    async def _types(self, ids: Sequence[str]) -> dict[str, str | None]:
+    async def _types(self, ids: Sequence[tuple[PartitionKeys, str]]) -> list[str | None]:
         if not ids:
-            return {}
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in ids:
-                pipe.xrange(self.keys.events, sid, sid)
+            for part, sid in ids:
+                pipe.xrange(part.events, sid, sid)
             found = await pipe.execute()
-        out: dict[str, str | None] = {}
-        for sid, entries in zip(ids, found, strict=True):
-            out[sid] = _s(entries[0][1].get(b"type")) if entries else None  # None: trimmed or deleted
-        return out
+        # None: trimmed or deleted
+        return [_s(entries[0][1].get(b"type")) if entries else None for entries in found]
 
     # -- dead letters -----------------------------------------------------------------------
     async def dead_list(self, *, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest ``limit`` dead letters, newest first."""
+        """The newest ``limit`` dead letters, newest first (over every partition; an entry of
+        partition p > 0 has the id ``p/<id>``)."""
         _check_limit("limit", limit)
-        entries = await self.redis.xrevrange(self.keys.dead, "+", "-", count=limit)
-        return [dead_entry(_s(eid), fields) for eid, fields in entries]
+        rows = []
+        for part in await self.partitions():
+            for eid, fields in await self.redis.xrevrange(part.dead, "+", "-", count=limit):
+                rows.append((_id_key(_s(eid)), part, _s(eid), fields))
+        rows.sort(key=lambda r: r[0], reverse=True)
+        return [dead_entry(_dead_name(part, eid), fields) for _, part, eid, fields in rows[:limit]]
 
     async def dead_show(self, dead_id: str) -> dict[str, Any]:
         """One dead letter with its decoded event (payload, metadata); NotFoundError if absent."""
-        dead_id = _check_stream_id(dead_id)
-        entries = await self.redis.xrange(self.keys.dead, dead_id, dead_id)
+        part, sid = await self._dead_place(dead_id)
+        entries = await self.redis.xrange(part.dead, sid, sid)
         if not entries:
-            raise NotFoundError(f"no dead letter {dead_id} in {self.keys.dead}")
-        return dead_entry(dead_id, entries[0][1], with_body=True)
+            raise NotFoundError(f"no dead letter {dead_id} in {part.dead}")
+        return dead_entry(_dead_name(part, sid), entries[0][1], with_body=True)
 
     async def requeue(self, dead_ids: Sequence[str]) -> list[dict[str, Any]]:
-        """Move dead letters back to the events stream; returns ``{dead_id, stream_id}`` per id
-        (``stream_id`` None when the id was not in the dead stream)."""
-        ids = [_check_stream_id(i) for i in dead_ids]
+        """Move dead letters back to their partition's events stream; returns ``{dead_id,
+        stream_id}`` per id (``stream_id`` None when the id was not in the dead stream)."""
+        places = [(d, *await self._dead_place(d)) for d in dead_ids]
         out: list[dict[str, Any]] = []
-        for i in range(0, len(ids), REQUEUE_BATCH):
-            batch = ids[i:i + REQUEUE_BATCH]
-            reply = await self._requeue(keys=[self.keys.dead, self.keys.events], args=batch)
-            out += [{"dead_id": d, "stream_id": _s(n) if n else None} for d, n in zip(batch, reply, strict=True)]
-        return out
+        for part in await self.partitions():
+            mine = [(d, sid) for d, p, sid in places if p.index == part.index]
+            for i in range(0, len(mine), REQUEUE_BATCH):
+                batch = mine[i:i + REQUEUE_BATCH]
+                reply = await self._requeue(keys=[part.dead, part.events], args=[sid for _, sid in batch])
+                out += [{"dead_id": d, "stream_id": _s(n) if n else None}
+                        for (d, _), n in zip(batch, reply, strict=True)]
+        order = {d: n for n, d in enumerate(dead_ids)}
+        return sorted(out, key=lambda row: order[row["dead_id"]])
 
     async def requeue_one(self, dead_id: str) -> str:
         """Requeue one dead letter; returns its new stream id. NotFoundError if absent."""
         new_id: str | None = (await self.requeue([dead_id]))[0]["stream_id"]
         if new_id is None:
-            raise NotFoundError(f"no requeueable dead letter {dead_id} in {self.keys.dead}")
+            raise NotFoundError(f"no requeueable dead letter {dead_id}")
         return new_id
 
     async def requeue_all(self) -> list[dict[str, Any]]:
         """Requeue every dead letter there is when it starts, oldest first (so their order is
-        kept). Bounded by the dead stream's last id at the start: a requeued event that fails
+        kept). Bounded by each dead stream's last id at the start: a requeued event that fails
         again and comes back as a new dead letter meanwhile is not requeued a second time."""
         out: list[dict[str, Any]] = []
-        newest = await self.redis.xrevrange(self.keys.dead, "+", "-", count=1)
-        if not newest:
-            return out
-        last = _s(newest[0][0])
-        start = "-"
-        while True:
-            entries = await self.redis.xrange(self.keys.dead, start, last, count=REQUEUE_BATCH)
-            if not entries:
-                return out
-            batch = [_s(eid) for eid, _ in entries]
-            out += await self.requeue(batch)
-            start = "(" + batch[-1]
+        for part in await self.partitions():
+            newest = await self.redis.xrevrange(part.dead, "+", "-", count=1)
+            if not newest:
+                continue
+            last = _s(newest[0][0])
+            start = "-"
+            while True:
+                entries = await self.redis.xrange(part.dead, start, last, count=REQUEUE_BATCH)
+                if not entries:
+                    break
+                batch = [_s(eid) for eid, _ in entries]
+                out += await self.requeue([_dead_name(part, sid) for sid in batch])
+                start = "(" + batch[-1]
+        return out
 
     async def purge(self) -> int:
         """Delete every dead letter; returns how many there were."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xlen(self.keys.dead)
-            pipe.delete(self.keys.dead)
-            count, _ = await pipe.execute()
-        return int(count)
+        count = 0
+        for part in await self.partitions():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xlen(part.dead)
+                pipe.delete(part.dead)
+                n, _ = await pipe.execute()
+            count += int(n)
+        return count
 
     async def purge_events(self) -> dict[str, Any]:
         """Delete every entry of the events stream up to its last id now, and leave each
@@ -381,9 +424,22 @@ class Inspector:
         idempotency key published again within its window still adds nothing), run records.
         A worker holding a purged entry loses it at its next lease renewal and cancels its
         handler; an ack that comes first finds nothing to ack. Neither is an error."""
-        key = self.keys.events
+        parts = await self.partitions()
+        rows = [await self._purge_partition(part) for part in parts]
+        if len(rows) == 1:
+            return rows[0]
+        groups: dict[str, int] = {}
+        for row in rows:
+            for name, n in row["groups"].items():
+                groups[name] = groups.get(name, 0) + n
+        return {"stream": f"{{{self.keys.namespace}:*}}:events", "purged": sum(r["purged"] for r in rows),
+                "up_to": None, "groups": groups, "order_ids_removed": sum(r["order_ids_removed"] for r in rows),
+                "delayed_kept": sum(r["delayed_kept"] for r in rows), "partitions": rows}
+
+    async def _purge_partition(self, part: PartitionKeys) -> dict[str, Any]:
+        key = part.events
         newest = await self.redis.xrevrange(key, "+", "-", count=1)
-        delayed = int(await self.redis.zcard(self.keys.delayed))
+        delayed = int(await self.redis.zcard(part.delayed))
         if not newest:
             return {"stream": key, "purged": 0, "up_to": None, "groups": {}, "order_ids_removed": 0,
                     "delayed_kept": delayed}
@@ -392,7 +448,7 @@ class Inspector:
         groups = {_s(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
         removed = 0
         batch: list[str] = []
-        async for raw in self.redis.scan_iter(match=self.keys.conversation_order("*") + "*", count=500):
+        async for raw in self.redis.scan_iter(match=part.conversation_order("*") + "*", count=500):
             batch.append(_s(raw))
             if len(batch) >= REQUEUE_BATCH:
                 removed += int(await self._purge_order(keys=batch, args=[bound]))
@@ -444,25 +500,30 @@ class Inspector:
         from orchestrator.ops.metrics import live_group_readers
         from orchestrator.runs.routes import decode_advert
 
-        try:
-            rows = await self.redis.xinfo_groups(self.keys.events)
-            length = int(await self.redis.xlen(self.keys.events))
-        except ResponseError as exc:
-            if not is_missing_key(exc):
-                raise
-            rows, length = [], 0
+        merged: dict[str, dict[str, int]] = {}
+        for part in await self.partitions():
+            try:
+                rows = await self.redis.xinfo_groups(part.events)
+                length = int(await self.redis.xlen(part.events))
+            except ResponseError as exc:
+                if not is_missing_key(exc):
+                    raise
+                rows, length = [], 0
+            for g in rows:
+                lag = g.get("lag")
+                row = merged.setdefault(_s(g["name"]), {"lag": 0, "pending": 0})
+                row["lag"] += int(lag) if lag is not None else length
+                row["pending"] += int(g["pending"])
         adverts = {_s(g): decode_advert(b) or {} for g, b in (await self.redis.hgetall(self.keys.routes)).items()}
         live = live_group_readers(await self.redis.hgetall(self.keys.workers),
                                   heartbeat_interval_s=self.heartbeat_interval_s, now=self._clock())
         out = []
-        for g in rows:
-            name = _s(g["name"])
-            lag = g.get("lag")
-            lag_n = int(lag) if lag is not None else length
+        for name, counts in merged.items():
+            lag_n, pending = counts["lag"], counts["pending"]
             advert = adverts.get(name, {})
             out.append({"group": name, "kind": advert.get("kind"), "name": advert.get("name"),
-                        "lag": lag_n, "pending": int(g["pending"]), "live_workers": live.get(name, 0),
-                        "waiting": (lag_n + int(g["pending"])) > 0 and not live.get(name)})
+                        "lag": lag_n, "pending": pending, "live_workers": live.get(name, 0),
+                        "waiting": (lag_n + pending) > 0 and not live.get(name)})
         return out
 
     async def remove_group(self, group: str, *, force: bool = False) -> dict[str, Any]:
@@ -472,11 +533,16 @@ class Inspector:
         rows = {g["group"]: g for g in await self.groups()}
         row = rows.get(group)
         if row is None:
-            raise NotFoundError(f"no consumer group {group!r} on {self.keys.events} (see inspect groups)")
+            raise NotFoundError(f"no consumer group {group!r} on the events stream (see inspect groups)")
         if row["live_workers"] and not force:
             raise InvalidArgumentError(f"{row['live_workers']} live worker(s) read {group!r}; stop them first "
                                        "(or --force: a worker that has the registration creates it again)")
-        await self.redis.xgroup_destroy(self.keys.events, group)
+        for part in await self.partitions():
+            try:
+                await self.redis.xgroup_destroy(part.events, group)
+            except ResponseError as exc:
+                if not is_missing_key(exc):
+                    raise
         await self.redis.hdel(self.keys.routes, group)
         return {"group": group, "removed": True, "lag": row["lag"], "pending": row["pending"]}
 
@@ -485,18 +551,18 @@ class Inspector:
         from orchestrator.broker.delayed import DelayedEvents
 
         _check_limit("limit", limit)
-        return await DelayedEvents(self.redis, self.keys, self._settings()).list(limit)
+        return await DelayedEvents(self.redis, self.keys, await self._settings()).list(limit)
 
     async def cancel_delayed(self, event_id: str) -> bool:
         """Cancel a delayed event before it is due; False when it is not waiting (any more)."""
         from orchestrator.broker.delayed import DelayedEvents
 
-        return await DelayedEvents(self.redis, self.keys, self._settings()).cancel(event_id)
+        return await DelayedEvents(self.redis, self.keys, await self._settings()).cancel(event_id)
 
-    def _settings(self) -> Any:
+    async def _settings(self) -> Any:
         from orchestrator.config import Settings
 
-        return Settings(namespace=self.keys.namespace)
+        return Settings(namespace=self.keys.namespace, partitions=len(await self.partitions()))
 
     async def workers(self) -> list[dict[str, Any]]:
         """Worker heartbeats from ``{ns}:workers`` with their age and a ``stale`` flag."""

@@ -218,25 +218,32 @@ async def refresh_gauges(broker: Any) -> dict[str, int]:
     ``keys`` and ``group``). Every group of the events stream gets its own label, so a
     second group (an audit consumer ...) shows up too. Returns what it set, for logging."""
     redis, keys = broker.redis, broker.keys
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.events)
-        pipe.xlen(keys.dead)
-        pipe.zcard(keys.delayed)
-        pipe.hgetall(keys.workers)
-        events_len, dead_len, delayed, beats = await pipe.execute()
-    out = {"events": int(events_len), "dead": int(dead_len), "delayed": int(delayed)}
-    live = live_group_readers(beats, heartbeat_interval_s=broker.settings.heartbeat_interval_s)
-    try:
-        groups = await redis.xinfo_groups(keys.events)
-    except ResponseError:  # no stream yet: no group either
-        groups = []
-    lags, pendings = {}, {}
-    for group in groups:
-        name = _text(group["name"])
-        lag = group.get("lag")
-        lags[name] = int(lag) if lag is not None else int(events_len)  # NULL lag: count it all as lag
-        pendings[name] = int(group["pending"])
+    out = {"events": 0, "dead": 0, "delayed": 0}
+    lags: dict[str, int] = {}
+    pendings: dict[str, int] = {}
+    for part in keys.partitions(broker.settings.partitions):
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(part.events)
+            pipe.xlen(part.dead)
+            pipe.zcard(part.delayed)
+            events_len, dead_len, delayed = await pipe.execute()
+        out["events"] += int(events_len)
+        out["dead"] += int(dead_len)
+        out["delayed"] += int(delayed)
+        try:
+            groups = await redis.xinfo_groups(part.events)
+        except ResponseError:  # no stream yet: no group either
+            groups = []
+        for group in groups:
+            name = _text(group["name"])
+            lag = group.get("lag")
+            # NULL lag: count it all as lag
+            lags[name] = lags.get(name, 0) + (int(lag) if lag is not None else int(events_len))
+            pendings[name] = pendings.get(name, 0) + int(group["pending"])
+    for name in lags:
         out[f"lag:{name}"], out[f"pending:{name}"] = lags[name], pendings[name]
+    beats = await redis.hgetall(keys.workers)
+    live = live_group_readers(beats, heartbeat_interval_s=broker.settings.heartbeat_interval_s)
     CLUSTER.values = {"tokiwa_stream_length": {"events": out["events"], "dead": out["dead"]},
                       "tokiwa_group_lag": lags, "tokiwa_pending_entries": pendings,
                       "tokiwa_group_live_workers": {name: live.get(name, 0) for name in lags},

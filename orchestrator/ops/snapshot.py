@@ -41,7 +41,7 @@ async def app_snapshot(
     when not given), and one section per ``extra`` entry (its function's result). ``pending``
     and ``lag`` are summed over the app's route ``groups``, and each group's state is under
     ``groups``."""
-    length = await broker.redis.xlen(broker.stream) if not groups else next(iter(groups.values()))["length"]
+    length = await broker.stream_length_all() if not groups else next(iter(groups.values()))["length"]
     registered = await workers()
     stats = consumer.stats if consumer else None
     return {
@@ -52,7 +52,7 @@ async def app_snapshot(
         "processed": metrics["processed"],
         "failed": metrics["failed"],
         "dispatch_errors": metrics["dispatch_errors"],
-        "dead": await broker.dead_count(),
+        "dead": await broker.dead_count_all(),
         "in_flight": consumer.in_flight_count if consumer else 0,
         "pending": sum(int(g["pending"]) for g in groups.values()),
         "lag": sum(int(g["lag"]) for g in groups.values()),

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from orchestrator import faults
 from orchestrator.broker.groups import declare_groups
+from orchestrator.broker.partitions import Placement
 from orchestrator.config import Settings
 from orchestrator.errors import NotFoundError
 from orchestrator.events import Event
@@ -28,7 +29,7 @@ from orchestrator.runs.routes import (
     Route,
     RouteBook,
     encode_advert,
-    order_lists,
+    placement,
     subscriber_routes,
 )
 
@@ -93,7 +94,9 @@ class Fleet:
         and the worker starts anyway (its groups exist)."""
         redis, keys, prefix = self.host.redis, self.host.keys, self.host.settings.group
         routes = {r.group(prefix): r for r in self.routes()}
-        created = await declare_groups(redis, keys.events, routes, prefix)
+        created: list[str] = []
+        for part in keys.partitions(self.host.settings.partitions):
+            created += [g for g in await declare_groups(redis, part.events, routes, prefix) if g not in created]
         if not routes:
             return created
         now, source = time.time(), self.host.source
@@ -127,10 +130,11 @@ class Fleet:
         """Worker id -> the workflow names its heartbeat says it runs (live workers only)."""
         return {wid: list(beat.get("workflows") or []) for wid, beat in (await self.host.workers()).items()}
 
-    async def order_lists(self, event: Event) -> list[str]:
-        """The conversation order lists ``event`` joins (its chatflow routes: this app's and
-        those workers declared)."""
-        return self.order_lists_now(event, await self.book.refresh(self.host.redis))
+    async def placement(self, event: Event) -> Placement:
+        """Where ``event`` is published: its partition, and the conversation order lists it
+        joins there (its chatflow routes: this app's and those workers declared)."""
+        return self.placement_now(event, await self.book.refresh(self.host.redis))
 
-    def order_lists_now(self, event: Event, adverts: Mapping[str, Mapping[str, Any]]) -> list[str]:
-        return order_lists(self.host.keys, event, adverts, self.host.workflows.order_fns())
+    def placement_now(self, event: Event, adverts: Mapping[str, Mapping[str, Any]]) -> Placement:
+        return placement(self.host.keys, event, adverts, self.host.workflows.order_fns(),
+                         self.host.settings.partitions)

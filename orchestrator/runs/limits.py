@@ -28,7 +28,7 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,8 @@ class Gate:
 
     def __init__(self, redis: Any, keys: Keys, route: str, limits: Limits, *, lease_ms: int) -> None:
         self.redis, self.keys, self.route, self.limits, self.lease_ms = redis, keys, route, limits, lease_ms
+        #: which events the route takes (by type); the others pass without touching a limit
+        self.takes: Callable[[Event], bool] | None = None
         self._rate = redis.register_script(RATE_TAKE)
         self._take = redis.register_script(CONCURRENCY_TAKE)
         self._renew = redis.register_script(CONCURRENCY_RENEW)
@@ -171,6 +173,8 @@ class Gate:
         return f"{event.group}:{event.stream_id or event.id}"
 
     async def enter(self, event: Event) -> int:
+        if self.takes is not None and not self.takes(event):
+            return 0  # not the route's type: its handler does not run, so no limit applies
         lim = self.limits
         holder = self._holder(event)
         conc_key = None
@@ -195,6 +199,8 @@ class Gate:
         return 0
 
     async def leave(self, event: Event) -> None:
+        if self.takes is not None and not self.takes(event):
+            return
         key = self._held.pop(self._holder(event), None)
         if key is not None:
             try:

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from orchestrator.broker.partitions import Placement, partition_key, partition_of
 from orchestrator.errors import InvalidArgumentError
 from orchestrator.events import Event, type_matches
 from orchestrator.keys import Keys
@@ -217,23 +218,33 @@ def advert_conversation(advert: Mapping[str, Any], event: Event) -> str | None:
     return cid or event.key or (fixed if isinstance(fixed, str) and fixed.strip() else None)
 
 
-def order_lists(keys: Keys, event: Event, adverts: Mapping[str, Mapping[str, Any]],
-                own: Mapping[str, Callable[[Event], str | None]]) -> list[str]:
-    """The conversation order lists ``event`` joins: one per chatflow route that listens to its
-    type and whose conversation id is known at publish time. ``own`` maps the groups of the
-    app's own chatflows to a function computing the id (the app's mappers run there);
-    for the others the advert's ``conversation_key`` path (else the event's explicit ``key``)
-    gives it. A chatflow route whose key is code the producer lacks is counted by workers as
-    unordered (see the docs)."""
-    out: list[str] = []
+def conversations(event: Event, adverts: Mapping[str, Mapping[str, Any]],
+                  own: Mapping[str, Callable[[Event], str | None]]) -> list[tuple[str, str]]:
+    """The (conversation id, chatflow group) pairs ``event`` joins: one per chatflow route that
+    listens to its type and whose conversation id is known at publish time. ``own`` maps the
+    groups of the app's own chatflows to a function computing the id (the app's mappers run
+    there); for the others the advert's ``conversation_key`` path (else the event's explicit
+    ``key``) gives it. A chatflow route whose key is code the producer lacks is counted by
+    workers as unordered (see the docs)."""
+    out: list[tuple[str, str]] = []
     for group, fn in own.items():
         cid = fn(event)
         if cid:
-            out.append(keys.conversation_order(cid, group))
+            out.append((cid, group))
     for group, advert in adverts.items():
         if group in own or advert.get("kind") != CHATFLOW or not advert_matches(advert, event.type):
             continue
         cid = advert_conversation(advert, event)
         if cid:
-            out.append(keys.conversation_order(cid, group))
+            out.append((cid, group))
     return out
+
+
+def placement(keys: Keys, event: Event, adverts: Mapping[str, Mapping[str, Any]],
+              own: Mapping[str, Callable[[Event], str | None]], partitions: int) -> Placement:
+    """The partition ``event`` goes to (:mod:`orchestrator.broker.partitions`) and the
+    conversation order lists there that its stream id joins."""
+    pairs = conversations(event, adverts, own)
+    p = partition_of(partition_key(event, [cid for cid, _ in pairs]), partitions)
+    part = keys.partition(p)
+    return Placement(p, [part.conversation_order(cid, group) for cid, group in pairs])

@@ -30,6 +30,7 @@ import asyncio
 import builtins
 import copy
 import json
+import logging
 import os
 import re
 import time
@@ -40,11 +41,19 @@ from typing import Any, cast
 
 import msgpack
 
+from orchestrator.broker.batch import Batch
 from orchestrator.errors import InvalidArgumentError
+from orchestrator.faults import describe
 from orchestrator.keys import Keys
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOG_LINES = 1000
 DEFAULT_RETENTION_S = 7 * 86400
+# runs the Redis index keeps (Settings.run_records_max); 0 or None = no count bound
+DEFAULT_MAX_RECORDS = 100_000
+# run ids removed per TRIM_RUNS call (3 keys each)
+_TRIM_BATCH = 100
 # run ids become file names and key parts: letters, digits, ``-``, ``_``, ``.`` (not leading).
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$")
 
@@ -391,10 +400,11 @@ def _hash_fields(record: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-# KEYS[1] = run hash, KEYS[2] = runs index zset, KEYS[3] = run logs list
+# KEYS[1] = run hash, KEYS[2] = runs index zset, KEYS[3] = run logs list, KEYS[4] = run node
+# checkpoints hash
 # ARGV[1] = ttl s, ARGV[2] = started_at, ARGV[3] = run id, ARGV[4..] = hash field/value pairs
 # Replaces the run hash (a re-save drops fields the new record lacks), indexes it, and sets
-# the retention on the hash and its logs. Returns 1.
+# the retention on the hash, its logs and its checkpoints. Returns 1.
 SAVE_RUN = """
 redis.call('DEL', KEYS[1])
 local fields = {}
@@ -403,11 +413,13 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[1])
 return 1
 """
 
 
-# KEYS[1] = run hash, KEYS[2] = runs index zset, KEYS[3] = run logs list
+# KEYS[1] = run hash, KEYS[2] = runs index zset, KEYS[3] = run logs list, KEYS[4] = run node
+# checkpoints hash
 # ARGV[1] = ttl s, ARGV[2] = started_at, ARGV[3] = run id, ARGV[4] = "1" for a claim, else
 # "0", ARGV[5] = the writer's owner token, ARGV[6..] = hash field/value pairs
 # SAVE_RUN under the rule of live_write_allowed (the hash's owner_token and status fields).
@@ -427,7 +439,28 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[1])
 return 1
+"""
+
+
+# KEYS[1] = runs index zset, then three keys per run id i = 1..n: KEYS[3i-1] = run hash,
+# KEYS[3i] = run logs list, KEYS[3i+1] = run node checkpoints hash
+# ARGV[1..n] = the run ids (the oldest of the index)
+# Deletes every one of those runs that is not running (its hash's status field), with its logs
+# and checkpoints, and removes it from the index; a run whose hash already expired only leaves
+# the index. A running run is left alone. Returns how many runs were removed.
+TRIM_RUNS = """
+local removed = 0
+for i = 1, #ARGV do
+  local hash = KEYS[3 * i - 1]
+  if redis.call('HGET', hash, 'status') ~= 'running' then
+    redis.call('DEL', hash, KEYS[3 * i], KEYS[3 * i + 1])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
 """
 
 
@@ -439,9 +472,16 @@ class RedisRunStore(RunStore):
     * ``ZREVRANGE {ns}:runs 0 9 WITHSCORES`` - the ten newest run ids by start time;
     * ``LRANGE {ns}:run:{run_id}:logs -20 -1`` - the last 20 log lines.
 
-    Each run and its logs expire ``retention_s`` after their last write; ``save`` also drops
-    index entries older than the retention, so the zset stays bounded without a cron job.
-    One ``save`` is one round trip (a MULTI/EXEC pipeline).
+    Bounded by age and by count. Each run, its logs and its node checkpoints expire
+    ``retention_s`` after their last write (``Settings.run_retention_s``, 7 days), and every
+    save drops index entries older than that. The index keeps at most ``max_records`` runs
+    (``Settings.run_records_max``, 100 000; 0 or None = no count bound): every save also reads
+    the index's size (ZCARD, in the same round trip), and a save that finds it more than 1%
+    past the cap removes the oldest starts down to the cap, hash, logs and checkpoints with
+    them (:data:`TRIM_RUNS`, 100 runs per call), so the cost is amortized: about one batch per
+    1% of the cap saved, never a scan of the index. A ``running`` run is never removed by
+    count (a live record must stay its writer's); it still expires by age. One ``save`` is
+    one round trip (a MULTI/EXEC pipeline), plus the trim when one is due.
     """
 
     _PAGE = 200
@@ -453,10 +493,12 @@ class RedisRunStore(RunStore):
         *,
         retention_s: float = DEFAULT_RETENTION_S,
         max_log_lines: int = DEFAULT_MAX_LOG_LINES,
+        max_records: int | None = DEFAULT_MAX_RECORDS,
         clock: Callable[[], float] = time.time,
     ):
         if retention_s <= 0:
             raise InvalidArgumentError(f"retention_s must be > 0, got {retention_s!r}")
+        _check_count("max_records", max_records, 0)
         pool = getattr(redis_client, "connection_pool", None)
         if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
             raise InvalidArgumentError("RedisRunStore needs a client with decode_responses=False "
@@ -467,6 +509,13 @@ class RedisRunStore(RunStore):
         self._live_script: Any = None
         self.retention_s = retention_s
         self.max_log_lines = _check_max_lines(max_log_lines)
+        self.max_records = max_records or None
+        #: how far past ``max_records`` the index may grow before a save trims it (1%)
+        self.trim_slack = max(1, (max_records or 0) // 100)
+        self._trim_script: Any = None
+        self._trimming = False
+        self._saves = 0
+        self._next_trim_at = 0  # after a trim that had to skip running runs: wait a slack of saves
         self._clock = clock
 
     @property
@@ -485,7 +534,10 @@ class RedisRunStore(RunStore):
             pipe.zremrangebyscore(self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
             pipe.zadd(self.keys.runs, {run_id: float(record["started_at"])})
             pipe.expire(self.keys.run_logs(run_id), self._ttl_s)
-            await pipe.execute()
+            pipe.expire(self.keys.run_nodes(run_id), self._ttl_s)
+            pipe.zcard(self.keys.runs)
+            replies = await pipe.execute()
+        await self._bound(replies[-1], 1)
 
     async def save_many(self, records: list[dict[str, Any]]) -> None:
         """Save several records in one round trip (the worker group-commits concurrent runs):
@@ -496,16 +548,18 @@ class RedisRunStore(RunStore):
             check_record(record)
         if self._save_script is None:
             self._save_script = self.redis.register_script(SAVE_RUN)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
-            for record in records:
-                run_id = record["run_id"]
-                args: list[Any] = [self._ttl_s, float(record["started_at"]), run_id]
-                for name, value in _hash_fields(record).items():
-                    args += [name, value]
-                await self._save_script(keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id)],
-                                        args=args, client=pipe)
-            await pipe.execute()
+        batch = Batch(self.redis)  # one pipeline on one Redis, one per master on a cluster
+        batch.command("zremrangebyscore", self.keys.runs, "-inf", f"({self._clock() - self.retention_s}")
+        for record in records:
+            run_id = record["run_id"]
+            args: list[Any] = [self._ttl_s, float(record["started_at"]), run_id]
+            for name, value in _hash_fields(record).items():
+                args += [name, value]
+            batch.script(self._save_script, keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id),
+                                                  self.keys.run_nodes(run_id)], args=args)
+        batch.command("zcard", self.keys.runs)
+        replies = await batch.execute()
+        await self._bound(replies[-1], len(records))
 
     async def save_live(self, items: builtins.list[tuple[dict[str, Any], bool]]) -> builtins.list[bool]:
         """Conditional writes of running records (see :meth:`RunStore.save_live`), atomic per
@@ -516,17 +570,55 @@ class RedisRunStore(RunStore):
             check_record(record)
         if self._live_script is None:
             self._live_script = self.redis.register_script(SAVE_LIVE)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for record, claim in items:
-                run_id = record["run_id"]
-                args: list[Any] = [self._ttl_s, float(record["started_at"]), run_id, "1" if claim else "0",
-                                   str(record.get("owner_token") or "")]
-                for name, value in _hash_fields(record).items():
-                    args += [name, value]
-                await self._live_script(keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id)],
-                                        args=args, client=pipe)
-            replies = await pipe.execute()
+        batch = Batch(self.redis)
+        for record, claim in items:
+            run_id = record["run_id"]
+            args: list[Any] = [self._ttl_s, float(record["started_at"]), run_id, "1" if claim else "0",
+                               str(record.get("owner_token") or "")]
+            for name, value in _hash_fields(record).items():
+                args += [name, value]
+            batch.script(self._live_script, keys=[self.keys.run(run_id), self.keys.runs, self.keys.run_logs(run_id),
+                                                  self.keys.run_nodes(run_id)], args=args)
+        batch.command("zcard", self.keys.runs)
+        *replies, size = await batch.execute()
+        await self._bound(size, len(items))
         return [bool(int(r)) for r in replies]
+
+    async def _bound(self, size: Any, saved: int) -> None:
+        """After ``saved`` saves that found ``size`` runs in the index: trim it to
+        ``max_records`` when it is more than ``trim_slack`` past (see the class docstring).
+        A failed trim is logged and tried again by a later save; the saves stand."""
+        self._saves += saved
+        if (self.max_records is None or int(size) <= self.max_records + self.trim_slack
+                or self._trimming or self._saves < self._next_trim_at):
+            return
+        self._trimming = True
+        try:
+            excess = int(size) - self.max_records
+            removed = await self._trim(excess)
+            # the oldest were running: look again only after another slack of saves
+            self._next_trim_at = self._saves + self.trim_slack if removed < excess else 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("trimming the run index %s to %d runs failed (a later save tries again): %s",
+                        self.keys.runs, self.max_records, describe(exc))
+        finally:
+            self._trimming = False
+
+    async def _trim(self, count: int) -> int:
+        """Remove the ``count`` oldest runs of the index (but running ones); returns how many went."""
+        if self._trim_script is None:
+            self._trim_script = self.redis.register_script(TRIM_RUNS)
+        ids = [_text(x) for x in await self.redis.zrange(self.keys.runs, 0, count - 1)]
+        removed = 0
+        for start in range(0, len(ids), _TRIM_BATCH):
+            batch = ids[start:start + _TRIM_BATCH]
+            keys = [self.keys.runs]
+            for run_id in batch:
+                keys += [self.keys.run(run_id), self.keys.run_logs(run_id), self.keys.run_nodes(run_id)]
+            removed += int(await self._trim_script(keys=keys, args=batch))
+        return removed
 
     async def get(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hget(self.keys.run(check_run_id(run_id)), "record")
@@ -569,7 +661,7 @@ class RedisRunStore(RunStore):
             return 0
         async with self.redis.pipeline(transaction=True) as pipe:
             for run_id in doomed:
-                pipe.delete(self.keys.run(run_id), self.keys.run_logs(run_id))
+                pipe.delete(self.keys.run(run_id), self.keys.run_logs(run_id), self.keys.run_nodes(run_id))
             pipe.zrem(self.keys.runs, *doomed)
             await pipe.execute()
         return len(doomed)

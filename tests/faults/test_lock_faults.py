@@ -232,8 +232,9 @@ async def test_a_cron_fire_whose_reply_was_lost_still_fires_the_slot_once(proxy,
     assert await sched.tick(T0 + timedelta(seconds=1.5)) == []
     await asyncio.gather(*sched._running)
     assert fired == [slot], "the slot fired twice"
-    marker = (await aredis.get(keys.cron_fired("sec", "2026-01-01T12:00:01Z"))).decode()
-    assert marker.startswith(f"{elector.holder_id}/")
+    state = await aredis.hgetall(keys.cron_job("sec"))
+    assert state[b"slot"] == b"2026-01-01T12:00:01Z"
+    assert state[b"token"].decode().startswith(f"{elector.holder_id}/")
     await sched.stop()
 
 

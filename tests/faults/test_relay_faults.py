@@ -179,7 +179,7 @@ async def _tally(path: Path, timeout: float) -> dict[str, int]:
 async def test_an_acl_that_forbids_the_pattern_stops_the_relay_with_one_line_naming_the_rule(
     tmp_path, namespace, subprocess_env, processes
 ) -> None:
-    server = acl_redis(tmp_path, f"~{namespace}:*", f"&{namespace}:x")
+    server = acl_redis(tmp_path, f"~{namespace}:*", f"~{{{namespace}:*", f"&{namespace}:x")
     try:
         config = relay_file(tmp_path, "r", puppet_toml(tmp_path, "p", ["ping"]))
         relay = RelayProcess(config, user_url(server), namespace, subprocess_env)
@@ -196,7 +196,7 @@ async def test_an_acl_that_forbids_the_pattern_stops_the_relay_with_one_line_nam
 
 async def test_a_wrong_password_stops_the_relay_with_one_line_saying_so(tmp_path, namespace, subprocess_env,
                                                                         processes) -> None:
-    server = acl_redis(tmp_path, f"~{namespace}:*", f"&{namespace}:topic:*")
+    server = acl_redis(tmp_path, f"~{namespace}:*", f"~{{{namespace}:*", f"&{namespace}:topic:*")
     try:
         config = relay_file(tmp_path, "r", puppet_toml(tmp_path, "p", ["ping"]))
         relay = RelayProcess(config, f"redis://u:wrong@127.0.0.1:{server.port}/0", namespace, subprocess_env)
@@ -211,7 +211,7 @@ async def test_a_wrong_password_stops_the_relay_with_one_line_saying_so(tmp_path
 async def test_an_acl_revoked_while_running_takes_the_relay_and_its_children_down(
     tmp_path, namespace, subprocess_env, processes
 ) -> None:
-    server = acl_redis(tmp_path, f"~{namespace}:*", f"&{namespace}:topic:*")
+    server = acl_redis(tmp_path, f"~{namespace}:*", f"~{{{namespace}:*", f"&{namespace}:topic:*")
     try:
         config = relay_file(tmp_path, "r", puppet_toml(tmp_path, "p", ["ping"]))
         relay = RelayProcess(config, user_url(server), namespace, subprocess_env)
@@ -237,7 +237,7 @@ async def test_an_acl_revoked_while_running_takes_the_relay_and_its_children_dow
 
 
 async def test_a_worker_whose_relay_loses_its_acl_exits_non_zero(tmp_path, namespace, subprocess_env) -> None:
-    server = acl_redis(tmp_path, f"~{namespace}:*", f"&{namespace}:topic:*")
+    server = acl_redis(tmp_path, f"~{namespace}:*", f"~{{{namespace}:*", f"&{namespace}:topic:*")
     worker = None
     try:
         config = relay_file(tmp_path, "r", puppet_toml(tmp_path, "p", ["ping"]))

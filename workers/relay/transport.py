@@ -53,11 +53,12 @@ import redis.asyncio as aioredis
 from redis.connection import parse_url
 from redis.exceptions import RedisError
 
-from orchestrator.broker.connection import keepalive_options
+from orchestrator.broker.connection import create_pubsub_redis, create_redis
 from orchestrator.errors import BrokerError, InvalidArgumentError, RelayError
 from orchestrator.faults import TRANSIENT, Backoff, Condition, Fault, classify, describe, refused_access
 from orchestrator.keys import Keys
 from orchestrator.topics import FRAME_VERSION, encode_topic_frame  # one wire format for app and relay
+from orchestrator.urls import Topology, parse_redis_url
 from workers.relay.config import OUTBOX_MAX_DEFAULT
 
 log = logging.getLogger("tokiwa.relay")
@@ -349,6 +350,9 @@ class RelayTransport:
     def user(self) -> str:
         """The ACL user the relay logs in as (``default`` when the URL names none)."""
         try:
+            checked = parse_redis_url(self._url)
+            if checked.topology is not Topology.SINGLE:
+                return checked.username or "default"
             return str(parse_url(self._url).get("username") or "default")
         except ValueError:
             return "default"
@@ -378,8 +382,10 @@ class RelayTransport:
         and :class:`RelayFatalError` when it refuses the subscription."""
         # no redis-py retries: a send is never repeated blindly (see _publish_loop). Reads on
         # the pub/sub connection pass their own timeout; socket_timeout bounds its handshake.
-        self._redis = aioredis.from_url(self._url, **self._socket_options())
-        self._sub_client = aioredis.from_url(self._url, **self._socket_options())
+        # its own conditions log its outages (counted=False: not the process-wide ones too)
+        timeout_ms = int(COMMAND_TIMEOUT_S * 1000)
+        self._redis = create_redis(self._url, timeout_ms=timeout_ms, retries=0, counted=False)
+        self._sub_client = create_pubsub_redis(self._url, timeout_ms=timeout_ms, counted=False)
         try:
             await self._subscribe()
         except RelayFatalError:
@@ -390,13 +396,6 @@ class RelayTransport:
             raise BrokerError(f"relay cannot subscribe on {self._url}: {describe(exc)}") from exc
         self.guard.spawn("pub/sub listener", self._listen, restart=True)
         self._publisher = self.guard.spawn("publisher", self._publish_loop, restart=True)
-
-    def _socket_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"socket_timeout": COMMAND_TIMEOUT_S, "socket_connect_timeout": COMMAND_TIMEOUT_S}
-        if self._url.startswith(("redis://", "rediss://")):  # TCP: the kernel drops a dead peer too
-            options["socket_keepalive"] = True
-            options["socket_keepalive_options"] = keepalive_options(int(COMMAND_TIMEOUT_S * 1000))
-        return options
 
     # -- outgoing ------------------------------------------------------------------------
     def outbox(self, source: str, limit: int | None = None) -> Outbox:
@@ -655,7 +654,9 @@ class RelayTransport:
             # idle pooled connections may predate the outage (a restarted Redis): drop them,
             # so the next command connects afresh instead of failing once more
             try:
-                await self._redis.connection_pool.disconnect(inuse_connections=False)
+                pool = getattr(self._redis, "connection_pool", None)  # a cluster client has one per node
+                if pool is not None:
+                    await pool.disconnect(inuse_connections=False)
             except (RedisError, OSError) as exc:
                 log.debug("relay: dropping idle connections failed: %r", exc)
         self._subscribed = True

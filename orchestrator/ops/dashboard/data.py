@@ -214,7 +214,7 @@ class DashboardData:
         streams = await i.streams()
         groups = {g["group"]: g for g in await i.groups()}
         for stream in streams:
-            if stream["stream"] != i.keys.events:
+            if not stream["stream"].endswith(":events"):
                 continue
             for g in stream["groups"]:
                 extra = groups.get(g["name"], {})
@@ -225,15 +225,17 @@ class DashboardData:
     # -- cron, leaders, locks, relays, delayed ----------------------------------------------
     async def _cron_last(self) -> dict[str, str | None]:
         i = self.inspector
-        prefix, suffix = i.keys.cron_last(""), ":last"
-        prefix = prefix[: -len(suffix)]  # "{ns:leader:cron}:job:"
+        prefix = i.keys.cron_job("")  # "{ns:leader:cron}:job:"
         names: dict[str, str | None] = {}
-        async for raw in i.redis.scan_iter(match=i.keys.cron_last("*"), count=500):
+        async for raw in i.redis.scan_iter(match=i.keys.cron_job("*"), count=500):
             key = _s(raw)
-            if key.startswith(prefix) and key.endswith(suffix):
-                names[key[len(prefix):-len(suffix)]] = None
+            if key.startswith(prefix):
+                names[key[len(prefix):]] = None
         if names:
-            values = await i.redis.mget([i.keys.cron_last(n) for n in names])
+            async with i.redis.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.hget(i.keys.cron_job(n), "slot")
+                values = await pipe.execute()
             names = {n: _s(v) for n, v in zip(names, values, strict=True)}
         return names
 
@@ -276,10 +278,13 @@ class DashboardData:
         """Counts for the navigation bar: live workers, running runs, dead letters, groups
         waiting with no live worker, delayed events, conversation locks."""
         i = self.inspector
-        async with i.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(i.keys.dead)
-            pipe.zcard(i.keys.delayed)
-            dead, delayed = await pipe.execute()
+        dead = delayed = 0
+        for part in await i.partitions():
+            async with i.redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(part.dead)
+                pipe.zcard(part.delayed)
+                n_dead, n_delayed = await pipe.execute()
+            dead, delayed = dead + int(n_dead), delayed + int(n_delayed)
         workers = await i.workers()
         groups = await i.groups()
         running = await i.runs(status="running", limit=200)

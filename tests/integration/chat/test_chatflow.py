@@ -220,7 +220,7 @@ async def test_a_cancellation_lost_while_waiting_for_the_turn_still_stops_the_ru
     ex = executor(aredis, keys, store)
     waiting = asyncio.Event()
 
-    async def wait_turn_dropping_the_cancel(cid, stream_id, group=None):
+    async def wait_turn_dropping_the_cancel(cid, stream_id, group=None, partition=0):
         waiting.set()
         try:
             await asyncio.sleep(30)

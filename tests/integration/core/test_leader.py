@@ -149,6 +149,15 @@ def test_bad_election_settings_are_refused(aredis, keys, options):
 
 
 # -- LeaderScheduler (one process, wall clock set by the test) -------------------------------
+async def last_fired_was(aredis, keys, slot: datetime) -> None:
+    """Record ``slot`` as the job ``sec``'s last fired slot, as an earlier leader's fire did."""
+    await aredis.hset(keys.cron_job("sec"), mapping={"slot": slot_iso(slot), "token": "earlier-leader/x"})
+
+
+async def last_fired(aredis, keys) -> datetime:
+    return parse_slot(await aredis.hget(keys.cron_job("sec"), "slot"))
+
+
 async def leader_scheduler(aredis, keys, clock, policy="latest", **options):
     el = elector(aredis, keys, ttl_ms=5_000, clock=clock)
     sched = LeaderScheduler(el, aredis, keys, missed_policy=policy, clock=clock, tz="UTC", **options)
@@ -173,19 +182,19 @@ async def test_a_new_leader_handles_missed_slots_by_policy(aredis, keys, policy,
     checked (as a follower) at T0+4.5 s."""
     clock = WallClock()
     sched, el, fired = await leader_scheduler(aredis, keys, clock, policy)
-    await aredis.set(keys.cron_last("sec"), slot_iso(T0))
+    await last_fired_was(aredis, keys, T0)
     await sched.tick(T0 + timedelta(seconds=4.5))  # still a follower
     await el.try_acquire()
     got = await sched.tick(T0 + timedelta(seconds=5.5))
     await sched.stop()
     assert [int((slot - T0).total_seconds()) for _, slot in got] == expected
-    assert parse_slot(await aredis.get(keys.cron_last("sec"))) == T0 + timedelta(seconds=5)
+    assert await last_fired(aredis, keys) == T0 + timedelta(seconds=5)
 
 
 async def test_missed_slots_older_than_the_window_are_not_fired(aredis, keys):
     clock = WallClock()
     sched, el, fired = await leader_scheduler(aredis, keys, clock, "all", missed_window_s=2)
-    await aredis.set(keys.cron_last("sec"), slot_iso(T0))
+    await last_fired_was(aredis, keys, T0)
     await el.try_acquire()
     got = await sched.tick(T0 + timedelta(seconds=10.5))
     await sched.stop()
@@ -209,11 +218,11 @@ async def test_a_slot_fired_by_one_leader_is_not_fired_again_by_the_next(aredis,
     await first.tick(T0)
     await first.tick(T0 + timedelta(seconds=2.5))  # fires 1, 2
     await el1.stop()
-    # a second leader whose cron_last view is stale still cannot fire 1 or 2 again
-    await aredis.delete(keys.cron_last("sec"))
-    await aredis.set(keys.cron_last("sec"), slot_iso(T0))
     second, el2, fired2 = await leader_scheduler(aredis, keys, clock, "all")
     await el2.try_acquire()
+    job = second.get_job("sec")
+    # claims of slots 1 and 2 (a leader whose view of the last fired slot is stale) lose
+    assert [await second._claim(job, T0 + timedelta(seconds=n)) for n in (1, 2)] == [False, False]
     await second.tick(T0 + timedelta(seconds=3.5))
     await first.stop()
     await second.stop()

@@ -42,3 +42,15 @@ def test_a_certificate_that_fails_verification_is_fatal_not_a_link_to_wait_for()
     assert classify(wrapped(verify)) is Fault.FATAL
     assert classify(rx.ConnectionError("Error 1 connecting: [SSL: CERTIFICATE_VERIFY_FAILED] self-signed")) is Fault.FATAL
     assert classify(wrapped(ConnectionRefusedError(111, "refused"))) is Fault.CONNECTION
+
+
+def test_a_connection_closed_under_redis_py_is_a_lost_link_and_other_attribute_errors_are_bugs():
+    # what redis-py's connection code raises when its writer went away mid-command (the
+    # frame's file is redis-py's own)
+    code = compile("writer = None\nwriter.writelines([b'PING'])", "/site-packages/redis/asyncio/connection.py", "exec")
+    with pytest.raises(AttributeError) as inside:
+        exec(code, {})
+    assert classify(inside.value) is Fault.CONNECTION
+    with pytest.raises(AttributeError) as mine:
+        exec(compile("writer = None\nwriter.writelines([b'PING'])", "/app/handlers.py", "exec"), {})
+    assert classify(mine.value) is Fault.FATAL

@@ -14,7 +14,7 @@ from orchestrator.runs.routes import (
     advert_matches,
     check_key_path,
     group_name,
-    order_lists,
+    placement,
     route_of_group,
     types_advert,
     value_at,
@@ -66,11 +66,30 @@ def test_order_lists_cover_every_chatflow_route_that_takes_the_event():
                "workers:wf:b": {"kind": "chatflow", "wildcard": True, "conversation_key": "c"},
                "workers:wf:plain": {"kind": "workflow", "types": ["m"]},
                "workers:wf:other": {"kind": "chatflow", "types": ["x"], "conversation_key": "c"}}
-    lists = order_lists(keys, Event("m", {"c": "c1"}), adverts, {})
-    assert lists == [keys.conversation_order("c1", "workers:wf:a"), keys.conversation_order("c1", "workers:wf:b")]
+    where = placement(keys, Event("m", {"c": "c1"}), adverts, {}, 1)
+    assert where.partition == 0
+    assert where.order_lists == [keys.conversation_order("c1", "workers:wf:a"),
+                                 keys.conversation_order("c1", "workers:wf:b")]
     own = {"workers:wf:a": lambda e: "from-code"}  # the app's own chatflow wins over its advert
-    assert order_lists(keys, Event("m", {"c": "c1"}), adverts, own)[0] == keys.conversation_order("from-code",
-                                                                                                  "workers:wf:a")
+    assert placement(keys, Event("m", {"c": "c1"}), adverts, own, 1).order_lists[0] == keys.conversation_order(
+        "from-code", "workers:wf:a")
+
+
+def test_an_event_goes_to_the_partition_of_its_key_else_its_conversation_else_its_id():
+    from orchestrator.broker.partitions import partition_of
+
+    keys = Keys("ns")
+    adverts = {"workers:wf:a": {"kind": "chatflow", "types": ["m"], "conversation_key": "c"}}
+    for cid in ("c1", "c2", "c3", "conv-with-a-longer-id"):
+        where = placement(keys, Event("m", {"c": cid}), adverts, {}, 7)
+        assert where.partition == partition_of(cid, 7)
+        assert where.order_lists == [keys.partition(where.partition).conversation_order(cid, "workers:wf:a")]
+    keyed = Event("m", {"c": "c1"}, {"key": "tenant-9"})
+    assert placement(keys, keyed, adverts, {}, 7).partition == partition_of("tenant-9", 7)
+    plain = Event("other")
+    assert placement(keys, plain, adverts, {}, 7).partition == partition_of(plain.id, 7)
+    spread = {placement(keys, Event("other"), adverts, {}, 4).partition for _ in range(200)}
+    assert spread == {0, 1, 2, 3}  # ids spread over every partition
 
 
 def test_routes_of_an_app_one_per_registration_with_stable_names():
