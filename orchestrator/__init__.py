@@ -46,6 +46,9 @@ _LAZY = {
     "TokiwaError": "errors",
     "WorkflowError": "errors",
     "Event": "events",
+    "Queue": "queue",
+    "measure_performance": "perf",
+    "run_performance": "perf",
     "exec_command": "workflow.execs",
     "exec_shell": "workflow.execs",
     "Engine": "workflow.flow",
@@ -121,6 +124,8 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
     )
     from orchestrator.events import Event
     from orchestrator.leader import LeaderElector
+    from orchestrator.perf import measure_performance, run_performance
+    from orchestrator.queue import Queue
     from orchestrator.runs.stores import FileRunStore, InMemoryRunStore, RedisRunStore, RunStore
     from orchestrator.runs.triggers import Trigger
     from orchestrator.workflow.artifacts import FileArtifactStore, InMemoryArtifactStore
@@ -136,11 +141,11 @@ __all__ = [
     # the app
     "Orchestrator", "Settings", "load_settings",
     # events
-    "Event", "EventDispatcher", "DispatchResult",
+    "Event", "EventDispatcher", "DispatchResult", "Queue",
     # workflows
     "Workflow", "Node", "RetryPolicy", "Runner", "WorkflowRunResult", "NodeResult", "WorkflowHooks",
     "Trigger", "task", "Flow", "Engine", "load_workflow_file", "run_workflow_file", "register_step_type",
-    "exec_command", "exec_shell",
+    "exec_command", "exec_shell", "run_performance", "measure_performance",
     # stores
     "RunStore", "InMemoryRunStore", "FileRunStore", "RedisRunStore", "FileArtifactStore",
     "InMemoryArtifactStore", "ConversationStore", "InMemoryConversationStore", "DeltaConversationStore",

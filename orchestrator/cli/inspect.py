@@ -403,6 +403,9 @@ def _render_run(r: dict[str, Any]) -> str:
         lines.append(f"worker {_cell(r.get('worker_id'))}  updated {when(r.get('updated_at'))}")
     if r.get("error"):
         lines.append(f"error: {json.dumps(r['error'], default=str)}")
+    if isinstance(resumed := r.get("resumed_from"), dict):  # a redelivered run went on from checkpoints
+        lines.append(f"resumed: {', '.join(resumed.get('nodes') or []) or 'no node'} from checkpoints of "
+                     f"{', '.join(resumed.get('workers') or []) or '-'} (delivery {_cell(resumed.get('deliveries'))})")
     rows = [{"node": n, **s} for n, s in r["task_summary"].items()]
     lines.append(table(rows, [("NODE", "node"), ("STATE", "state"), ("ATTEMPTS", "attempts"),
                               ("DURATION_MS", "duration_ms")]))

@@ -36,6 +36,7 @@ _EXPORTS = {
     "run_test": "steps",
     "step_types": "steps",
     "unregister_step_type": "steps",
+    "EnvSecretsRedactor": "templates",
     "MissingNameError": "templates",
     "RedactingFilter": "templates",
     "Redactor": "templates",

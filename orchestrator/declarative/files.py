@@ -3,7 +3,7 @@
 ```yaml
 name: build-and-check
 variables: {greeting: hello}
-secrets: [API_TOKEN]            # read from the environment, redacted as *** everywhere
+secrets: [API_TOKEN]            # read from the environment, shown as *** in logs and records
 max_parallel: 2
 steps:
   - id: say
@@ -47,12 +47,19 @@ from orchestrator import errors
 from orchestrator.callbacks import call_maybe_async
 from orchestrator.config import default_state_dir
 from orchestrator.declarative.steps import StepContext, get_step_type
-from orchestrator.declarative.templates import Redactor, evaluate, render, secrets_from_env, syntax_problem
+from orchestrator.declarative.templates import (
+    EnvSecretsRedactor,
+    Redactor,
+    evaluate,
+    render,
+    secrets_from_env,
+    syntax_problem,
+)
 from orchestrator.errors import CyclicDependencyError, NotFoundError, StepExecutionError, WorkflowFileError
 from orchestrator.runs.stores import RunStore
 from orchestrator.workflow.artifacts import FileArtifactStore
 from orchestrator.workflow.model import Node, Workflow
-from orchestrator.workflow.result import WorkflowRunResult, format_log
+from orchestrator.workflow.result import WorkflowRunResult
 from orchestrator.workflow.retry import RetryPolicy
 from orchestrator.workflow.runner import Runner
 
@@ -125,6 +132,7 @@ class WorkflowSpec(_Spec):
     max_parallel: int | None = Field(default=None, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
     fail_fast: bool = True
+    checkpoint: StrictBool = True  # a worker's run resumes after its completed steps when redelivered
     artifacts_dir: str | None = None
     allow_outside: StrictBool = False  # the default of every step's allow_outside
     steps: list[StepSpec] = Field(min_length=1)
@@ -140,13 +148,20 @@ class WorkflowSpec(_Spec):
 
 class DeclarativeWorkflow(Workflow):
     """A Workflow built from a file; ``spec`` is the validated file and ``run_options`` the
-    Runner options it asks for (``concurrency``, ``fail_fast``, ``timeout``)."""
+    Runner options it asks for (``concurrency``, ``fail_fast``, ``timeout``). The file's
+    ``max_parallel``, ``timeout_s``, ``fail_fast`` and ``checkpoint`` are the workflow's own,
+    so every run applies them: ``run_workflow_file``, ``Runner.run`` and the runs of an app
+    that registers it alike. Its records show the secrets' values as ``***``."""
 
     def __init__(self, spec: WorkflowSpec, nodes: list[Node], *, base_dir: Path, source: str | None) -> None:
-        super().__init__(spec.name, nodes, type=spec.type, description=spec.description)
+        super().__init__(spec.name, nodes, type=spec.type, description=spec.description,
+                         max_parallel=spec.max_parallel, timeout_s=spec.timeout_s, fail_fast=spec.fail_fast,
+                         checkpoint=spec.checkpoint)
         self.spec = spec
         self.base_dir = base_dir
         self.source = source
+        if spec.secrets:
+            self.redact = EnvSecretsRedactor(spec.secrets)
 
     @property
     def run_options(self) -> dict[str, Any]:
@@ -158,7 +173,10 @@ class DeclarativeWorkflow(Workflow):
 
 
 class StepHandler:
-    """The node handler of one step: render params, run the step type, redact the output."""
+    """The node handler of one step: render params, run the step type. Its output is what later
+    steps read, so it keeps the secrets' values: what people see of it (logs, run records) is
+    redacted there (``DeclarativeWorkflow.redact``). Errors are redacted in place: they only
+    ever reach people."""
 
     def __init__(self, step: StepSpec, spec: WorkflowSpec, base_dir: Path) -> None:
         self.step, self.spec, self.base_dir = step, spec, base_dir
@@ -169,7 +187,7 @@ class StepHandler:
         try:
             secrets = secrets_from_env(self.spec.secrets)
             redactor = Redactor(secrets)
-            return redactor(await self._run(ctx, secrets, redactor))
+            return await self._run(ctx, secrets, redactor)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -445,12 +463,10 @@ async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any
         workflow.base_dir / workflow.spec.artifacts_dir if workflow.spec.artifacts_dir
         else default_state_dir() / "artifacts")
     services = SimpleNamespace(artifacts=FileArtifactStore(root).scoped(run_id))
-    options = workflow.run_options
     result: WorkflowRunResult | None
-    try:
+    try:  # the workflow's max_parallel, timeout_s and fail_fast are its run defaults
         result = await (runner or Runner()).run(
             workflow, input=input, context=context, conversation_id=conversation_id, run_id=run_id,
-            concurrency=options["concurrency"], fail_fast=options["fail_fast"], timeout=options["timeout"],
             services=services)
     except errors.TimeoutError as exc:
         result = getattr(exc, "result", None)
@@ -458,5 +474,5 @@ async def run_workflow_file(path: str | Path, input: Any = None, *, context: Any
             raise
     if store is not None:
         await store.save(result.to_record())
-        await store.append_logs(result.run_id, [format_log(entry) for entry in result.logs])
+        await store.append_logs(result.run_id, result.log_lines())
     return result

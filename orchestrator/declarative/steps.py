@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from orchestrator.callbacks import call_maybe_async
+from orchestrator.callbacks import call_maybe_async, is_async_callable
 from orchestrator.declarative.templates import (
     VALUE_ENV_PREFIX,
     Redactor,
@@ -53,11 +53,36 @@ from orchestrator.errors import (
     UnsafePathError,
 )
 from orchestrator.workflow.execs import exec_command_async, exec_shell_async
+from orchestrator.workflow.threads import run_in_thread
 
 ENTRY_POINT_GROUP = "tokiwa.steps"
 logger = logging.getLogger("tokiwa.steps")
-# characters that only mean something to a shell; a `command` holding one needs `shell: true`
-_SHELL_SYNTAX = set("|&;<>()$`\\*?[]{}~\n")
+# characters that only mean something to a shell, written outside quotes (inside "..." only the
+# expansions $ ` \ do); a `command` holding one needs `shell: true`. `?` is not among them: it is a
+# glob only where nothing matches it less often than it is part of a URL, and without a shell it
+# is passed as it is.
+_SHELL_SYNTAX = set("|&;<>()$`\\*[]{}~\n")
+_DOUBLE_QUOTED_SYNTAX = set("$`\\")
+
+
+def shell_syntax(literal: str) -> tuple[set[str], str | None]:
+    """The shell syntax in a command template's own text (see ``_SHELL_SYNTAX``), read with
+    its quotes, and the quote left open at its end (None if every quote is closed)."""
+    found: set[str] = set()
+    quote: str | None = None
+    for char in literal:
+        if quote == "'":
+            quote = None if char == "'" else quote
+        elif quote == '"':
+            if char == '"':
+                quote = None
+            elif char in _DOUBLE_QUOTED_SYNTAX:
+                found.add(char)
+        elif char in "'\"":
+            quote = char
+        elif char in _SHELL_SYNTAX:
+            found.add(char)
+    return found, quote
 
 
 @dataclass
@@ -193,10 +218,13 @@ class ShellParams(_Params):
         # only the template's own text counts: a value inside {{ }} is always one argument
         if command is None or info.data.get("shell", True):
             return command
-        literal = template_data(command)
-        found = sorted(_SHELL_SYNTAX & set(literal or ""))
+        found, unclosed = shell_syntax(template_data(command) or "")
+        if unclosed:
+            other = '"' if unclosed == "'" else "'"
+            raise ValueError(f"command has an unclosed {unclosed} quote in its own text (outside {{{{ }}}}); "
+                             f"close it, or write the {unclosed} inside {other}...{other}")
         if found:
-            raise ValueError(f"command uses shell syntax ({', '.join(map(repr, found))}); set shell: true "
+            raise ValueError(f"command uses shell syntax ({', '.join(map(repr, sorted(found)))}); set shell: true "
                              "or give argv as a list")
         return command
 
@@ -444,7 +472,9 @@ async def run_python(step: StepContext, params: dict[str, Any]) -> Any:
         fn = await asyncio.to_thread(import_callable, p.callable, step.base_dir)
     except NotFoundError as exc:
         raise StepExecutionError(f"step {step.step_id!r}: {exc}", node=step.step_id) from exc
-    return await call_maybe_async(fn, step.node, **p.kwargs)
+    if is_async_callable(fn):
+        return await call_maybe_async(fn, step.node, **p.kwargs)
+    return await run_in_thread(fn, step.node, **p.kwargs)  # interrupted when the step is cancelled
 
 
 # --- registry ---------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ output held apart from the template's own text, so a value is always exactly one
 is never split by ``shlex``, never parsed by ``/bin/sh`` and never rendered a second time
 (see the section below).
 
-Redaction: every occurrence of a secret's value is replaced by ``***`` in strings found
-anywhere in a value (dict keys included), in log records (:class:`RedactingFilter`) and in
-run records. Empty secrets are ignored (they would match everywhere).
+Redaction: every occurrence of a secret's value is replaced by ``***`` in what people see:
+strings found anywhere in a value (dict keys included), log records (:class:`RedactingFilter`)
+and run records (:class:`EnvSecretsRedactor`, a workflow's ``redact``). The values steps pass
+each other are never redacted. Empty secrets are ignored (they would match everywhere).
 """
 
 from __future__ import annotations
@@ -375,6 +376,11 @@ class _ShellQuoter:
                 self.word_start = False
             else:
                 self._HANDLERS[frame.kind](self, self.text[self.i])
+        unclosed = next((f.kind for f in reversed(self.stack) if f.kind in ("single", "double")), None)
+        if unclosed is not None:
+            quote = "'" if unclosed == "single" else '"'
+            raise self._refuse(f"the {quote} quote written in the template is never closed, so /bin/sh "
+                               "could not run it; close it (a value inside {{ }} needs no quoting)")
         return "".join(self.out), self.env
 
     # -- output helpers
@@ -596,6 +602,25 @@ class Redactor:
         if isinstance(value, (list, tuple)):
             return [self(v) for v in value]
         return value
+
+
+class EnvSecretsRedactor:
+    """A :class:`Redactor` over the current values of the environment variables ``names`` (the
+    ones that are set), read at each call: a declarative workflow's ``redact`` for its records,
+    which are written while the workflow runs, with the secrets its steps read."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = tuple(names)
+        self._cached: tuple[tuple[str, ...], Redactor] | None = None
+
+    def redactor(self) -> Redactor:
+        values = tuple(os.environ[name] for name in self.names if name in os.environ)
+        if self._cached is None or self._cached[0] != values:
+            self._cached = (values, Redactor(values))
+        return self._cached[1]
+
+    def __call__(self, value: Any) -> Any:
+        return self.redactor()(value)
 
 
 def redact(value: Any, secrets: Iterable[str] | Mapping[str, str]) -> Any:

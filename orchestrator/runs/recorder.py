@@ -32,10 +32,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator import faults
+from orchestrator.broker.groups import entry_of
 from orchestrator.callbacks import call_and_await
 from orchestrator.events import Event
 from orchestrator.workflow.hooks import WorkflowHooks
-from orchestrator.workflow.result import RunStatus, WorkflowRunResult, format_log
+from orchestrator.workflow.result import RunStatus, WorkflowRunResult
 
 if TYPE_CHECKING:
     from orchestrator.config import Settings
@@ -46,7 +47,7 @@ log = logging.getLogger("tokiwa.workflows")
 #: ``fn(exc, info)``; may return an awaitable
 ErrorHook = Callable[[Exception, dict[str, Any]], Any]
 #: the (group, stream id) pairs of the given events whose entries this worker still holds
-OwnedFn = Callable[[Sequence[Event]], Awaitable[set[tuple[str | None, str]]]]
+OwnedFn = Callable[[Sequence[Event]], Awaitable[set[tuple[str | None, int, str]]]]
 #: the live result of a run running here (``Runner.result_of``), None if it is not running
 ResultOf = Callable[[str], "WorkflowRunResult | None"]
 
@@ -272,7 +273,7 @@ class LiveRuns:
             mine = True
             if run.event is not None and run.event.stream_id:
                 try:
-                    mine = (run.event.group, run.event.stream_id) in await self.owned([run.event])
+                    mine = entry_of(run.event) in await self.owned([run.event])
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -334,7 +335,7 @@ class RunRecorder:
         return self.host.settings.visibility_timeout_s
 
     async def _owned(self, batch: list[tuple[WorkflowRunResult, Event | None, asyncio.Future[None]]]
-                     ) -> set[tuple[str | None, str]]:
+                     ) -> set[tuple[str | None, int, str]]:
         events = [e for _, e, _ in batch if e is not None and e.stream_id]
         return await self.owned(events) if events else set()
 
@@ -348,7 +349,7 @@ class RunRecorder:
                 owned = await faults.retry_transient(functools.partial(self._owned, batch), deadline_s=self._patience_s)
                 keep = []
                 for result, event, future in batch:
-                    if event is not None and event.stream_id and (event.group, event.stream_id) not in owned:
+                    if event is not None and event.stream_id and entry_of(event) not in owned:
                         log.warning("run %s finished after its event was reclaimed elsewhere; not recording it",
                                     result.run_id)
                         self._extra.pop(id(result), None)
@@ -372,7 +373,7 @@ class RunRecorder:
             await faults.retry_transient(lambda: store.save_many(records), deadline_s=self._patience_s)
             for result, _ in items:
                 if getattr(result, "logs", None):
-                    await store.append_logs(result.run_id, [format_log(x) for x in result.logs])
+                    await store.append_logs(result.run_id, result.log_lines())
         except Exception as exc:
             for (result, future), record in zip(items, records, strict=True):
                 await self._store_failed(exc, result, record, future)

@@ -34,6 +34,7 @@ from orchestrator.errors import (
 )
 from orchestrator.events import Event, check_conversation_id
 from orchestrator.keys import Keys
+from orchestrator.runs.checkpoints import Checkpoints
 from orchestrator.runs.limits import Limits
 from orchestrator.runs.outcome import OK, ProcessResult, Verdict
 from orchestrator.runs.recorder import LiveRun, LiveRuns, OwnedFn, RecorderHost, RunRecorder, call_hook
@@ -51,7 +52,7 @@ RUN_REQUEST = "tokiwa.workflow.run"
 RESULT_TTL_S = 3600  # a run_workflow answer waits this long for its caller
 WAIT_SLICE_S = 1.0  # a waiting run_workflow BLPOPs in slices this long (below the socket timeout)
 _RUN_OPTIONS = {"input", "context", "conversation_id", "concurrency", "fail_fast", "timeout", "memory",
-                "rate_limit", "rate_key", "concurrency_limit", "concurrency_key"}
+                "rate_limit", "rate_key", "concurrency_limit", "concurrency_key", "checkpoint"}
 INTERRUPTED_RECORD_S = 2.0  # a run whose caller is cancelled waits this long at most for its record
 
 
@@ -193,6 +194,7 @@ class WorkflowRegistry:
         self._by_id: dict[str, Registration] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}  # workflow id -> its triggered runs' permits
         self._recorder = RunRecorder(host, owned)
+        self._checkpoints = Checkpoints(host, owned)
         self._live = LiveRuns(host, owned, self._live_result)
         self._counts = dict.fromkeys(("started", "succeeded", "failed", "timed_out", "cancelled"), 0)
         self._running = 0
@@ -224,6 +226,8 @@ class WorkflowRegistry:
         unknown = set(options) - _RUN_OPTIONS
         if unknown:
             raise InvalidArgumentError(f"unknown register_workflow options {sorted(unknown)}")
+        if not isinstance(options.get("checkpoint", False), bool):
+            raise InvalidArgumentError(f"checkpoint must be True or False, got {options['checkpoint']!r}")
         if wf.id in self._by_id:
             raise ConflictError(f"workflow {wf.name!r} ({wf.id}) is already registered")
         Limits.from_options(options)  # a bad limit fails here, not on the first event
@@ -341,7 +345,7 @@ class WorkflowRegistry:
             if reg.workflow.type == CHATFLOW and event.stream_id:
                 cid = conversation_of(reg, event)
                 if cid:
-                    await self.host.chatflows().abandon(cid, event.stream_id, event.group)
+                    await self.host.chatflows().abandon(cid, event.stream_id, event.group, event.partition)
             return OK
         return await self._triggered(reg, event)
 
@@ -425,15 +429,17 @@ class WorkflowRegistry:
                 log.info("run %s of %s was cancelled by %s before it started", run_id, wf.name, request.get("by"))
                 result = cancelled_result(wf, run_id, request, conversation_id=conversation_id)
                 if wf.type == CHATFLOW and conversation_id and event is not None and event.stream_id:
-                    await self.host.chatflows().abandon(conversation_id, event.stream_id, event.group)
+                    await self.host.chatflows().abandon(conversation_id, event.stream_id, event.group,
+                                                        event.partition)
             elif wf.type == "chatflow":
                 result = await self.host.chatflows().run(
                     wf, conversation_id=conversation_id, event=event, input=input, context=context,
                     memory=opts.get("memory"), run_id=run_id, services=services, hooks=live, **kwargs)
-            else:
+            else:  # checkpointed (see orchestrator.runs.checkpoints) unless it opted out
+                hooks, resume = await self._checkpoints.begin(wf, run_id, event, live, opts.get("checkpoint"))
                 result = await self.host.runner.run(wf, input=input, context=context, event=event, run_id=run_id,
-                                                    memory=opts.get("memory"), services=services, hooks=live,
-                                                    **kwargs)
+                                                    memory=opts.get("memory"), services=services, hooks=hooks,
+                                                    resume=resume, **kwargs)
         except errors.TimeoutError as exc:  # the workflow's timeout: record its partial result, then raise
             partial = getattr(exc, "result", None)
             if not isinstance(partial, WorkflowRunResult):

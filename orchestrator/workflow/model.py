@@ -28,6 +28,8 @@ from orchestrator.workflow.retry import RetryPolicy
 # A fixed namespace for tokiwa's uuid5 ids. Never change it: ids are compared across hosts.
 TOKIWA_NAMESPACE = uuid.UUID("6f1c0b8e-5d3a-5e2b-9a77-70b1c0e1d5a1")
 WORKFLOW_TYPES = ("workflow", "chatflow")
+#: how many nodes of a run run at once when neither the run nor the workflow says (tokiwa's defaults)
+DEFAULT_CONCURRENCY = {"workflow": 4, "chatflow": 1}
 
 Handler = Callable[[Any], Any]
 
@@ -137,13 +139,81 @@ class Graph:
     index: dict[str, int]  # name, attached id and detached id -> node index
 
 
+class ExecutionPlan(list[list[Node]]):
+    """A workflow's level-by-level plan, as the workflow port plan's executor runs it.
+
+    The plan is the list of levels (level *k* holds the nodes whose longest chain of
+    dependencies has length *k*), with ``max_parallel`` (nodes started together at most) and
+    ``timeout_s`` (the whole run's bound, None = none). :attr:`batches` cuts each level into
+    batches of at most ``max_parallel`` nodes: a level-by-level executor starts a batch, waits
+    for it, then starts the next.
+    """
+
+    def __init__(self, levels: Iterable[list[Node]], *, max_parallel: int, timeout_s: float | None) -> None:
+        super().__init__(levels)
+        self.max_parallel = max_parallel
+        self.timeout_s = timeout_s
+
+    @property
+    def levels(self) -> list[list[Node]]:
+        return [list(level) for level in self]
+
+    @property
+    def batches(self) -> list[list[Node]]:
+        """Every level cut, in order, into runs of at most ``max_parallel`` nodes."""
+        step = self.max_parallel
+        return [level[i:i + step] for level in self for i in range(0, len(level), step)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data with node names: ``{max_parallel, timeout_s, levels, batches}``."""
+        return {"max_parallel": self.max_parallel, "timeout_s": self.timeout_s,
+                "levels": [[n.name for n in level] for level in self],
+                "batches": [[n.name for n in batch] for batch in self.batches]}
+
+    def __repr__(self) -> str:
+        return (f"ExecutionPlan(levels={[[n.name for n in level] for level in self]!r}, "
+                f"max_parallel={self.max_parallel}, timeout_s={self.timeout_s!r})")
+
+
+def _check_max_parallel(workflow: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidArgumentError(f"workflow {workflow!r}: max_parallel must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_timeout(workflow: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidArgumentError(f"workflow {workflow!r}: timeout_s must be a positive number of seconds, "
+                                   f"got {value!r}")
+    return float(value)
+
+
+def _check_flag(workflow: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"workflow {workflow!r}: {name} must be True or False, got {value!r}")
+    return value
+
+
 class Workflow:
     """A named DAG of nodes; ``type`` is ``"workflow"`` or ``"chatflow"`` (one conversation
     at a time, default concurrency 1, needs a conversation id to run).
 
+    Run defaults, used by every run that does not set its own: ``max_parallel`` (nodes at
+    once; None = 4, 1 for a chatflow), ``timeout_s`` (the whole run), ``fail_fast``.
+    ``checkpoint`` (default True): a run that a worker took from the stream checkpoints each
+    node's result in Redis, and a redelivered run goes on after its completed nodes (see
+    docs/workflows.md, "Durable runs"); False for cheap flows that may simply run again.
+    ``redact`` (None by default) hides secrets in what the run's records show people: a
+    function from a value to the value shown; the nodes' outputs themselves stay as they are.
+
     Constructing with ``nodes`` validates the whole graph at once; ``add_node`` and
     ``connect`` validate lazily (``validate()``, ``get_execution_plan()`` or a run).
     """
+
+    #: how records of this workflow's runs hide secrets (value -> value shown); None = as they are
+    redact: Callable[[Any], Any] | None = None
 
     def __init__(
         self,
@@ -152,12 +222,20 @@ class Workflow:
         type: Literal["workflow", "chatflow"] = "workflow",  # noqa: A002 - public name
         *,
         description: str | None = None,
+        max_parallel: int | None = None,
+        timeout_s: float | None = None,
+        fail_fast: bool = True,
+        checkpoint: bool = True,
     ) -> None:
         self.name = _check_name("workflow", name)
         if type not in WORKFLOW_TYPES:
             raise InvalidArgumentError(f"workflow {name!r}: type must be 'workflow' or 'chatflow', got {type!r}")
         self.type = type
         self.description = description
+        self.max_parallel = _check_max_parallel(name, max_parallel)
+        self.timeout_s = _check_timeout(name, timeout_s)
+        self.fail_fast = _check_flag(name, "fail_fast", fail_fast)
+        self.checkpoint = _check_flag(name, "checkpoint", checkpoint)
         self.id = workflow_id_for(name)
         self._nodes: dict[str, Node] = {}
         self._graph: Graph | None = None
@@ -223,10 +301,14 @@ class Workflow:
         self._graph_key = key
         return self._graph
 
-    def get_execution_plan(self) -> list[list[Node]]:
-        """Levels of nodes that may run together: level k holds the nodes whose longest chain
-        of dependencies has length k (ties in insertion order). The runner does not wait for
-        whole levels; this plan is for display and for level-by-level executors."""
+    def get_execution_plan(self, max_parallel: int | None = None) -> ExecutionPlan:
+        """The level-by-level plan (an :class:`ExecutionPlan`, a list of levels): level k holds
+        the nodes whose longest chain of dependencies has length k (ties in insertion order),
+        with ``max_parallel`` (given, else the workflow's, else its type's default) and the
+        workflow's ``timeout_s``. The runner does not wait for whole levels (a node starts as
+        soon as its own dependencies succeeded); this plan is for display and for
+        level-by-level executors."""
+        limit = _check_max_parallel(self.name, max_parallel) or self.max_parallel or DEFAULT_CONCURRENCY[self.type]
         graph = self.validate()
         depth = [0] * len(graph.nodes)
         for i in _topological_order(graph.deps):
@@ -234,7 +316,7 @@ class Workflow:
         levels: list[list[Node]] = [[] for _ in range(max(depth, default=-1) + 1)]
         for i, node in enumerate(graph.nodes):
             levels[depth[i]].append(node)
-        return levels
+        return ExecutionPlan(levels, max_parallel=limit, timeout_s=self.timeout_s)
 
     def _lookup(self) -> dict[str, Node]:
         lookup: dict[str, Node] = {}

@@ -106,7 +106,9 @@ def json_safe(value: Any, _depth: int = 0) -> Any:
 class NodeResult:
     """One node's outcome. ``error`` is :func:`~orchestrator.errors.describe_error` of the
     failure and ``traceback`` its formatted traceback (bounded, see :func:`format_traceback`;
-    failed nodes only); ``exception`` holds the live exception in-process (not recorded)."""
+    failed nodes only); ``exception`` holds the live exception in-process (not recorded).
+    ``checkpointed`` is True for a node this execution did not run: an earlier execution of
+    the run completed it and its checkpoint gave the output (see ``resumed_from``)."""
 
     node_id: str
     name: str
@@ -118,6 +120,7 @@ class NodeResult:
     started_at: float | None = None
     finished_at: float | None = None
     traceback: str | None = None
+    checkpointed: bool = False
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     def to_record(self, *, output: bool = True) -> dict[str, Any]:
@@ -125,12 +128,12 @@ class NodeResult:
         return {"node_id": self.node_id, "name": self.name, "status": _plain(self.status),
                 "output": json_safe(self.output) if output else None, "error": self.error,
                 "attempts": self.attempts, "duration_ms": self.duration_ms, "started_at": self.started_at,
-                "finished_at": self.finished_at, "traceback": self.traceback}
+                "finished_at": self.finished_at, "traceback": self.traceback, "checkpointed": self.checkpointed}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> NodeResult:
         fields = ("node_id", "name", "status", "output", "error", "attempts", "duration_ms",
-                  "started_at", "finished_at", "traceback")
+                  "started_at", "finished_at", "traceback", "checkpointed")
         node = cls(**{k: record[k] for k in fields if k in record})
         node.status = _status(NodeStatus, node.status)
         return node
@@ -149,6 +152,14 @@ class WorkflowRunResult:
     that ended the run kept it (a chatflow fenced out keeps its ``FencingError``).
     ``cancelled_by`` and ``cancelled_at`` (epoch seconds of the request) say who cancelled a
     run that ended ``cancelled`` on request (``Orchestrator.cancel_run``), None otherwise.
+    ``resumed_from`` says what an earlier execution of this run left (its event was
+    redelivered after a crash): ``{"nodes": [names restored from checkpoints], "attempts":
+    {name: attempts already made, for nodes that had started}, "workers": [who ran them],
+    "deliveries": n}``; None for a run that started from scratch.
+    ``redact`` (from the workflow, not recorded) hides secrets in the records: node outputs,
+    errors, tracebacks, memory, artifacts and log lines as :meth:`to_record`,
+    :meth:`progress_record` and :meth:`log_lines` give them; the result's own values (what
+    the nodes passed each other) stay as they are.
     """
 
     run_id: str
@@ -173,7 +184,9 @@ class WorkflowRunResult:
     cancelled_at: float | None = None
     #: the run whose node requested this one (``run_workflow`` called inside a node), if any
     parent_run_id: str | None = None
+    resumed_from: dict[str, Any] | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    redact: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def succeeded(self) -> bool:
@@ -190,8 +203,9 @@ class WorkflowRunResult:
         return None if node is None else node.output
 
     def to_record(self) -> dict[str, Any]:
-        """Plain JSON/msgpack-safe data (logs excluded: stores keep them separately)."""
-        return {
+        """Plain JSON/msgpack-safe data (logs excluded: stores keep them separately), as
+        people see it (see ``redact``)."""
+        return self._shown({
             "run_id": self.run_id, "workflow_id": self.workflow_id, "workflow_name": self.workflow_name,
             "workflow_type": self.workflow_type, "status": _plain(self.status), "started_at": self.started_at,
             "finished_at": self.finished_at, "duration_ms": self.duration_ms,
@@ -201,13 +215,13 @@ class WorkflowRunResult:
             "conversation_id": self.conversation_id, "memory": json_safe(self.memory),
             "artifacts": json_safe(self.artifacts), "error": json_safe(self.error),
             "cancelled_by": self.cancelled_by, "cancelled_at": self.cancelled_at,
-            "parent_run_id": self.parent_run_id,
-        }
+            "parent_run_id": self.parent_run_id, "resumed_from": json_safe(self.resumed_from),
+        })
 
     def progress_record(self) -> dict[str, Any]:
         """The record of a run still running, cheap to build: as :meth:`to_record` without the
         outputs, ``results`` and ``memory`` (the final record has them)."""
-        return {
+        return self._shown({
             "run_id": self.run_id, "workflow_id": self.workflow_id, "workflow_name": self.workflow_name,
             "workflow_type": self.workflow_type, "status": _plain(self.status), "started_at": self.started_at,
             "finished_at": self.finished_at, "duration_ms": self.duration_ms,
@@ -216,8 +230,31 @@ class WorkflowRunResult:
             "timeline": json_safe(self.timeline), "conversation_id": self.conversation_id, "memory": None,
             "artifacts": json_safe(self.artifacts), "error": json_safe(self.error),
             "cancelled_by": self.cancelled_by, "cancelled_at": self.cancelled_at,
-            "parent_run_id": self.parent_run_id,
-        }
+            "parent_run_id": self.parent_run_id, "resumed_from": json_safe(self.resumed_from),
+        })
+
+    def log_lines(self) -> list[str]:
+        """The run's log entries as text lines (:func:`format_log`), as people see them."""
+        lines = [format_log(entry) for entry in self.logs]
+        return lines if self.redact is None else [self.redact(line) for line in lines]
+
+    def _shown(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with ``redact`` applied to what it shows of the run's data (outputs,
+        errors, memory, artifacts); ids, names, statuses and times stay as they are."""
+        hide = self.redact
+        if hide is None:
+            return record
+        for node in record["nodes"].values():
+            node["output"], node["traceback"] = hide(node["output"]), hide(node["traceback"])
+            node["error"] = _values(hide, node["error"])
+        record["results"] = {k: hide(v) for k, v in record["results"].items()}
+        record["errors"] = {k: _values(hide, v) for k, v in record["errors"].items()}
+        record["timeline"] = [{k: _values(hide, v) if k == "error" else v for k, v in entry.items()}
+                              for entry in record["timeline"]]
+        record["memory"], record["error"] = hide(record["memory"]), _values(hide, record["error"])
+        record["artifacts"] = [{k: hide(v) if k in ("name", "location") else v for k, v in a.items()}
+                               if isinstance(a, dict) else a for a in record["artifacts"]]
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> WorkflowRunResult:
@@ -226,7 +263,7 @@ class WorkflowRunResult:
                      workflow_name=record.get("workflow_name", ""))
         for key in ("status", "started_at", "finished_at", "duration_ms", "conversation_id",
                     "memory", "error", "workflow_type", "cancelled_by", "cancelled_at",
-                    "parent_run_id"):
+                    "parent_run_id", "resumed_from"):
             if key in record:
                 setattr(result, key, record[key])
         result.status = _status(RunStatus, result.status)
@@ -310,6 +347,21 @@ class RunTimeline:
     def skipped(self, nr: NodeResult, reason: str) -> None:
         self._finish(nr, NodeStatus.SKIPPED, None)
         self.event("node_skipped", nr, 0)["reason"] = reason
+
+    def restored(self, nr: NodeResult, done: NodeResult) -> None:
+        """``nr`` succeeded in an earlier execution of the run (``done``, from its checkpoint):
+        it takes that outcome, marked ``checkpointed``, and is not run again."""
+        nr.status, nr.output, nr.attempts, nr.checkpointed = NodeStatus.SUCCEEDED, done.output, done.attempts, True
+        nr.started_at, nr.finished_at, nr.duration_ms = done.started_at, done.finished_at, done.duration_ms
+        self.result.results[nr.node_id] = done.output
+        if nr.attempts:
+            self.result.attempts[nr.node_id] = nr.attempts
+        self.event("node_restored", nr, nr.attempts)
+
+
+def _values(hide: Callable[[Any], Any], value: Any) -> Any:
+    """A dict (an error's description) with ``hide`` applied to its values, not its keys."""
+    return {k: hide(v) for k, v in value.items()} if isinstance(value, dict) else hide(value)
 
 
 def _error_line(error: BaseException) -> str:

@@ -3,14 +3,15 @@
 Scheduling is event-driven, not level by level: a node starts as soon as every node it
 depends on has *succeeded*, up to ``concurrency`` nodes at once; ties start in insertion
 order. Async handlers run as tasks on the caller's loop (no thread hop); sync handlers run in
-a thread pool (``asyncio.to_thread``, or the ``executor`` given to :class:`Runner`).
+a daemon thread each (``threads.run_in_thread``), or in the ``executor`` given to :class:`Runner`.
 
 Failure handling:
 
 * ``fail_fast=True`` (default): the first node failure (after its retries) sets the run's
-  ``signal``, cancels running async nodes at once (their awaits are interrupted), lets sync
-  nodes see ``ctx.signal`` (their threads cannot be interrupted; the run does not wait for
-  them), marks running nodes ``cancelled`` and never-started ones ``skipped``.
+  ``signal``, cancels running async nodes at once (their awaits are interrupted), interrupts
+  sync nodes (:mod:`orchestrator.workflow.threads`: the run does not wait for their threads,
+  and Python code in them stops at its next bytecode), marks running nodes ``cancelled`` and
+  never-started ones ``skipped``.
 * ``fail_fast=False``: the dependents (transitively) of a failed node are ``skipped``;
   every other node still runs.
 * ``timeout`` (whole run) aborts like fail-fast, then raises
@@ -33,23 +34,24 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
 
 from orchestrator import errors
-from orchestrator.callbacks import call_and_await, call_in_thread, resolve
+from orchestrator.callbacks import call_and_await, resolve
 from orchestrator.errors import InvalidArgumentError, RetryExhausted, WorkflowAborted, describe_error
 from orchestrator.events import check_conversation_id
 from orchestrator.workflow.context import AbortSignal, NodeContext, RunShared
 from orchestrator.workflow.hooks import WorkflowHooks, call_hooks, collect_hooks
-from orchestrator.workflow.model import Graph, Node, Workflow
+from orchestrator.workflow.model import DEFAULT_CONCURRENCY, Graph, Node, Workflow
 from orchestrator.workflow.result import NodeResult, NodeStatus, RunStatus, RunTimeline, WorkflowRunResult
 from orchestrator.workflow.retry import NO_RETRY, RetryPolicy
+from orchestrator.workflow.threads import run_in_thread
 
 __all__ = ["Runner", "WorkflowRunResult", "NodeResult", "NodeContext", "AbortSignal", "WorkflowHooks"]
 
 logger = logging.getLogger("tokiwa.runner")
-DEFAULT_CONCURRENCY = {"workflow": 4, "chatflow": 1}
 # How long an aborted run waits for cancelled nodes to unwind before it abandons them.
 DEFAULT_CANCEL_GRACE_S = 1.0
 class Runner:
@@ -80,11 +82,17 @@ class Runner:
         return None if run is None else run.result
 
     async def run(self, workflow: Workflow, input: Any = None, context: Any = None,  # noqa: A002
-                  concurrency: int | None = None, fail_fast: bool = True, timeout: float | None = None,
+                  concurrency: int | None = None, fail_fast: bool | None = None, timeout: float | None = None,
                   event: Any = None, conversation_id: str | None = None, memory: dict[str, Any] | None = None,
-                  run_id: str | None = None, hooks: Any = None, services: Any = None) -> WorkflowRunResult:
+                  run_id: str | None = None, hooks: Any = None, services: Any = None,
+                  resume: Mapping[str, NodeResult] | None = None) -> WorkflowRunResult:
         """Run ``workflow`` once and return its result (a failed node does not raise).
 
+        ``concurrency``, ``fail_fast`` and ``timeout`` default to the workflow's
+        ``max_parallel``, ``fail_fast`` and ``timeout_s``. ``resume`` (node name -> NodeResult,
+        what an earlier execution of this run left) continues that execution: a node given as
+        ``succeeded`` is not run again (it keeps that output, marked ``checkpointed``), and
+        another node's ``attempts`` are the attempts already made (its next one is the one after).
         A pyoco :class:`~orchestrator.workflow.flow.Flow` (anything with ``to_workflow()``) is accepted too."""
         if not isinstance(workflow, Workflow) and callable(getattr(workflow, "to_workflow", None)):
             workflow = workflow.to_workflow()
@@ -93,7 +101,10 @@ class Runner:
         graph = workflow.validate()
         if workflow.type == "chatflow":
             check_conversation_id(conversation_id, chatflow=workflow.name)
-        concurrency = DEFAULT_CONCURRENCY[workflow.type] if concurrency is None else concurrency
+        if concurrency is None:
+            concurrency = workflow.max_parallel or DEFAULT_CONCURRENCY[workflow.type]
+        timeout = workflow.timeout_s if timeout is None else timeout
+        fail_fast = workflow.fail_fast if fail_fast is None else fail_fast
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgumentError(f"concurrency must be an integer >= 1, got {concurrency!r}")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -107,7 +118,7 @@ class Runner:
         run = _Run(self, workflow, graph, run_id=run_id, input=input, context=context, event=event,
                    conversation_id=conversation_id, memory=copy.deepcopy(memory) if memory else {},
                    concurrency=concurrency, fail_fast=bool(fail_fast),
-                   hooks=collect_hooks(self.hooks, hooks), services=services or self.services)
+                   hooks=collect_hooks(self.hooks, hooks), services=services or self.services, resume=resume)
         self._runs[run_id] = run
         try:
             return await run.execute(timeout)
@@ -136,7 +147,8 @@ class _Run:
 
     def __init__(self, runner: Runner, workflow: Workflow, graph: Graph, *, run_id: str, input: Any,  # noqa: A002
                  context: Any, event: Any, conversation_id: str | None, memory: dict[str, Any], concurrency: int,
-                 fail_fast: bool, hooks: dict[str, tuple[Any, ...]], services: Any) -> None:
+                 fail_fast: bool, hooks: dict[str, tuple[Any, ...]], services: Any,
+                 resume: Mapping[str, NodeResult] | None = None) -> None:
         self.runner, self.workflow, self.graph = runner, workflow, graph
         self.concurrency, self.fail_fast, self.hooks = concurrency, fail_fast, hooks
         self.clock = getattr(services, "clock", None) or time.time
@@ -145,8 +157,10 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.result = WorkflowRunResult(
             run_id=run_id, workflow_id=workflow.id, workflow_name=workflow.name, workflow_type=workflow.type,
-            conversation_id=conversation_id, memory=memory)
+            conversation_id=conversation_id, memory=memory, redact=workflow.redact)
         self.node_results = [NodeResult(node_id=n.id, name=n.name) for n in graph.nodes]
+        self.resume = resume or {}
+        self.restored: set[int] = set()  # nodes an earlier execution completed: never launched
         self.result.nodes = {nr.name: nr for nr in self.node_results}
         self.signal = AbortSignal()
         artifacts = None  # RunShared builds it on first use
@@ -168,6 +182,8 @@ class _Run:
         result.started_at = self.clock()
         t0 = time.perf_counter()
         result.timeline.append({"type": "run_start", "timestamp": result.started_at})
+        if self.resume:
+            self._restore()
         if self.hooks["on_run_start"]:
             await call_hooks("on_run_start", self.hooks["on_run_start"], self.workflow, result.run_id)
         timer = None if timeout is None else self.loop.call_later(timeout, self._on_timeout, timeout)
@@ -203,6 +219,18 @@ class _Run:
                 await asyncio.shield(call_hooks("on_run_complete", self.hooks["on_run_complete"], self.result))
             except asyncio.CancelledError:
                 pass  # the caller is cancelled anyway; the hooks go on in the background
+
+    def _restore(self) -> None:
+        """Apply ``resume``: completed nodes take their outcome, the others their attempt count."""
+        for i, nr in enumerate(self.node_results):
+            done = self.resume.get(nr.name)
+            if done is None:
+                continue
+            if done.status == NodeStatus.SUCCEEDED:
+                self.rec.restored(nr, done)
+                self.restored.add(i)
+            else:
+                nr.attempts = max(0, int(done.attempts))
 
     def _complete(self, t0: float) -> None:
         result = self.result
@@ -254,8 +282,9 @@ class _Run:
     # ----------------------------------------------------------------- scheduling
     async def _schedule(self) -> None:
         graph, running, done, wake = self.graph, self.running, self.done, self.wake
-        remaining = [len(d) for d in graph.deps]
-        ready = [i for i, n in enumerate(remaining) if n == 0]  # sorted, so already a heap
+        restored = self.restored
+        remaining = [sum(d not in restored for d in ds) if restored else len(ds) for ds in graph.deps]
+        ready = [i for i, n in enumerate(remaining) if n == 0 and i not in restored]  # sorted: a heap
         while True:
             while ready and len(running) < self.concurrency and not self.stopping:
                 self._launch(heapq.heappop(ready))
@@ -334,7 +363,7 @@ class _Run:
         policy = node.retry or NO_RETRY
         nr.status, nr.started_at = NodeStatus.RUNNING, self.clock()
         t0 = time.perf_counter()
-        attempt = 0
+        attempt = nr.attempts  # attempts an earlier execution of the run made (0 for a fresh run)
         try:
             while True:
                 attempt += 1
@@ -389,7 +418,7 @@ class _Run:
             return await call_and_await(node.handler, ctx)
         executor = self.runner.executor
         if executor is None:
-            return await call_in_thread(node.handler, ctx)
+            return await run_in_thread(node.handler, ctx)  # interrupted when the node is cancelled
         call = functools.partial(contextvars.copy_context().run, node.handler, ctx)
         return await resolve(await self.loop.run_in_executor(executor, call))
 

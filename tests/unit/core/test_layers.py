@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[3]
 #: lowest first; a unit may import only units listed before it (and itself)
 LAYERS = [
     # small shared modules
-    "orchestrator._lazy", "orchestrator.errors", "orchestrator.callbacks", "orchestrator.faults", "orchestrator.config",
+    "orchestrator._lazy", "orchestrator.errors", "orchestrator.callbacks", "orchestrator.faults", "orchestrator.urls",
+    "orchestrator.config",
     "orchestrator.keys", "orchestrator.clock", "orchestrator.proc", "orchestrator.events", "orchestrator.topics",
+    "orchestrator.queue", "orchestrator.perf",
     "orchestrator.locks", "orchestrator.leader", "orchestrator.dispatcher",
     # the parts
     "orchestrator.workflow", "orchestrator.broker", "orchestrator.chat", "orchestrator.cron",
-    "orchestrator.runs", "orchestrator.declarative", "orchestrator.ops",
+    "orchestrator.runs", "orchestrator.declarative", "orchestrator.ops", "orchestrator.pyoco",
     # the facade, the public API, the testing helpers, the command lines
     "orchestrator.app", "orchestrator", "orchestrator.testing", "orchestrator.pytest_plugin", "orchestrator.cli",
     # the worker process

@@ -42,6 +42,7 @@ PUBLIC_API = [
     "NodeResult",
     "NotFoundError",
     "Orchestrator",
+    "Queue",
     "RedisConversationStore",
     "RedisRunStore",
     "RelayError",
@@ -65,7 +66,9 @@ PUBLIC_API = [
     "exec_shell",
     "load_settings",
     "load_workflow_file",
+    "measure_performance",
     "register_step_type",
+    "run_performance",
     "run_workflow_file",
     "task",
 ]

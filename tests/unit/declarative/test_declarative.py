@@ -48,7 +48,9 @@ async def test_the_example_file_runs_each_step_type_to_success(example_copy, tmp
     assert result.output_of("count")["stdout"].split()[0] == "3"
     assert result.output_of("greet")["stdout"] == "hello Ada\n"
     assert result.output_of("check_count")["passed"] is True
-    assert result.output_of("summarize") == {"greeting": "hello Ada", "lines": 3, "token_used": "***"}
+    # the output is the data steps pass on; what people see of it (the record) hides the secret
+    assert result.output_of("summarize") == {"greeting": "hello Ada", "lines": 3, "token_used": "tok-SECRET-42"}
+    assert result.to_record()["nodes"]["summarize"]["output"]["token_used"] == "***"
     assert result.output_of("cleanup") is None  # `when` was false: keep=True
     report = (tmp_path / "build" / "report" / "report.md").read_text()
     assert report.startswith("# Report for Ada\n") and result.run_id in report
