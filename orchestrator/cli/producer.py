@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 from click.core import ParameterSource
@@ -39,8 +39,9 @@ from orchestrator.app import Orchestrator
 from orchestrator.cli import exitcodes
 from orchestrator.cli.lazy import LazyGroup
 from orchestrator.cli.loader import load_app
-from orchestrator.errors import ConfigError, NotFoundError, TokiwaError
+from orchestrator.errors import ConfigError, NotFoundError, ReplicationError, TokiwaError
 from orchestrator.runs.registry import RunTimeoutError
+from orchestrator.urls import redact as redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -200,19 +201,9 @@ def set_redis_target(url: str | None, timeout_ms: int | None = None) -> None:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "<unparsable URL>"
+    """``url`` with its password replaced by ``***`` (any scheme, Sentinel and Cluster host
+    lists included)."""
+    return redact_url(url)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -370,6 +361,9 @@ def explain(exc: BaseException) -> Problem:
     if isinstance(exc, RunTimeoutError):
         return Problem(f"run {exc.run_id} did not finish within --timeout; it may still run: "
                        f"`tokiwa-producer cancel {exc.run_id}` stops it", exitcodes.TEMPFAIL)
+    if isinstance(exc, ReplicationError):  # stored on the master, not yet on enough replicas
+        return Problem(f"{exc}: check the replicas (INFO replication) or publish_wait_replicas / "
+                       "TOKIWA_PUBLISH_WAIT_REPLICAS", exitcodes.TEMPFAIL)
     if isinstance(exc, TokiwaError):
         return Problem(str(exc), exitcodes.FAILURE)
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
@@ -500,31 +494,29 @@ def build_app(app_spec: str | None, *, mode: str, **settings: Any) -> Orchestrat
     return app
 
 
-def run_async(coro: Coroutine[Any, Any, Any]) -> int:
-    """Run a coroutine; turn any error into one line and a named exit code."""
+def run_async(coro: Coroutine[Any, Any, Any], *, loop: str | None = None) -> int:
+    """Run a coroutine on the event loop ``loop`` names (None: ``TOKIWA_LOOP``, else uvloop
+    when installed; :mod:`orchestrator.cli.loops`); turn any error into one line and a named
+    exit code."""
+    from orchestrator.cli.loops import loop_runner
+
     try:
-        result = _event_loop_runner()(coro)
+        runner = loop_runner(loop)
+    except Exception as exc:
+        coro.close()
+        return report_error(exc)
+    try:
+        result = runner(coro)
     except Exception as exc:
         return report_error(exc)
     return result if isinstance(result, int) else exitcodes.OK
 
 
-def _event_loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
-    """``asyncio.run``, or ``uvloop.run`` with ``TOKIWA_LOOP=uvloop`` (``pip install
-    'tokiwa[uvloop]'``). Opt-in: on this project's benchmark it did not beat asyncio clearly
-    and costs ~2.4 MB of RSS."""
-    if os.environ.get("TOKIWA_LOOP", "asyncio") == "uvloop":
-        import uvloop
-
-        runner: Callable[[Coroutine[Any, Any, Any]], Any] = uvloop.run
-        return runner
-    return asyncio.run
-
-
 @cli_group(inspect="orchestrator.cli.inspect:inspect_group",
            cancel="orchestrator.cli.cancel:cancel_command",
            dashboard="orchestrator.cli.dashboard:dashboard_command",
-           redis="orchestrator.cli.redis_cmd:redis_group")
+           redis="orchestrator.cli.redis_cmd:redis_group",
+           plugins="orchestrator.cli.plugins:plugins_group")
 def cli() -> None:
     """tokiwa producer: publish events and run cron under leader election."""
 
@@ -673,13 +665,15 @@ def run_file(path: str, input_: str | None, plain: bool, no_trace: bool, as_json
     """Run a declarative workflow file (YAML / TOML / JSON) here, without Redis."""
     setup_logging("WARNING")
     from orchestrator.declarative.files import run_workflow_file
+    from orchestrator.workflow.interrupt import RunCapture, interrupted_exit
     from orchestrator.workflow.runner import Runner
     from orchestrator.workflow.trace import Tracer
 
     if plain:
         Tracer.set_plain()
     input_v = _parse_json(input_, "--input")
-    runner = Runner() if no_trace else Runner(hooks=Tracer(stream=sys.stderr).hooks())
+    capture = RunCapture()  # Ctrl+C: one "cancelled" line naming the run, exit 130
+    runner = Runner(hooks=capture) if no_trace else Runner(hooks=[Tracer(stream=sys.stderr).hooks(), capture])
 
     async def go() -> int:
         result = await run_workflow_file(path, input=input_v, runner=runner)
@@ -691,7 +685,7 @@ def run_file(path: str, input_: str | None, plain: bool, no_trace: bool, as_json
                 click.echo(f"  {name}: {node.status}" + (f" ({node.error.get('message')})" if node.error else ""))
         return exitcodes.OK if result.status == "succeeded" else exitcodes.FAILURE
 
-    sys.exit(run_async(go()))
+    sys.exit(interrupted_exit(lambda: run_async(go()), capture))
 
 
 @cli.group()

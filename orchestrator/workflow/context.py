@@ -193,6 +193,8 @@ class NodeContext:
     workflow_id = property(lambda self: self._shared.workflow.id)
     node_id = property(lambda self: self.node.id)
     node_name = property(lambda self: self.node.name)
+    #: pyoco's name for ``signal.is_set()``: the run is being aborted or cancelled, stop early
+    is_cancelled = property(lambda self: self._shared.signal.is_set())
 
     @property
     def params(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from orchestrator.errors import CommandError, InvalidArgumentError, ShellNotAllo
 
 SHELL = "/bin/sh"
 _STDERR_IN_MESSAGE = 2000  # characters of stderr quoted in an error message
+_WAIT_SLICE_S = 0.1  # a sync exec_command returns to Python this often while it waits
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,22 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _communicate(proc: subprocess.Popen[bytes], data: bytes | None, deadline: float | None) -> tuple[bytes, bytes]:
+    """``proc.communicate`` in slices of at most :data:`_WAIT_SLICE_S`, so that the calling
+    thread is back in Python code several times a second: a sync node interrupted while it
+    waits (:mod:`orchestrator.workflow.threads`) stops and kills the command at once instead
+    of when the command ends. TimeoutExpired once ``deadline`` (monotonic) has passed."""
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        wait = _WAIT_SLICE_S if left is None else max(0.0, min(left, _WAIT_SLICE_S))
+        try:
+            return proc.communicate(data, timeout=wait)
+        except subprocess.TimeoutExpired:
+            if left is not None and left <= _WAIT_SLICE_S:
+                raise
+        data = None  # the input is sent once; later calls go on with what is left of it
+
+
 def exec_command(
     argv: Sequence[str],
     cwd: str | os.PathLike[str] | None = None,
@@ -162,12 +179,12 @@ def exec_command(
     except OSError as exc:
         raise _not_started(args, exc) from exc
     try:
-        out, err = proc.communicate(data, timeout=timeout)
+        out, err = _communicate(proc, data, None if timeout is None else started + timeout)
     except subprocess.TimeoutExpired as exc:
         _kill_group(proc.pid)
         out, err = proc.communicate()
         raise _timed_out(args, timeout or 0, out, err) from exc
-    except BaseException:  # KeyboardInterrupt and friends: never leave the child behind
+    except BaseException:  # KeyboardInterrupt, NodeInterrupted and friends: never leave the child behind
         _kill_group(proc.pid)
         proc.wait()
         raise

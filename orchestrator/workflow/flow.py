@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from orchestrator.errors import DependencyError, InvalidArgumentError, StateError
+from orchestrator.workflow.interrupt import RunCapture, RunInterrupted, loop_running, say_interrupted
 from orchestrator.workflow.model import Node, Workflow
-from orchestrator.workflow.result import WorkflowRunResult
+from orchestrator.workflow.result import RunStatus, WorkflowRunResult
 from orchestrator.workflow.retry import RetryPolicy
 from orchestrator.workflow.runner import Runner
 from orchestrator.workflow.task_binding import build_handler
@@ -274,17 +275,49 @@ class Engine:
         self.trace, self.cute, self.stream = trace, cute, stream
         self.concurrency, self.fail_fast = concurrency, fail_fast
         self.runner = runner or Runner()
+        self._loops: set[asyncio.AbstractEventLoop] = set()
 
     def run(self, flow: Flow | Workflow, params: dict[str, Any] | None = None, **options: Any) -> WorkflowRunResult:
-        """Run synchronously (``asyncio.run`` inside); ``params`` become the run's input."""
+        """Run synchronously (``asyncio.run`` inside); ``params`` become the run's input.
+
+        Ctrl+C cancels the run (its sync nodes are interrupted), writes one ``cancelled`` line
+        on stderr and raises :class:`~orchestrator.workflow.interrupt.RunInterrupted`, a
+        ``SystemExit`` with code 130 whose ``result`` is the cancelled run."""
+        if loop_running():
+            raise StateError("Engine.run cannot be called inside a running event loop; "
+                             "use `await engine.run_async(flow)` there")
+        capture = RunCapture()
+        extra = options.pop("hooks", None)
+        hooks = [*(extra if isinstance(extra, (list, tuple)) else [] if extra is None else [extra]), capture]
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.run_async(flow, params, **options))
-        raise StateError("Engine.run cannot be called inside a running event loop; "
-                         "use `await engine.run_async(flow)` there")
+            return asyncio.run(self.run_async(flow, params, hooks=hooks, **options))
+        except KeyboardInterrupt:
+            result = capture.result
+            if result is None or result.status != RunStatus.CANCELLED:
+                raise
+            line = say_interrupted(result.workflow_name, result.run_id, cute=self.cute)
+        raise RunInterrupted(result, line)
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a run this engine is running (from any thread); False if it is not running."""
+        if run_id not in self.runner.active_runs:
+            return False
+        for loop in list(self._loops):
+            try:
+                loop.call_soon_threadsafe(self.runner.cancel, run_id)
+            except RuntimeError:
+                pass  # that loop has closed: its run is over
+        return True
 
     async def run_async(self, flow: Flow | Workflow, params: dict[str, Any] | None = None, **options: Any) -> WorkflowRunResult:
+        loop = asyncio.get_running_loop()
+        self._loops.add(loop)
+        try:
+            return await self._run_async(flow, params, **options)
+        finally:
+            self._loops.discard(loop)
+
+    async def _run_async(self, flow: Flow | Workflow, params: dict[str, Any] | None, **options: Any) -> WorkflowRunResult:
         workflow = flow.to_workflow() if isinstance(flow, Flow) else flow
         if not isinstance(workflow, Workflow):
             raise InvalidArgumentError(f"Engine.run expects a Flow or Workflow, got {flow!r}")
@@ -298,3 +331,4 @@ class Engine:
         options.setdefault("concurrency", self.concurrency)
         options.setdefault("fail_fast", self.fail_fast)
         return await self.runner.run(workflow, input=dict(params or {}), hooks=hooks, **options)
+

@@ -98,7 +98,7 @@ def inline(name: str, code: str, **fields: Any) -> dict[str, Any]:
 
 def make_relay(redis_url: str, namespace: str, tasks: list[dict[str, Any]], **kwargs: Any) -> Relay:
     options = {k: kwargs.pop(k) for k in ("publish_events", "functions", "shutdown_grace_s", "heartbeat_interval_s",
-                                          "lossless_topics", "lossless_maxlen") if k in kwargs}
+                                          "lossless_topics", "lossless_maxlen", "protocol") if k in kwargs}
     config = parse_relay_config({"tasks": tasks, **options})
     kwargs.setdefault("console", lambda line: None)
     return Relay(config, redis_url=redis_url, namespace=namespace, **kwargs)

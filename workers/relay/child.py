@@ -209,7 +209,7 @@ class ChildProcess:
         """Split the stream into lines and hand each to the parser. Reads in chunks (one
         await per burst, not per line); a line longer than MAX_LINE_BYTES is dropped whole
         and reported once."""
-        parser, emit, pace = OutputParser(plain_topic), self._on_output, self._pace
+        parser, emit, pace = OutputParser(plain_topic, dialect=self.spec.protocol), self._on_output, self._pace
         buf, dropping = bytearray(), False
         try:
             while chunk := await stream.read(READ_CHUNK):

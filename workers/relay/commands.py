@@ -9,6 +9,14 @@
 | ``system.return`` | value | a function answers its caller | caller gets ``system.return`` / value |
 | anything else | — | logged, counted as ``unknown_commands`` | ``system.error`` (reported, harmless) |
 
+A task in Miclow mode (``protocol = "miclow"``) gets Miclow's replies and only those: no reply
+to an unknown command; a command with an empty argument (other than ``system.status``,
+``system.return`` and ``system.function.<name>``) is published as an ordinary message on its
+topic, as Miclow does; a topic argument is not checked for whitespace; an unsubscribe that
+finds no subscription answers ``error`` with the topic; an unknown function answers
+``error`` with Miclow's text and adds a ``system.error`` record; ``system.status`` lists the
+running instances only.
+
 Commands run synchronously in the order the child wrote them, so a message a child
 publishes right after ``system.subscribe-topic:X`` already finds the subscription in place
 (upstream Miclow ran them asynchronously, newest first, and could lose that race).
@@ -24,7 +32,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import RelayError
-from workers.relay.protocol import STATUS_COMMAND, encode_function_input, encode_message, encode_response
+from workers.relay.protocol import (
+    ERROR_TOPIC,
+    STATUS_COMMAND,
+    encode_function_input,
+    encode_message,
+    encode_response,
+)
 
 if TYPE_CHECKING:
     from workers.relay.child import ChildProcess
@@ -34,6 +48,12 @@ log = logging.getLogger("tokiwa.relay")
 
 FUNCTION_PREFIX = "system.function."
 RETURN_COMMAND = "system.return"
+#: commands Miclow runs with an empty argument (any other is published as a message instead)
+_EMPTY_OK = (STATUS_COMMAND, RETURN_COMMAND)
+
+
+def _miclow(child: ChildProcess) -> bool:
+    return child.spec.protocol == "miclow"
 
 
 class SystemCommands:
@@ -54,6 +74,9 @@ class SystemCommands:
 
     def handle(self, child: ChildProcess, name: str, arg: str) -> None:
         """Run command ``name`` (lower-cased) with argument ``arg`` for ``child``."""
+        if not arg and _miclow(child) and name not in _EMPTY_OK and not name.startswith(FUNCTION_PREFIX):
+            self.relay.route(name, arg, child.name)  # Miclow: not a command, an ordinary message
+            return
         handler = self._handlers.get(name)
         if handler is not None:
             handler(child, name, arg)
@@ -62,10 +85,22 @@ class SystemCommands:
         else:
             self.relay.counters["unknown_commands"] += 1
             log.warning("relay: unknown system command %r from task %s", name, child.name)
-            self.reply(child, name, False, f"unknown system command {name}")
+            if not _miclow(child):  # Miclow ignores it without a word
+                self.reply(child, name, False, f"unknown system command {name}")
+
+    def fail(self, child: ChildProcess, name: str, reason: str, miclow_reason: str | None = None) -> None:
+        """An error reply; in Miclow mode with Miclow's text, followed by a ``system.error``
+        record as Miclow's failed commands have."""
+        if not _miclow(child):
+            self.reply(child, name, False, reason)
+            return
+        self.reply(child, name, False, miclow_reason or reason)
+        self.reply(child, ERROR_TOPIC, False, miclow_reason or reason)
 
     @staticmethod
     def _topic_arg(child: ChildProcess, name: str, arg: str) -> str | None:
+        if _miclow(child) and arg:  # Miclow subscribes to whatever it is given
+            return arg
         if not arg or any(c.isspace() for c in arg):
             SystemCommands.reply(child, name, False, f"expected a topic without whitespace, got {arg!r}")
             return None
@@ -84,10 +119,12 @@ class SystemCommands:
         if self.relay.topics.unsubscribe(child, topic):
             self.reply(child, name, True, topic)
         else:
-            self.reply(child, name, False, f"not subscribed to {topic}")
+            self.reply(child, name, False, topic if _miclow(child) else f"not subscribed to {topic}")
 
     def status(self, child: ChildProcess, name: str, arg: str) -> None:
         state: dict[str, Any] = self.relay.status()
+        if _miclow(child):  # Miclow lists running instances only
+            state["tasks"] = [t for t in state["tasks"] if t.get("alive")]
         indent = 2 if child.framing == "counted" else None
         self.reply(child, name, True, json.dumps(state, indent=indent, default=str))
 
@@ -102,10 +139,10 @@ class SystemCommands:
         fname = name[len(FUNCTION_PREFIX):]
         spec = self.relay.config.function(fname)
         if spec is None:
-            self.reply(child, name, False, f"unknown function {fname}")
+            self.fail(child, name, f"unknown function {fname}", f"Task '{fname}' not found in configuration")
             return
         if not self.relay.running:
-            self.reply(child, name, False, "cancelled: the relay is stopping")
+            self.fail(child, name, "cancelled: the relay is stopping", "cancelled")
             return
         self.relay._spawn(self._start_function(child, name, spec, arg))  # noqa: SLF001 - owned by the relay
 
@@ -113,7 +150,7 @@ class SystemCommands:
         try:
             instance = await self.relay.run_function(spec, caller, arg)
         except RelayError as exc:
-            self.reply(caller, name, False, str(exc))
+            self.fail(caller, name, str(exc))
             return
         self.reply(caller, name, True, spec.task_name)
         instance.deliver(encode_function_input(instance.framing, caller.name, arg))

@@ -20,6 +20,10 @@ A Miclow config works unchanged::
     queue_max = 1000                       # messages waiting for this child's stdin
     outbox_max = 100000                    # messages of this child waiting to be sent to Redis
 
+``protocol = "miclow"`` (or ``"MiclowStdIO"``) at the top of a file, or in one of its entries,
+puts the file in Miclow mode: Miclow's framing, output rules and replies for its tasks, and
+Miclow's lenient reading of the file (see :mod:`workers.relay.miclow`).
+
 Errors are :class:`~orchestrator.errors.ConfigError` naming the file, the task and the field.
 """
 
@@ -44,6 +48,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import ConfigError
+from workers.relay.miclow import GROUPS, PROTOCOLS, adapt_file, file_protocol
 
 log = logging.getLogger("tokiwa.relay")
 
@@ -62,6 +67,16 @@ def _check_topic(value: str, what: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise ValueError(f"{what} must be non-empty and contain no whitespace, got {value!r}")
     return value
+
+
+def _protocol(value: Any) -> Any:
+    """``tokiwa`` / ``miclow`` from any accepted spelling (``MiclowStdIO`` ...)."""
+    if isinstance(value, str) and value.lower() in PROTOCOLS:
+        return PROTOCOLS[value.lower()]
+    raise ValueError(f"unknown protocol {value!r}; use 'tokiwa' (the default) or 'miclow' (also 'MiclowStdIO')")
+
+
+Protocol = Literal["tokiwa", "miclow"]
 
 
 class TaskConfig(BaseModel):
@@ -87,9 +102,12 @@ class TaskConfig(BaseModel):
     restart: Literal["never", "on-failure", "always"] = "never"
     restart_backoff_s: float = Field(default=1.0, ge=0)
     restart_backoff_max_s: float = Field(default=30.0, ge=0)
+    # counted (Miclow's framing) when the task's protocol is miclow and it sets none
     stdin_framing: Literal["line", "counted"] = "line"
     queue_max: int = Field(default=1000, ge=1, le=10_000_000)
     outbox_max: int = Field(default=OUTBOX_MAX_DEFAULT, ge=1, le=10_000_000)
+    # tokiwa: README form + quoted forms, error replies; miclow: Miclow's rules (workers.relay.miclow)
+    protocol: Protocol = "tokiwa"
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +116,10 @@ class TaskConfig(BaseModel):
             for name, alias in _ALIASES.items():
                 if name in data and alias in data:
                     raise ValueError(f"give either {name!r} or its alias {alias!r}, not both")
+            if "protocol" in data:
+                data = dict(data, protocol=_protocol(data["protocol"]))
+                if data["protocol"] == "miclow" and "stdin_framing" not in data:
+                    data["stdin_framing"] = "counted"
         return data
 
     @field_validator("task_name", "command")
@@ -185,8 +207,15 @@ class RelayConfig(BaseModel):
     lossless_topics: list[str] = Field(default_factory=list)
     # entries (frames of up to 64 KiB) each lossless topic's stream keeps (approximate MAXLEN).
     lossless_maxlen: int = Field(default=10_000, ge=100, le=10_000_000)
+    # the root file's mode; each task has its own (``TaskConfig.protocol``), inherited from its file.
+    protocol: Protocol = "tokiwa"
     # where the file was loaded from (None when built in code).
     source: str | None = None
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_name(cls, value: Any) -> Any:
+        return _protocol(value)
 
     @field_validator("publish_events")
     @classmethod
@@ -249,8 +278,30 @@ def _describe_error(exc: ValidationError, data: dict[str, Any], source: str | No
     return ConfigError(f"{where}: {', '.join(parts)}: {msg}" if parts else f"{where}: {msg}", field=field)
 
 
+def _read_mode(data: dict[str, Any], inherited: str, where: str, config_dir: Path | None) -> dict[str, Any]:
+    """``data`` with its mode applied: read the Miclow way when it is in Miclow mode, and
+    every entry's ``protocol`` defaulted to the file's."""
+    mode = file_protocol(data, inherited, where)
+    if mode == "miclow":
+        known_task = set(TaskConfig.model_fields) | set(_ALIASES.values())
+        known_top = set(RelayConfig.model_fields) - {"source"}
+        data = adapt_file(data, known_top=known_top, known_task=known_task, config_dir=config_dir, where=where)
+    data = dict(data, protocol=mode)
+    for group in GROUPS:
+        if isinstance(data.get(group), list):
+            data[group] = [dict(e, protocol=e.get("protocol", mode)) if isinstance(e, dict) else e
+                           for e in data[group]]
+    return data
+
+
 def parse_relay_config(data: dict[str, Any], *, source: str | None = None) -> RelayConfig:
-    """Validate an already-loaded mapping (``include_paths`` are *not* followed here)."""
+    """Validate an already-loaded mapping (``include_paths`` are *not* followed here). A
+    mapping in Miclow mode is read the Miclow way first (``${VAR}`` expanded without a
+    ``MICLOW_CONFIG_DIR``)."""
+    return _validate(_read_mode(data, "tokiwa", f"relay config {source}" if source else "relay config", None), source)
+
+
+def _validate(data: dict[str, Any], source: str | None) -> RelayConfig:
     clean = {k: v for k, v in data.items()}
     for group in ("tasks", "functions"):
         if isinstance(clean.get(group), list):
@@ -293,9 +344,10 @@ def _resolve_dirs(entries: Any, base: Path, origin: Path) -> Any:  # a list of d
     return out
 
 
-def _load_tree(path: Path, seen: set[Path]) -> dict[str, Any]:
-    data = _read_toml(path)
+def _load_tree(path: Path, seen: set[Path], inherited: str = "tokiwa") -> dict[str, Any]:
     base = path.parent
+    data = _read_mode(_read_toml(path), inherited, f"relay config {path}", base)
+    mode = data["protocol"]
     for group in ("tasks", "functions"):
         if group in data:
             data[group] = _resolve_dirs(data[group], base, path)
@@ -308,7 +360,7 @@ def _load_tree(path: Path, seen: set[Path]) -> dict[str, Any]:
             log.warning("relay config %s: circular include of %s skipped", path, target)
             continue
         seen.add(target)
-        child = _load_tree(target, seen)
+        child = _load_tree(target, seen, mode)
         for group in ("tasks", "functions"):
             extra = child.get(group, [])
             if isinstance(extra, list) and isinstance(data.setdefault(group, []), list):
@@ -325,4 +377,4 @@ def load_relay_config(path: str | os.PathLike[str]) -> RelayConfig:
     """
     root = Path(path).resolve()
     data = _load_tree(root, {root})
-    return parse_relay_config(data, source=str(path))
+    return _validate(data, source=str(path))

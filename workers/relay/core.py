@@ -54,7 +54,7 @@ from orchestrator.keys import Keys
 from workers.relay.child import ChildProcess, TaskExit
 from workers.relay.commands import SystemCommands
 from workers.relay.config import STABLE_AFTER_S, RelayConfig, TaskConfig
-from workers.relay.protocol import ERROR_TOPIC, Output
+from workers.relay.protocol import ERROR_TOPIC, Output, written_lines
 from workers.relay.topics import TopicTable
 from workers.relay.transport import RelayFatalError, RelayTransport, TaskGuard
 
@@ -374,9 +374,17 @@ class Relay:
         if out.kind == "command":
             self._commands.handle(child, out.topic, out.data)
             return
-        if out.kind == "plain" and (child.spec.view_stdout if stream == "stdout" else child.spec.view_stderr):
-            self._console(f"[{child.name} {stream}] {out.data}")
+        if child.spec.view_stdout if stream == "stdout" else child.spec.view_stderr:
+            # plain lines, and messages that no task anywhere would see, are the task's output
+            if out.kind == "plain" or not self.subscribed_anywhere(out.topic):
+                for line in written_lines(out):
+                    self._console(f"[{child.name} {stream}] {line}")
         self.route(out.topic, out.data, child.name)
+
+    def subscribed_anywhere(self, topic: str) -> bool:
+        """Whether a task of this relay, or of a peer relay as of its last heartbeat, subscribes
+        to ``topic``."""
+        return self.topics.has(topic) or any(topic in peer.get("topics", ()) for peer in self._peers)
 
     def is_lossless(self, topic: str) -> bool:
         """Whether ``topic`` goes through its Redis stream (``lossless_topics``)."""

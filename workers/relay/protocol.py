@@ -4,16 +4,25 @@ Pure functions and one small state machine; no I/O. The relay (:mod:`workers.rel
 every line a child writes into an :class:`OutputParser` and writes what the encoders return
 to the child's stdin.
 
-Output (stdout and stderr, parsed independently), following SEED-SEMANTICS.md §1.3 / §1.11:
+Output (stdout and stderr, parsed independently), following SEED-SEMANTICS.md §1.3 / §1.11.
+Two dialects, chosen per task by its ``protocol`` (see docs/relay.md):
 
-* ``topic:message`` (the seed README's form): split at the **first** colon, the topic
-  right-trimmed, the message trimmed on both sides. The topic must be non-empty and contain
-  no whitespace, and the line must not start with a space or tab; otherwise the line is plain.
-* ``"topic": value`` (upstream's quoted single-line form; ``\\"`` and ``\\\\`` escape inside
-  the quotes). The value is trimmed.
-* ``"topic"::`` … ``::"topic"`` (upstream's block form): the lines in between, each with its
+* ``tokiwa`` (default) reads the seed README's unquoted ``topic:message`` form **and** Miclow's
+  quoted forms; ``miclow`` reads Miclow's quoted forms only, as Miclow's own parser does.
+* ``topic:message`` (README form, ``tokiwa`` only): split at the **first** colon, the message
+  trimmed on both sides. The text before the colon must *look like a topic*
+  (:data:`BARE_TOPIC`: a lower-case ASCII letter, then lower-case letters, digits, ``_``,
+  ``-``, ``.``; or ``system.`` in any case followed by a command name), and the message must
+  not start with ``//`` (a URL such as ``http://host``). Otherwise the line is plain: so
+  ``{"a": 1}``, ``ValueError: boom``, ``WARNING:root:x``, ``Result: ok``,
+  ``json.decoder.JSONDecodeError: x``, ``Processing item 3: done`` and
+  ``http://example.com`` stay output.
+* ``"topic": value`` (Miclow's quoted single-line form; ``\\"`` and ``\\\\`` escape inside
+  the quotes; any non-empty topic). The value is trimmed.
+* ``"topic"::`` … ``::"topic"`` (Miclow's block form): the lines in between, each with its
   own line ending, form one multi-line message.
-* A bare ``system.status`` line is the status command (the README lists it without a colon).
+* A bare ``system.status`` line is the status command (``tokiwa`` only: the README lists it
+  without a colon).
 * Any other line is *plain*: it is published, line ending removed, on the task's
   ``stdout_topic`` / ``stderr_topic`` (``<task>.stdout`` / ``<task>.stderr``).
 
@@ -22,17 +31,19 @@ Lines that look like protocol but are broken (``: x`` with an empty topic, an un
 quote, a block end with no block, a block still open at end of file) are plain lines with
 :attr:`Output.problem` set, so the relay can count and report them.
 
-Stdin framings (per task, option ``stdin_framing``):
+Stdin framings (per task, option ``stdin_framing``; ``protocol = "miclow"`` defaults to counted):
 
-* ``line`` (default, the README's): one ``topic:message`` line per message. A multi-line
-  payload is sent as one ``topic:line`` record per line (line framing cannot carry newlines).
-* ``counted`` (upstream's, §1.4): the topic line, a count line N, then N data lines.
+* ``line`` (the README's, default of ``tokiwa``): one ``topic:message`` line per message. A
+  multi-line payload is sent as one ``topic:line`` record per line (line framing cannot carry
+  newlines).
+* ``counted`` (Miclow's, §1.4): the topic line, a count line N, then N data lines.
   System responses add a status line (``success`` / ``error``) counted in N.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 SYSTEM_PREFIX = "system."
@@ -41,9 +52,16 @@ MAX_BLOCK_CHARS = 8 << 20
 STATUS_COMMAND = "system.status"
 ERROR_TOPIC = "system.error"
 FRAMINGS = ("line", "counted")
+#: output dialects: ``tokiwa`` (README form and quoted forms), ``miclow`` (quoted forms only).
+DIALECTS = ("tokiwa", "miclow")
+#: what may stand before the colon of an unquoted ``topic:message`` line (README form).
+BARE_TOPIC = re.compile(r"[a-z][a-z0-9_.\-]*")
+#: an unquoted command: ``system.`` in any case, then a command name.
+BARE_COMMAND = re.compile(r"system\.[a-z0-9_.\-]+", re.IGNORECASE)
 
 OutputKind = Literal["message", "plain", "command"]
 Framing = Literal["line", "counted"]
+Dialect = Literal["tokiwa", "miclow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +71,32 @@ class Output:
     ``kind`` is ``message`` (publish ``data`` on ``topic``), ``plain`` (publish ``data`` on
     the task's plain topic, which is ``topic`` here) or ``command`` (``topic`` is the
     lower-cased ``system.*`` command, ``data`` its trimmed argument). ``problem`` is set when
-    the line was malformed protocol (it is then delivered as a plain line).
+    the line was malformed protocol (it is then delivered as a plain line). ``raw`` is the
+    line as the child wrote it (line ending removed) for single-line forms, None for a block
+    (see :func:`written_lines`).
     """
 
     kind: OutputKind
     topic: str
     data: str
     problem: str | None = None
+    raw: str | None = field(default=None, compare=False)
+
+
+def written_lines(out: Output) -> list[str]:
+    """The lines the child wrote for ``out``, to show it as the task's output."""
+    if out.raw is not None:
+        return [out.raw]
+    if out.kind != "message":
+        return [out.data]
+    topic = out.topic.replace("\\", "\\\\").replace('"', '\\"')
+    return [f'"{topic}"::', *split_payload(out.data), f'::"{topic}"']
+
+
+def bare_topic(text: str) -> bool:
+    """Whether ``text`` may be the topic of an unquoted ``topic:message`` line: a README-style
+    lower-case name (``task_queue``, ``orders.eu``) or a ``system.`` command in any case."""
+    return BARE_TOPIC.fullmatch(text) is not None or BARE_COMMAND.fullmatch(text) is not None
 
 
 def strip_line_ending(raw: str) -> str:
@@ -91,11 +128,11 @@ def parse_quoted(line: str) -> tuple[str, str] | None:
     return None
 
 
-def _message(topic: str, data: str) -> Output:
+def _message(topic: str, data: str, raw: str) -> Output:
     """A message or, when ``topic`` starts with ``system.`` (any case), a command."""
     if topic[:7].lower() == SYSTEM_PREFIX:
-        return Output("command", topic.lower(), data.strip())
-    return Output("message", topic, data)
+        return Output("command", topic.lower(), data.strip(), raw=raw)
+    return Output("message", topic, data, raw=raw)
 
 
 class OutputParser:
@@ -103,13 +140,15 @@ class OutputParser:
 
     Stateful only for the block form. :meth:`feed` returns None while a block is being
     collected; :meth:`finish` flushes a block left open at end of file (as upstream does).
+    ``dialect`` ``miclow`` reads the quoted forms only (an unquoted line is always plain).
     """
 
-    __slots__ = ("plain_topic", "max_block_chars", "_block_topic", "_block_lines", "_block_size")
+    __slots__ = ("plain_topic", "max_block_chars", "readme_form", "_block_topic", "_block_lines", "_block_size")
 
-    def __init__(self, plain_topic: str, max_block_chars: int = MAX_BLOCK_CHARS) -> None:
+    def __init__(self, plain_topic: str, max_block_chars: int = MAX_BLOCK_CHARS, dialect: Dialect = "tokiwa") -> None:
         self.plain_topic = plain_topic
         self.max_block_chars = max_block_chars
+        self.readme_form = dialect != "miclow"
         self._block_topic: str | None = None
         self._block_lines: list[str] = []
         self._block_size = 0
@@ -131,20 +170,21 @@ class OutputParser:
             return self._plain(line)
         if line.startswith('::"'):
             return self._plain(line, "block end without a block start")
-        return self._feed_colon(line)
+        return self._feed_colon(line) if self.readme_form else self._plain(line)
 
     def _feed_colon(self, line: str) -> Output:
         idx = line.find(":")
         if idx < 0:
             if line.strip().lower() == STATUS_COMMAND:
-                return Output("command", STATUS_COMMAND, "")
+                return Output("command", STATUS_COMMAND, "", raw=line)
             return self._plain(line)
         topic = line[:idx].rstrip()
         if not topic:
             return self._plain(line, "empty topic before ':'")
-        if any(c.isspace() for c in topic):
-            return self._plain(line)
-        return _message(topic, line[idx + 1 :].strip())
+        rest = line[idx + 1 :]
+        if not bare_topic(topic) or rest.startswith("//"):
+            return self._plain(line)  # prose, a log or exception line, JSON, a URL
+        return _message(topic, rest.strip(), line)
 
     def _feed_quoted(self, line: str) -> Output | None:
         parsed = parse_quoted(line)
@@ -156,10 +196,10 @@ class OutputParser:
         if rest == "::":
             self._block_topic, self._block_lines, self._block_size = topic, [], 0
             return None
-        rest = rest.lstrip(" ")
+        rest = rest.lstrip()
         if not rest.startswith(":"):
             return self._plain(line)
-        return _message(topic, rest[1:].strip())
+        return _message(topic, rest[1:].strip(), line)
 
     def _feed_block(self, raw: str) -> Output | None:
         line = strip_line_ending(raw)

@@ -381,7 +381,9 @@ async def test_view_stdout_prints_plain_lines_with_the_task_name(relays, tap, re
     shown: list[str] = []
     relay = make_relay(redis_url, namespace, [puppet("p", topics=["say"], view_stdout=True)], console=shown.append)
     await start(relays, relay)
-    await tap.echo("ready|")
+    ready = await tap.echo("ready|")
+    assert shown == [f"[p stdout] echo:{ready}"]  # no task subscribes to echo: shown as output too
+    shown.clear()
     await relay.publish_topic("say", "hello there")
     await tap.expect(lambda s: s[0] == "p.stdout")
     assert shown == ["[p stdout] hello there"]

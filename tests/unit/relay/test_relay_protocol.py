@@ -29,8 +29,12 @@ def test_topic_and_message_are_split_at_the_first_colon_and_trimmed() -> None:
     assert parse("task_queue: value: with colon \n") == Output("message", "task_queue", "value: with colon")
 
 
-def test_topic_case_is_kept() -> None:
-    assert parse("Orders:x").topic == "Orders"
+def test_topic_case_is_kept_in_the_quoted_form() -> None:
+    assert parse('"Orders": x') == Output("message", "Orders", "x")
+
+
+def test_an_unquoted_capitalised_word_before_a_colon_is_prose() -> None:
+    assert parse("Orders: x") == Output("plain", "t.stdout", "Orders: x")
 
 
 def test_message_may_be_empty() -> None:

@@ -1,0 +1,1 @@
+"""pyoco's configuration file model (``flow.yaml``)."""

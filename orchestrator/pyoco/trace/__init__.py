@@ -1,0 +1,1 @@
+"""pyoco's trace backends: the abstract :class:`TraceBackend` and the console one."""
