@@ -28,6 +28,7 @@ from pathlib import Path
 
 import redis
 
+from benchmarks.perf_proc import group_pids, stop_group
 from orchestrator.broker.embedded import EmbeddedRedis
 from orchestrator.errors import InvalidArgumentError, StateError
 
@@ -82,20 +83,6 @@ def _env(url: str, extra: dict | None = None) -> dict:
                 TOKIWA_LOG_LEVEL="WARNING", **(extra or {}))
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
-
-
 def _rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -104,24 +91,6 @@ def _rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGCONT + SIGTERM the worker's whole group, SIGKILL after 10 s."""
-    for sig in (signal.SIGCONT, signal.SIGTERM):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    proc.wait(10)
 
 
 def _produce(url: str, framework: str, n: int, batch: bool = False, timeout: float = 180) -> dict:
@@ -156,7 +125,7 @@ def measure(url: str, setting: Setting, n: int, timeout: float = 120) -> dict:
         if not _wait_count(client, 2, 60, proc):
             raise StateError(f"{setting.framework} worker never processed the warm-up (log above)")
         time.sleep(0.5)
-        pids = _group_pids(proc.pid)
+        pids = group_pids(proc.pid)
         rss = {pid: _rss_mb(pid) for pid in pids}
         os.killpg(proc.pid, signal.SIGSTOP)
         sent = _produce(url, setting.framework, n)
@@ -180,7 +149,7 @@ def measure(url: str, setting: Setting, n: int, timeout: float = 120) -> dict:
         sys.stderr.write(log.read()[-3000:].decode(errors="replace"))
         raise
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
 
 

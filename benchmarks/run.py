@@ -9,6 +9,7 @@ import json
 import platform
 import tempfile
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def _suites() -> dict:
     suites = {"broker": broker_bench.run}
     for name, module in (("workflow", "workflow_bench"), ("chatflow", "chatflow_bench"),
                          ("relay", "relay_bench"), ("faults", "faults_bench"), ("links", "links_bench"), ("delay", "delay_bench"),
-                         ("fleet", "fleet_bench")):
+                         ("fleet", "fleet_bench"), ("perf", "perf_bench")):
         try:
             mod = __import__(f"benchmarks.{module}", fromlist=["run"])
             suites[name] = mod.run
@@ -42,7 +43,8 @@ def _rows(prefix: str, value, out: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="*", help="suites to run")
+    parser.add_argument("--only", nargs="*", help="suites to run (broker workflow chatflow relay faults links "
+                                                  "delay fleet perf)")
     parser.add_argument("--events", type=int, default=20_000)
     args = parser.parse_args()
     results = {"machine": {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count(),
@@ -53,8 +55,12 @@ def main() -> None:
                 continue
             kwargs = {"n": args.events} if name == "broker" else {}
             print(f"== {name}", flush=True)
-            results[name] = asyncio.run(fn(server.url, **kwargs)) if asyncio.iscoroutinefunction(fn) \
-                else fn(server.url, **kwargs)
+            try:
+                results[name] = asyncio.run(fn(server.url, **kwargs)) if asyncio.iscoroutinefunction(fn) \
+                    else fn(server.url, **kwargs)
+            except Exception as exc:  # one broken suite must not lose the others' rows
+                traceback.print_exc()
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     rows: list = []
     for name in results:
         if name not in ("machine", "started"):

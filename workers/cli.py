@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from orchestrator.cli.loops import LOOP_ENV, LOOPS
 from orchestrator.cli.producer import (
     build_app,
     cli_group,
@@ -41,10 +42,12 @@ def cli() -> None:
 @click.option("--plain", is_flag=True, help="Plain run lines instead of the cute ones (or TOKIWA_CUTE=0).")
 @click.option("--run-lines/--no-run-lines", default=True, show_default=True,
               help="Print one line per finished workflow run.")
+@click.option("--loop", type=click.Choice(LOOPS), envvar=LOOP_ENV, default="auto", show_default=True,
+              help="Event loop: uvloop when installed (auto), or asyncio's, or uvloop (or TOKIWA_LOOP).")
 @observability_options
 @common_options
 def run(concurrency: int | None, relay_file: str | None, processes: int, plain: bool, run_lines: bool,
-        app_spec: str | None, **settings: Any) -> None:
+        loop: str, app_spec: str | None, **settings: Any) -> None:
     """Consume events until SIGTERM / Ctrl+C (graceful), a second signal exits at once."""
     setup_logging(settings.pop("log_level"), settings.get("log_format"))
     if not app_spec:
@@ -70,7 +73,7 @@ def run(concurrency: int | None, relay_file: str | None, processes: int, plain: 
         from workers.assemble import relay_component
 
         components.append(relay_component(app, relay_file))
-    sys.exit(run_async(serve(app, components=components)))
+    sys.exit(run_async(serve(app, components=components), loop=loop))
 
 
 def main() -> None:
