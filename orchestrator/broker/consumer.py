@@ -464,20 +464,22 @@ class Consumer:
         self._kick()
 
     def _kick(self) -> None:
-        """Schedule the wake-up of one idle slot. It runs only when the current task yields, so
-        a slot whose handlers finish without suspending processes a whole batch back to back
-        (no task switch per event), and concurrency grows exactly when handlers block."""
+        """Schedule the wake-up of idle slots. It runs only when the current task yields, so a
+        slot whose handlers finish without suspending processes a whole batch back to back (no
+        task switch per event); when it yields, one idle slot per ready entry wakes at once, so
+        handlers that block all start within one turn of the loop instead of one per turn."""
         if not self._wake_scheduled and self._ready and self._idle:
             self._wake_scheduled = True
-            asyncio.get_running_loop().call_soon(self._wake_one)
+            asyncio.get_running_loop().call_soon(self._wake_slots)
 
-    def _wake_one(self) -> None:
+    def _wake_slots(self) -> None:
         self._wake_scheduled = False
-        while self._ready and self._idle:
+        wanted = len(self._ready)
+        while wanted and self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                wanted -= 1
 
     async def _slot(self) -> None:
         """One of the long-lived slot tasks; each handles one entry at a time (no task is

@@ -7,9 +7,10 @@ timeout):
 
 1. stops waiting at once: the run settles without waiting for the thread, and the thread
    never keeps the process alive (it is a daemon);
-2. raises :class:`NodeInterrupted` inside the thread (CPython's
+2. after :data:`INTERRUPT_GRACE_S` (0.2 s, in which a node that watches ``ctx.signal`` may
+   end by itself), raises :class:`NodeInterrupted` inside the thread (CPython's
    ``PyThreadState_SetAsyncExc``). Python code sees it at its next bytecode, so a loop of
-   ``time.sleep(0.05)`` stops within about 50 ms; ``finally`` blocks and ``with`` exits run as
+   ``time.sleep(0.05)`` stops within about a quarter of a second; ``finally`` blocks and ``with`` exits run as
    for any exception. ``NodeInterrupted`` derives from ``BaseException``, like
    ``KeyboardInterrupt``, so ``except Exception:`` in the handler does not swallow it.
 
@@ -39,6 +40,7 @@ from orchestrator.callbacks import resolve
 __all__ = ["NodeInterrupted", "run_in_thread"]
 
 IDLE_S = 30.0  # an idle pool thread exits after this long without a call
+INTERRUPT_GRACE_S = 0.2  # a cancelled call may end by itself this long before it is interrupted
 
 _SET_ASYNC_EXC = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _SET_ASYNC_EXC.argtypes = (ctypes.c_ulong, ctypes.py_object)
@@ -209,7 +211,12 @@ async def run_in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
     try:
         ok, value = await future
     except asyncio.CancelledError:
-        call.interrupt()
+        # a node that watches ctx.signal (set before its task is cancelled) may end by itself:
+        # it gets INTERRUPT_GRACE_S to, then the exception is sent (a timer thread: the event
+        # loop may be gone by then)
+        timer = threading.Timer(INTERRUPT_GRACE_S, call.interrupt)
+        timer.daemon = True
+        timer.start()
         raise
     if ok:
         return await resolve(value)
