@@ -49,6 +49,9 @@ from collections.abc import Callable
 from types import EllipsisType
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
 from orchestrator.errors import InvalidArgumentError, LockError
 from orchestrator.events import check_conversation_id
 from orchestrator.faults import Backoff, Condition, describe, is_transient
@@ -123,6 +126,12 @@ _RETRY_MIN_S = 0.005
 _RETRY_MAX_S = 0.2
 
 LostCallback = Callable[[str], object]
+#: queues reads on the transaction that takes a lock (see RedisLock.try_acquire)
+ReadsFn = Callable[[Any], None]
+
+
+def _is_cluster(redis: Any) -> bool:
+    return isinstance(redis, RedisCluster)
 
 
 def new_token() -> str:
@@ -206,6 +215,8 @@ class RedisLock:
         self._renewer: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._on_lost: list[LostCallback] = []
+        #: replies of the ``reads`` sent with the acquisition (see :meth:`try_acquire`)
+        self.reads_at_acquire: list[Any] | None = None
         self._acquire = redis.register_script(ACQUIRE)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
@@ -280,12 +291,23 @@ class RedisLock:
             log.error("the renewal task of lock %s died", self.key, exc_info=exc)
             self._mark_lost(f"its renewal task died: {describe(exc)}")
 
-    async def try_acquire(self) -> bool:
-        """One attempt; on success starts the renewal task and sets ``fencing_token``."""
+    async def try_acquire(self, reads: ReadsFn | None = None) -> bool:
+        """One attempt; on success starts the renewal task and sets ``fencing_token``.
+
+        ``reads(pipe)`` queues reads of keys in the lock's hash slot on a transaction that also
+        takes the lock (one round trip, and the reads see the state right after the take); on
+        success their replies are in :attr:`reads_at_acquire`. A Redis Cluster client takes
+        the lock and reads in two steps."""
         if self.fencing_token is not None:
             raise LockError(f"lock {self.key} is already held by this instance", name=self.key)
         started = self._monotonic()  # the lease began no earlier than this
-        epoch = int(await self._acquire(keys=[self.key, self.epoch_key], args=[self.token, self.ttl_ms]))
+        self.reads_at_acquire = None
+        if reads is not None and not _is_cluster(self.redis):
+            epoch, replies = await self._acquire_reading(reads)
+            if epoch:
+                self.reads_at_acquire = replies
+        else:
+            epoch = int(await self._acquire(keys=[self.key, self.epoch_key], args=[self.token, self.ttl_ms]))
         if not epoch:
             return False
         self.fencing_token, self._renewed_at = epoch, started
@@ -296,10 +318,28 @@ class RedisLock:
         self._renewer.add_done_callback(self._renewer_done)
         return True
 
-    async def acquire(self, timeout_s: float | None | EllipsisType = ...) -> int:
+    async def _acquire_reading(self, reads: ReadsFn) -> tuple[int, list[Any]]:
+        """ACQUIRE by its sha and ``reads`` in one MULTI; the script is loaded first if Redis
+        does not know it (a restart, a failover) and the transaction sent again."""
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.evalsha(self._acquire.sha, 2, self.key, self.epoch_key, self.token, self.ttl_ms)
+                reads(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], NoScriptError):
+                await self.redis.script_load(ACQUIRE)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return int(replies[0]), list(replies[1:])
+        raise LockError(f"could not load the acquire script for lock {self.key}", name=self.key)
+
+    async def acquire(self, timeout_s: float | None | EllipsisType = ..., *, reads: ReadsFn | None = None) -> int:
         """Wait (asynchronously, with backoff) until the lock is ours; returns the fencing token.
 
         ``timeout_s`` defaults to ``wait_timeout_s``; ``None`` waits forever, ``0`` tries once.
+        ``reads``: see :meth:`try_acquire`.
         Transient Redis faults are waited out within that time (one log line per outage).
         Raises LockError when the time is up; when the last attempt failed on a Redis error,
         whose command may have landed without its reply, our token is deleted first (compare-
@@ -313,7 +353,7 @@ class RedisLock:
         while True:
             error: Exception | None = None
             try:
-                if await self.try_acquire():
+                if await self.try_acquire(reads):
                     if outage is not None:
                         outage.clear()
                     return int(self.fencing_token or 0)

@@ -129,7 +129,8 @@ class ChatflowExecutor:
         try:
             _honour_lost_cancel(cancels)
             lock = conversation_lock(self.redis, self.keys, cid, **self.lock_options)
-            await lock.acquire()
+            queue_get = getattr(self.store, "queue_get", None)  # memory read with the lock's take
+            await lock.acquire(reads=None if queue_get is None else lambda pipe: queue_get(pipe, cid))
             try:
                 _honour_lost_cancel(cancels)
                 result = await self._run_locked(workflow, lock, cid, event, input, context, memory,
@@ -163,7 +164,11 @@ class ChatflowExecutor:
 
         forget = lock.on_lost(stop_run)
         try:
-            stored = await self.store.get(cid)
+            if lock.reads_at_acquire is not None:  # a store with queue_get (see run)
+                store: Any = self.store
+                stored = store.memory_from(lock.reads_at_acquire)
+            else:
+                stored = await self.store.get(cid)
             _honour_lost_cancel(cancels)
             if lock.lost:  # lost while the memory loaded: do not start
                 return self._lock_lost(self._unstarted(workflow, run_id, cid, stored), lock, cid, stored)

@@ -365,11 +365,22 @@ class RedisConversationStore(ConversationStore):
     async def get(self, conversation_id: str) -> dict[str, Any]:
         cid = check_cid(conversation_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.conversation(cid))
-            pipe.lrange(self.keys.conversation_deltas(cid), 0, -1)
-            if self._ttl_ms:  # a chatflow reads right after taking the lock (see the class docstring)
-                pipe.pexpire(self.keys.conversation_lock_epoch(cid), self._ttl_ms)
-            snapshot, deltas, *_ = await pipe.execute()
+            self.queue_get(pipe, cid)
+            return self.memory_from(await pipe.execute())
+
+    def queue_get(self, pipe: Any, conversation_id: str) -> None:
+        """Queue the reads of :meth:`get` on ``pipe`` (a chatflow sends them with the lock's
+        acquisition: one round trip); :meth:`memory_from` reads their replies."""
+        cid = check_cid(conversation_id)
+        pipe.hgetall(self.keys.conversation(cid))
+        pipe.lrange(self.keys.conversation_deltas(cid), 0, -1)
+        if self._ttl_ms:  # a chatflow reads right after taking the lock (see the class docstring)
+            pipe.pexpire(self.keys.conversation_lock_epoch(cid), self._ttl_ms)
+
+    @staticmethod
+    def memory_from(replies: list[Any]) -> dict[str, Any]:
+        """The memory from the replies of :meth:`queue_get`'s reads."""
+        snapshot, deltas = replies[0], replies[1]
         memory: dict[str, Any] = {}
         for field, raw in snapshot.items():
             name = field.decode() if isinstance(field, bytes) else field

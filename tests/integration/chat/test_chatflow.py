@@ -200,6 +200,11 @@ class FreezingLoad(RedisConversationStore):
         time.sleep(self.freeze_s)
         return memory
 
+    def memory_from(self, replies):  # the load that comes with the lock's acquisition
+        memory = super().memory_from(replies)
+        time.sleep(self.freeze_s)
+        return memory
+
 
 async def test_a_lock_lost_while_the_memory_loads_never_starts_the_run(aredis, keys):
     store = FreezingLoad(aredis, keys)

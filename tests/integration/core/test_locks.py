@@ -265,3 +265,23 @@ async def test_acquire_release_round_trip_is_fast(aredis, keys):
     per_op_us = (loop.time() - start) / n * 1e6
     print(f"lock acquire+release round trip: {per_op_us:.0f} us")
     assert per_op_us < 50_000
+
+
+async def test_reads_sent_with_the_acquisition_see_the_state_after_the_take_in_one_round_trip(aredis, keys):
+    await aredis.hset(keys.conversation("r1"), "m:n", b"\x01")
+    await aredis.script_flush()  # the first attempt meets NOSCRIPT and loads the script
+    before = (await aredis.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+    lock = conversation_lock(aredis, keys, "r1", ttl_ms=5_000)
+    token = await lock.acquire(0, reads=lambda pipe: (pipe.hgetall(keys.conversation("r1")),
+                                                      pipe.get(keys.conversation_lock_epoch("r1"))))
+    try:
+        snapshot, epoch = lock.reads_at_acquire
+        assert snapshot == {b"m:n": b"\x01"}
+        assert int(epoch) == token, "the reads ran after the take, in the same transaction"
+        after = (await aredis.info("commandstats"))["cmdstat_exec"]["calls"]
+        assert after - before == 2, "one MULTI/EXEC, sent again once after loading the script"
+        other = conversation_lock(aredis, keys, "r1", ttl_ms=5_000)
+        assert not await other.try_acquire(lambda pipe: pipe.hgetall(keys.conversation("r1")))
+        assert other.reads_at_acquire is None, "a failed take hands back no reads"
+    finally:
+        await lock.release()
