@@ -14,7 +14,7 @@ Redis Cluster hash slot, because they share a hash tag, the part in braces:
 * ``{ns:result:<id>}`` - one remote run's result and its notify list.
 
 Keys no script shares with another (the worker and relay heartbeats, adverts, once claims,
-limits, lossless topic streams) need no tag. ``tests/unit/core/test_slots.py`` checks that
+limits, lossless topic streams) need no tag. ``tests/integration/core/test_slots.py`` checks that
 every script and transaction stays in one slot, so the single-Redis layout is cluster-ready.
 """
 
