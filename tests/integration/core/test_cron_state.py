@@ -3,8 +3,7 @@ moved forward by the FIRE script's compare-and-set (real redis-server, in-proces
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -13,22 +12,11 @@ from orchestrator.cron.scheduler import FIRE, LeaderScheduler
 from orchestrator.leader import LeaderElector
 from orchestrator.ops.dashboard.data import DashboardData
 from orchestrator.ops.inspector import Inspector
+from tests.integration.core.test_leader import T0, WallClock
 
-T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 DAY_S = 86_400
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class WallClock:
-    def __init__(self) -> None:
-        self.t = T0
-
-    def now(self) -> datetime:
-        return self.t
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 async def scheduler(aredis, keys, expr="* * * * * *", name="sec", **options):

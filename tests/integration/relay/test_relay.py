@@ -26,25 +26,6 @@ from workers.relay.transport import publish_topic_message
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-async def tap(redis_url: str, namespace: str):
-    async with Tap(redis_url, namespace) as t:
-        yield t
-
-
-@pytest.fixture
-async def relays():
-    started = []
-    yield started
-    for relay in started:
-        try:
-            await asyncio.wait_for(relay.stop(), 10)
-        except TimeoutError:
-            for task in asyncio.all_tasks():
-                task.print_stack()
-            raise
-
-
 async def start(relays: list, relay) -> object:
     relays.append(relay)
     await relay.start()

@@ -29,20 +29,6 @@ def child(name: str, topics: list[str] | None = None, **fields: Any) -> dict[str
             "subscribe_topics": [f"say.{name}", *(topics or [])], "environment_vars": env, **fields}
 
 
-@pytest.fixture
-async def tap(redis_url: str, namespace: str):
-    async with Tap(redis_url, namespace) as t:
-        yield t
-
-
-@pytest.fixture
-async def relays():
-    started: list[Any] = []
-    yield started
-    for relay in started:
-        await asyncio.wait_for(relay.stop(), 10)
-
-
 async def start(relays: list[Any], tap: Tap, *args: Any, names: tuple[str, ...] = ("m",), **kwargs: Any) -> Any:
     relay = make_relay(*args, **kwargs)
     relays.append(relay)
