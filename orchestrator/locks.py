@@ -427,6 +427,20 @@ class RedisLock:
             backoff.reset()
             delay = interval
 
+    async def hand_over(self) -> str | None:
+        """Stop renewing and count the lock as released here, returning the holder token for
+        the caller's own script to delete the key with (compare-and-delete, say after a last
+        write in the same step); None when it is not held. Past its lease the key expires by
+        itself should that script not run."""
+        renewer, self._renewer = self._renewer, None
+        self._disarm()
+        if renewer is not None:
+            await cancel_and_wait(renewer)
+        if self.fencing_token is None:
+            return None
+        self.fencing_token = None
+        return self.token
+
     async def release(self) -> bool:
         """Stop renewing and delete the key if it is still ours; returns whether it was."""
         renewer, self._renewer = self._renewer, None

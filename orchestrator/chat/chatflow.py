@@ -191,7 +191,7 @@ class ChatflowExecutor:
             forget()
         if lock.lost:  # a run whose lock is gone writes nothing; the fence would refuse it anyway
             return self._lock_lost(result, lock, cid, stored)
-        await self._save(result, cid, event, token, stored)
+        await self._save(result, cid, event, token, stored, lock)
         return result
 
     @staticmethod
@@ -213,21 +213,27 @@ class ChatflowExecutor:
         result.memory = dict(stored)
         return result
 
-    def _write(self, cid: str, stored: dict[str, Any], memory: dict[str, Any], token: int | None,
-               event_id: str | None) -> Any:
+    async def _write(self, cid: str, stored: dict[str, Any], memory: dict[str, Any], token: int | None,
+                     event_id: str | None, lock: RedisLock | None = None) -> Any:
+        """Save the run's memory; with ``lock`` and a store that can (Redis), release the lock
+        in the same script as the write (the run's last step: one round trip)."""
         apply_delta = getattr(self.store, "apply_delta", None)
         if apply_delta is None:
-            return self.store.set(cid, memory, fencing_token=token, event_id=event_id)
-        # we hold the lock, so what we loaded is still current: send the diff directly
-        return apply_delta(cid, shallow_diff(stored, check_memory(memory)), event_id=event_id,
-                           fencing_token=token)
+            return await self.store.set(cid, memory, fencing_token=token, event_id=event_id)
+        patch = shallow_diff(stored, check_memory(memory))  # we hold the lock: what we loaded is current
+        if lock is not None and getattr(self.store, "releases_lock", False):
+            holder = await lock.hand_over()
+            if holder is not None:
+                return await apply_delta(cid, patch, event_id=event_id, fencing_token=token,
+                                         release=(lock.key, holder))
+        return await apply_delta(cid, patch, event_id=event_id, fencing_token=token)
 
     async def _save(self, result: Any, cid: str, event: Any, token: int | None,
-                    stored: dict[str, Any]) -> None:
+                    stored: dict[str, Any], lock: RedisLock | None = None) -> None:
         memory = result.memory if isinstance(result.memory, dict) else {}
         event_id = getattr(event, "id", None)
         try:
-            applied = await asyncio.shield(self._write(cid, stored, memory, token, event_id))
+            applied = await asyncio.shield(self._write(cid, stored, memory, token, event_id, lock))
         except FencingError as exc:
             log.warning("chatflow %s of conversation %r: memory refused: %s",
                         getattr(result, "run_id", "?"), cid, exc)

@@ -315,6 +315,21 @@ redis.call('DEL', KEYS[2])
 return touch({1, 0})
 """
 
+# APPLY_DELTA, then the conversation lock's release, in one step: a chatflow's last write.
+# KEYS[1..4] and ARGV[1..6] as APPLY_DELTA; KEYS[5] = the lock key, ARGV[7] = the holder token.
+# Deletes the lock while it holds ARGV[7] (whatever the write answered). Returns APPLY_DELTA's
+# reply with a third element: 1 released, 0 the lock was not ours any more.
+APPLY_AND_RELEASE = "local function apply()\n" + APPLY_DELTA + """
+end
+local r = apply()
+r[3] = 0
+if redis.call('GET', KEYS[5]) == ARGV[7] then
+  redis.call('DEL', KEYS[5])
+  r[3] = 1
+end
+return r
+"""
+
 _packb = msgpack.Packer(use_bin_type=True).pack
 # the outer delta is read by Lua's cmsgpack, which knows no bin type: there, values travel as
 # msgpack "raw" strings holding each value's own (bin-capable) msgpack encoding.
@@ -356,6 +371,10 @@ class RedisConversationStore(ConversationStore):
         self.ttl_s = ttl_s
         self._ttl_ms = max(1, int(ttl_s * 1000)) if ttl_s else 0
         self._apply = redis.register_script(APPLY_DELTA)
+        self._apply_release = redis.register_script(APPLY_AND_RELEASE)
+
+    #: ``apply_delta(..., release=(lock key, token))`` releases the conversation lock with the write
+    releases_lock = True
 
     def _keys(self, cid: str) -> list[str]:
         k = self.keys
@@ -393,17 +412,21 @@ class RedisConversationStore(ConversationStore):
         return memory
 
     async def apply_delta(self, conversation_id: str, patch: Patch, *, event_id: str | None = None,
-                          fencing_token: int | None = None) -> bool:
+                          fencing_token: int | None = None, release: tuple[str, str] | None = None) -> bool:
         """Apply ``{"set": {...}, "remove": [...]}`` atomically; False for a duplicate event id,
-        FencingError for a stale token."""
+        FencingError for a stale token. ``release`` = (lock key, holder token): release the
+        conversation lock in the same step (a chatflow's last write: one round trip)."""
         cid = check_cid(conversation_id)
         sets = check_memory(dict(patch.get("set") or {}))
         removes = [str(k) for k in patch.get("remove") or ()]
         blob = b"" if not sets and not removes else _pack_outer(
             [{k: _packb(v) for k, v in sets.items()}, removes])
-        status, value = await self._apply(keys=self._keys(cid), args=[
-            "" if fencing_token is None else int(fencing_token), event_id or "", self.compact_after,
-            self.dedupe_keep, blob, self._ttl_ms])
+        args = ["" if fencing_token is None else int(fencing_token), event_id or "", self.compact_after,
+                self.dedupe_keep, blob, self._ttl_ms]
+        if release is None:
+            status, value = await self._apply(keys=self._keys(cid), args=args)
+        else:
+            status, value, _ = await self._apply_release(keys=[*self._keys(cid), release[0]], args=[*args, release[1]])
         if int(status) == -1:
             check_token(fencing_token, int(value), cid)
         return int(status) == 1

@@ -20,7 +20,7 @@ import pytest
 
 from orchestrator.broker.connection import create_redis
 from orchestrator.chat.chatflow import ChatflowExecutor
-from orchestrator.chat.conversations import APPLY_DELTA, RedisConversationStore
+from orchestrator.chat.conversations import APPLY_AND_RELEASE, APPLY_DELTA, RedisConversationStore
 from orchestrator.cron.scheduler import FIRE, LeaderScheduler
 from orchestrator.dispatcher import EventDispatcher
 from orchestrator.events import Event
@@ -117,7 +117,7 @@ class LostReplyProxy:
 async def proxy(redis_server, aredis):
     # the scripts are cached on the server first: otherwise the armed EVALSHA would answer
     # NOSCRIPT without running, and the lost reply would be that error
-    for script in (ACQUIRE, RENEW, RELEASE, FIRE, APPLY_DELTA):
+    for script in (ACQUIRE, RENEW, RELEASE, FIRE, APPLY_DELTA, APPLY_AND_RELEASE):
         await aredis.script_load(script)
     p = await LostReplyProxy(redis_server.port).start()
     yield p
@@ -269,7 +269,8 @@ async def test_a_once_claim_whose_reply_was_lost_still_runs_the_handler_exactly_
 
 
 async def test_a_memory_write_whose_reply_was_lost_is_applied_once(proxy, client, aredis, keys):
-    """The fenced delta script, resent: the event id dedupe makes the resend a no-op."""
+    """The fenced delta script (with the lock's release: a chatflow's last write), resent: the
+    event id dedupe makes the resend a no-op, and the release finds the lock already gone."""
     store = RedisConversationStore(client, keys)
 
     def count(ctx):
@@ -278,7 +279,7 @@ async def test_a_memory_write_whose_reply_was_lost_is_applied_once(proxy, client
 
     flow = Workflow("count", nodes=[Node("count", count)], type="chatflow")
     ex = ChatflowExecutor(client, keys, store, Runner(), lock_ttl_ms=2_000)
-    proxy.arm(sha(APPLY_DELTA))
+    proxy.arm(sha(APPLY_AND_RELEASE))
     result = await asyncio.wait_for(ex.run(flow, conversation_id="c1", event=Event("chat", "hi")), 10)
     await asyncio.wait_for(ex.run(flow, conversation_id="c1", event=Event("chat", "again")), 10)
     assert proxy.dropped == 1

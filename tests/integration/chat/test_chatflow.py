@@ -366,3 +366,29 @@ def test_bad_lock_settings_fail_when_the_executor_is_built(aredis, keys, store):
     with pytest.raises(InvalidArgumentError):
         ChatflowExecutor(aredis, keys, store, Runner(), lock_ttl_ms=1_000, lock_renew_ms=5_000)
 
+
+
+async def test_the_last_write_releases_the_lock_in_the_same_step_and_only_its_own(aredis, keys, store,
+                                                                                  monkeypatch):
+    from orchestrator.locks import RedisLock
+
+    held_at_release: list[bool] = []
+    plain_release = RedisLock.release
+
+    async def release(self):  # what the executor's own release finds: already handed over?
+        held_at_release.append(self.fencing_token is not None)
+        return await plain_release(self)
+
+    monkeypatch.setattr(RedisLock, "release", release)
+    steps: list[str] = []
+    result = await executor(aredis, keys, store).run(stepping_flow(steps), conversation_id="c9", event=event())
+    assert result.status == "succeeded" and steps
+    assert await aredis.exists(keys.conversation_lock("c9")) == 0, "released"
+    assert held_at_release == [False], "the write released the lock: no separate release was sent"
+    # a write whose holder token is not the lock's leaves the lock alone
+    await aredis.set(keys.conversation_lock("c9"), "someone-else", px=5_000)
+    token = int(await aredis.get(keys.conversation_lock_epoch("c9")))
+    await store.apply_delta("c9", {"set": {"x": 1}}, event_id="e-x", fencing_token=token + 1,
+                            release=(keys.conversation_lock("c9"), "not-the-holder"))
+    assert await aredis.get(keys.conversation_lock("c9")) == b"someone-else"
+    assert (await store.get("c9"))["x"] == 1
