@@ -59,12 +59,18 @@ async def record(event) -> None:
 app.dispatcher.subscribe("job", record)
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a file workers append to, without the one a worker may be writing right
+    now (a reader can see a line half-written)."""
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
 def read_calls(path: Path) -> list[tuple[int, int, int, bool]]:
     """Every recorded call: (i, delivery, pid, ok)."""
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in whole_lines(path):
         i, delivery, pid, verdict = line.split()
         out.append((int(i), int(delivery), int(pid), verdict == "ok"))
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from orchestrator.events import Event, encode_fields
+from tests.faults.apps import whole_lines
 from tests.groups import group, groups
 from tests.integration.procs import start_worker, stop, wait_until, worker_env
 
@@ -32,7 +33,7 @@ def runs(out: Path) -> dict[str, Counter]:
     found: dict[str, Counter] = {}
     if not out.exists():
         return found
-    for line in out.read_text().splitlines():
+    for line in whole_lines(out):
         name, i, _pid, status = line.split()[:4]
         if status == "ok":
             found.setdefault(name, Counter())[int(i)] += 1
@@ -96,7 +97,7 @@ def test_a_mixed_fleet_runs_every_registration_once_and_a_worker_without_it_swal
         wait_until(lambda: len(runs(out).get("fleet-x", ())) == total and len(runs(out).get("fleet-y", ())) == total,
                    60, message="every event run by fleet-x and fleet-y")
         took = time.monotonic() - t0
-        pids = {line.split()[2] for line in out.read_text().splitlines()}
+        pids = {line.split()[2] for line in whole_lines(out)}
         info = groups(sync_redis, namespace)
         assert live_groups(sync_redis, namespace, c.pid) == [], "C reads no group"
     finally:
@@ -110,7 +111,7 @@ def test_a_mixed_fleet_runs_every_registration_once_and_a_worker_without_it_swal
     assert str(c.pid) not in pids, "the worker without the workflows ran something"
     stuck = {g: (int(r["pending"]), int(r.get("lag") or 0)) for g, r in info.items()}
     assert stuck == {group("wf:fleet-x"): (0, 0), group("wf:fleet-y"): (0, 0)}, stuck
-    print(f"{total} events x 2 registrations in {took:.2f}s; by pid: {Counter(line.split()[2] for line in out.read_text().splitlines())}")
+    print(f"{total} events x 2 registrations in {took:.2f}s; by pid: {Counter(line.split()[2] for line in whole_lines(out))}")
     assert codes == [0, 0, 0]
 
 
@@ -210,7 +211,7 @@ def test_two_workflows_on_one_event_keep_their_own_delivery_state(
     finally:
         code = stop(w)
     counted = runs(out)
-    failures = sum(1 for line in out.read_text().splitlines() if line.endswith(" fail"))
+    failures = sum(1 for line in whole_lines(out) if line.endswith(" fail"))
     assert failures == 40
     assert sorted(counted["fleet-x"].values()) == [1] * 40, "fleet-x ran an event again for fleet-fail's failure"
     assert sorted(counted["fleet-fail"].values()) == [1] * 40
@@ -234,7 +235,7 @@ def test_events_published_before_any_worker_are_run_by_every_registration(
 def chat_turns(out: Path) -> dict[str, list[tuple[int, float, float, str]]]:
     """conversation -> [(seq, start, end, pid)] in start order, from fleet-chat's lines."""
     found: dict[str, list[tuple[int, float, float, str]]] = {}
-    for line in out.read_text().splitlines() if out.exists() else []:
+    for line in whole_lines(out):
         name, what, pid, span = line.split()[:4]
         if name != "fleet-chat":
             continue
@@ -370,7 +371,7 @@ def test_rate_and_concurrency_limits_hold_across_three_workers(redis_url, namesp
 def runs_limited(out: Path) -> list[tuple[int, float, float, str, str]]:
     """(i, start, end, tenant, pid) of every fleet-limited run."""
     found = []
-    for line in out.read_text().splitlines() if out.exists() else []:
+    for line in whole_lines(out):
         name, i, pid, span = line.split()[:4]
         if name == "fleet-limited":
             start_s, end_s, tenant = span.split(":")

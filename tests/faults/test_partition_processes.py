@@ -20,6 +20,7 @@ from orchestrator import Event, Orchestrator
 from orchestrator.broker.partitions import partition_of
 from orchestrator.config import load_settings
 from orchestrator.keys import Keys
+from tests.faults.apps import whole_lines
 from tests.faults.common import FAULT_APP
 from tests.faults.test_chatflow_processes import APP as CHAT_APP
 from tests.faults.test_chatflow_processes import all_done, delta, memory_of, overlaps, runs_of, stop_all
@@ -54,7 +55,7 @@ def seen(path: Path) -> Counter[int]:
     """Handler calls of the fault app per job (its ``TEST_OUT`` file: ``i deliveries pid ok``)."""
     if not path.exists():
         return Counter()
-    return Counter(int(line.split()[0]) for line in path.read_text().splitlines() if line.endswith(" ok"))
+    return Counter(int(line.split()[0]) for line in whole_lines(path) if line.endswith(" ok"))
 
 
 @pytest.mark.timeout(120)
