@@ -137,7 +137,8 @@ class TokiwaTestApp:
         self._dir: Path | None = None
         self._server: EmbeddedRedis | None = None
         self._saved: dict[str, Any] | None = None
-        self._since = "0-0"  # the stream's last id before start(): ``published`` begins after it
+        # each partition stream's last id before start(): ``published`` begins after it
+        self._since: dict[int, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -177,8 +178,9 @@ class TokiwaTestApp:
             if self.backend == "fakeredis":
                 app._session = _FakeSession(fakeredis_client())
             await app.connect()
-            last = await self._client().xrevrange(app.keys.events, "+", "-", count=1)
-            self._since = last[0][0].decode() if last else "0-0"
+            for part in app.keys.partitions(app.settings.partitions):
+                last = await self._client().xrevrange(part.events, "+", "-", count=1)
+                self._since[part.index] = last[0][0].decode() if last else "0-0"
         except BaseException:
             await self.stop()
             raise
@@ -304,27 +306,35 @@ class TokiwaTestApp:
     # -- what happened --------------------------------------------------------------------
     async def refresh(self) -> None:
         """Read :attr:`published`, :attr:`runs` and :attr:`dead` from Redis again."""
-        redis, keys = self._client(), self.app.keys
+        redis = self._client()
+        parts = self.app.keys.partitions(self.app.settings.partitions)
         events: list[Event] = []
-        start = f"({self._since}"
-        while True:
-            entries = await redis.xrange(keys.events, start, "+", count=1000)
-            for entry_id, fields in entries:
-                sid = entry_id.decode()
-                try:
-                    event = decode_fields(fields, entry_id=sid)
-                except EventDecodeError:
-                    continue  # not an event (a raw XADD): the consumers dead-letter it
-                if not event.type.startswith(RESERVED_PREFIX):
-                    events.append(event)
-            if len(entries) < 1000:
-                break
-            start = f"({entries[-1][0].decode()}"
-        self.published = events
+        for part in parts:
+            start = f"({self._since.get(part.index, '0-0')}"
+            while True:
+                entries = await redis.xrange(part.events, start, "+", count=1000)
+                for entry_id, fields in entries:
+                    sid = entry_id.decode()
+                    try:
+                        event = decode_fields(fields, entry_id=sid)
+                    except EventDecodeError:
+                        continue  # not an event (a raw XADD): the consumers dead-letter it
+                    event.partition = part.index
+                    if not event.type.startswith(RESERVED_PREFIX):
+                        events.append(event)
+                if len(entries) < 1000:
+                    break
+                start = f"({entries[-1][0].decode()}"
+        # in publish order across partitions (each stream is in order; between streams, the
+        # publisher's clock decides)
+        self.published = sorted(events, key=lambda e: e.published_at) if len(parts) > 1 else events
         records = await self.app.run_store.list(limit=None)
         self.runs = [WorkflowRunResult.from_record(r) for r in reversed(records)]
-        dead = await redis.xrange(keys.dead, "-", "+")
-        self.dead = [dead_entry(d.decode(), fields, with_body=True) for d, fields in dead]
+        self.dead = []
+        for part in parts:  # a dead letter of partition p > 0 is named p/<id>, as inspect names it
+            for d, fields in await redis.xrange(part.dead, "-", "+"):
+                name = d.decode() if part.index == 0 else f"{part.index}/{d.decode()}"
+                self.dead.append(dead_entry(name, fields, with_body=True))
 
     def published_types(self) -> list[str]:
         """The types of :attr:`published`, in order."""

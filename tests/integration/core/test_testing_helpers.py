@@ -231,3 +231,24 @@ def test_the_plugin_works_in_strict_mode_and_says_when_the_app_fixture_is_missin
     out = result.stdout + result.stderr
     assert "2 passed" in out and "1 error" in out, out
     assert "define a fixture named tokiwa_app" in out
+
+
+async def test_published_and_dead_cover_every_partition(redis_url):
+    app, seen = build_app()
+
+    async def broken(event):
+        raise ValueError("always")
+
+    app.dispatcher.subscribe("later", broken, name="broken")
+    async with TokiwaTestApp(app, redis_url=redis_url,
+                             settings={"partitions": 3, "ack_policy": "on_success", "max_deliveries": 1}) as t:
+        for n in range(12):
+            await app.publish("later", {"n": n})
+        await t.drain(timeout=20)
+        await t.refresh()
+        partitions = {e.partition for e in t.published}
+    assert [e.payload["n"] for e in t.published] == list(range(12)), "in publish order, every partition"
+    assert len(partitions) > 1, "the events spread over the partitions"
+    assert sorted(int(d["event"]["payload"]["n"]) for d in t.dead) == list(range(12))
+    assert any("/" in d["dead_id"] for d in t.dead), "dead letters of partitions > 0 are named p/<id>"
+    assert sorted(seen) == sorted(f"later:{n}" for n in range(12))
