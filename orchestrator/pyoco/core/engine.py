@@ -87,9 +87,7 @@ class Engine:
     def run(self, flow: Flow, params: dict[str, Any] | None = None, run_context: RunContext | None = None) -> Context:
         """Run ``flow`` and return its Context; a failed ``stop`` task's exception is raised."""
         run, ctx, bridge, plan = self._prepare(flow, params, run_context)
-        self.trace.on_flow_start(flow.name, run_id=run.run_id)
-        self.active_runs[run.run_id] = run
-        self._bridges[run.run_id] = bridge
+        self._register(flow, run, bridge)
         try:
             with CAPTURE.installed():
                 self._drive(lambda: self._execute(flow, bridge, plan), bridge)
@@ -105,17 +103,14 @@ class Engine:
         else:
             return ctx
         finally:
-            self.active_runs.pop(run.run_id, None)
-            self._bridges.pop(run.run_id, None)
+            self._forget(run)
         raise RunInterrupted(ctx, line)
 
     async def run_async(self, flow: Flow, params: dict[str, Any] | None = None,
                         run_context: RunContext | None = None) -> Context:
         """:meth:`run` for async code: on the caller's loop (Ctrl+C is the caller's business)."""
         run, ctx, bridge, plan = self._prepare(flow, params, run_context)
-        self.trace.on_flow_start(flow.name, run_id=run.run_id)
-        self.active_runs[run.run_id] = run
-        self._bridges[run.run_id] = bridge
+        self._register(flow, run, bridge)
         try:
             with CAPTURE.installed():
                 await self._execute(flow, bridge, plan)
@@ -123,9 +118,18 @@ class Engine:
             self._finish(bridge, RunStatus.CANCELLED if run.status == RunStatus.CANCELLING else RunStatus.FAILED)
             raise
         finally:
-            self.active_runs.pop(run.run_id, None)
-            self._bridges.pop(run.run_id, None)
+            self._forget(run)
         return ctx
+
+    def _register(self, flow: Flow, run: RunContext, bridge: RunBridge) -> None:
+        """The run starts: traced, and known to :meth:`get_run` / :meth:`cancel`."""
+        self.trace.on_flow_start(flow.name, run_id=run.run_id)
+        self.active_runs[run.run_id] = run
+        self._bridges[run.run_id] = bridge
+
+    def _forget(self, run: RunContext) -> None:
+        self.active_runs.pop(run.run_id, None)
+        self._bridges.pop(run.run_id, None)
 
     def _prepare(self, flow: Flow, params: dict[str, Any] | None,
                  run_context: RunContext | None) -> tuple[RunContext, Context, RunBridge, Any]:
