@@ -403,12 +403,14 @@ class StreamBroker:
                 }
         return {"length": length, "pending": 0, "lag": length, "consumers": 0, "last_delivered": None}
 
-    async def groups_state(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """:meth:`group_state` of each group in ``names`` in one XINFO GROUPS (a missing group
-        reports everything as lag: its route's events wait for it)."""
+    async def groups_state(self, names: Sequence[str], stream: str | None = None) -> dict[str, dict[str, Any]]:
+        """:meth:`group_state` of each group in ``names`` in one XINFO GROUPS of ``stream``
+        (default: this broker's) (a missing group reports everything as lag: its route's
+        events wait for it)."""
+        stream = stream or self.stream
         try:
-            length = await self.redis.xlen(self.stream)
-            groups = {_s(g["name"]): g for g in await self.redis.xinfo_groups(self.stream)}
+            length = await self.redis.xlen(stream)
+            groups = {_s(g["name"]): g for g in await self.redis.xinfo_groups(stream)}
         except ResponseError:
             length, groups = 0, {}
         out: dict[str, dict[str, Any]] = {}
@@ -430,9 +432,8 @@ class StreamBroker:
         if parts == 1:
             return await self.groups_state(names)
         total: dict[str, dict[str, Any]] = {}
-        for p in range(parts):
-            broker = StreamBroker(self.redis, self.settings, self.consumer, group=self.group, partition=p)
-            for name, state in (await broker.groups_state(names)).items():
+        for part in self.keys.partitions(parts):
+            for name, state in (await self.groups_state(names, part.events)).items():
                 row = total.setdefault(name, {"length": 0, "pending": 0, "lag": 0, "consumers": 0,
                                               "last_delivered": None})
                 for k in ("length", "pending", "lag"):
